@@ -1,0 +1,96 @@
+"""The backend registry: which implementations exist, which can run here, and why not.
+
+"reference" is plain PyTorch in float64 (linattn/ops/reference.py) and runs everywhere. The
+kernel backends ("cpu": native C++ in csrc/cpu; "triton": linattn/kernels/triton; "cuda":
+CUDA C++ in csrc/cuda) implement linattn.backends.base.KernelBackend.
+
+backend="auto" picks, for the tensors' device, the first available of AUTO_ORDER; the
+environment variable LINATTN_BACKEND overrides "auto". An explicitly requested backend that
+cannot run raises BackendUnavailableError saying why; nothing falls back silently.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .base import Availability, BackendUnavailableError, KernelBackend, MapCall
+from .cpu import CpuBackend
+from .cuda import CudaBackend
+from .triton import TritonBackend
+
+REFERENCE = "reference"
+KERNEL_BACKENDS: dict[str, KernelBackend] = {
+    b.name: b for b in (CpuBackend(), TritonBackend(), CudaBackend())}
+AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+BACKEND_NAMES = (REFERENCE, *KERNEL_BACKENDS)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    name: str
+    available: bool
+    reason: str
+
+
+def backends() -> list[BackendInfo]:
+    """Every backend, whether it can run on this machine, and why (not)."""
+    infos = [BackendInfo(REFERENCE, True, "plain PyTorch in float64; runs on any device")]
+    for name, backend in KERNEL_BACKENDS.items():
+        a = backend.availability()
+        infos.append(BackendInfo(name, a.available, a.reason))
+    return infos
+
+
+def _unusable_reason(name: str, device: torch.device) -> str | None:
+    backend = KERNEL_BACKENDS[name]
+    a = backend.availability()
+    if not a.available:
+        return a.reason
+    return backend.check_device(device)
+
+
+_warned_auto_reference: set[str] = set()
+
+
+def resolve_backend(requested: str, device: torch.device) -> str:
+    """The concrete backend name for `requested` ("auto" or a name) on `device`."""
+    if requested == "auto":
+        requested = os.environ.get("LINATTN_BACKEND", "auto") or "auto"
+        if requested != "auto" and requested not in BACKEND_NAMES:
+            raise ValueError(f"LINATTN_BACKEND={requested!r} is not a backend; expected one of "
+                             f"{list(BACKEND_NAMES)} or 'auto'")
+    if requested == "auto":
+        reasons = []
+        for name in AUTO_ORDER.get(device.type, ()):
+            why_not = _unusable_reason(name, device)
+            if why_not is None:
+                return name
+            reasons.append(f"{name}: {why_not}")
+        # The reference is correct everywhere but slow: say so once per device type.
+        if device.type not in _warned_auto_reference:
+            _warned_auto_reference.add(device.type)
+            detail = "; ".join(reasons) or f"no kernel backend handles device type {device.type!r}"
+            warnings.warn(f"linattn: backend='auto' uses the slow float64 reference on "
+                          f"{device.type} because no kernel backend can run ({detail})",
+                          RuntimeWarning, stacklevel=3)
+        return REFERENCE
+    if requested == REFERENCE:
+        return REFERENCE
+    if requested not in KERNEL_BACKENDS:
+        raise ValueError(f"backend: unknown backend {requested!r}; expected 'auto' or one of "
+                         f"{list(BACKEND_NAMES)}")
+    why_not = _unusable_reason(requested, device)
+    if why_not is not None:
+        raise BackendUnavailableError(f"backend={requested!r} cannot run here: {why_not}")
+    return requested
+
+
+def get_kernel_backend(name: str) -> KernelBackend:
+    return KERNEL_BACKENDS[name]
+
+
+__all__ = ["backends", "BackendInfo", "resolve_backend", "get_kernel_backend", "KernelBackend",
+           "MapCall", "Availability", "BackendUnavailableError", "REFERENCE", "BACKEND_NAMES"]

@@ -1,0 +1,81 @@
+"""What a kernel backend implements, and how the op calls it.
+
+The op layer (linattn/ops/custom_op.py) validates inputs, allocates every output and calls a
+backend's ``forward`` / ``backward``, which only fill those outputs. All tensors are views in
+(B, N, H, D) index order with arbitrary strides (a (B, H, N, D) input arrives as a permuted
+view, not a copy): a backend reads strides, it never calls ``.contiguous()`` on q, k, v or do.
+
+Shapes and dtypes a backend receives:
+  q (B, Nq, H, D), k (B, Nk, H, D), v (B, Nk, H, Dv), do (B, Nq, H, Dv): one dtype, one device.
+  key_mask: None or (B, Nk) bool, True = keep. Masked keys add nothing to S, z; their dk, dv are 0.
+  q_map, k_map: MapCall(name, params). name is a kernel name of linattn.feature_maps ("relu",
+    "elu", "softmax", "identity", "hedgehog"); params are the map's tensors (hedgehog: W of shape
+    (H, D, F), float32 or the input dtype). D' = feature width (hedgehog: 2F, else D).
+  eps: float > 0.
+  Outputs, preallocated by the op: o like (B, Nq, H, Dv) in q's dtype; state S (B, H, D', Dv) and
+    normaliser z (B, H, D') in the state dtype (float32, float64 for float64 inputs); dq, dk, dv
+    like q, k, v; d_q_params / d_k_params like each param (float32 for float32 params).
+  backward receives the S and z its forward wrote.
+
+A backend must write every element of its outputs: the tests fill them with NaN beforehand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+class MapCall(NamedTuple):
+    name: str
+    params: tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class Availability:
+    available: bool
+    reason: str  # why not, or what it runs on
+
+
+class BackendUnavailableError(RuntimeError):
+    """A requested backend cannot run these inputs; the message says why."""
+
+
+class KernelBackend:
+    name: str = ""
+    #: Feature maps whose φ the kernels fuse.
+    supported_maps: frozenset = frozenset()
+    supported_dtypes: frozenset = frozenset()
+
+    def availability(self) -> Availability:
+        """Whether this backend can run at all here (built, importable, a device present)."""
+        raise NotImplementedError
+
+    def check_device(self, device: torch.device) -> Optional[str]:
+        """None when the backend runs tensors on `device`; else the reason it cannot."""
+        raise NotImplementedError
+
+    def unsupported(self, dtype: torch.dtype, head_dim: int, value_dim: int, feature_dim: int,
+                    map_names: Sequence[str]) -> Optional[str]:
+        """None when the kernels take these inputs; else the reason (dtype, dims, map)."""
+        if dtype not in self.supported_dtypes:
+            names = sorted(str(d).replace("torch.", "") for d in self.supported_dtypes)
+            return f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {names})"
+        for name in map_names:
+            if name not in self.supported_maps:
+                return (f"feature map {name!r} has no fused kernel in this backend "
+                        f"(fused: {sorted(self.supported_maps)})")
+        return None
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                q_map: MapCall, k_map: MapCall, eps: float,
+                o: Tensor, state: Tensor, normaliser: Tensor) -> None:
+        raise NotImplementedError
+
+    def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                 q_map: MapCall, k_map: MapCall, eps: float, state: Tensor, normaliser: Tensor,
+                 dq: Tensor, dk: Tensor, dv: Tensor,
+                 d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor]) -> None:
+        raise NotImplementedError

@@ -1,0 +1,35 @@
+"""The oracle: non-causal linear attention in plain PyTorch (method.md §1).
+
+Every other backend is tested against this function run in float64. The same code in float32
+is the "PyTorch einsum" peer the benchmarks compare with (SANA / LinVideo style). Tensors are
+(B, N, H, D); autograd differentiates it, including the feature maps' parameters.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..feature_maps import FeatureMap
+
+
+def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_map: FeatureMap,
+                               k_map: FeatureMap, eps: float,
+                               key_padding_mask: Optional[Tensor] = None,
+                               compute_dtype: torch.dtype = torch.float64) -> Tensor:
+    """o_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps), S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j).
+
+    Computed in `compute_dtype` (inputs and map parameters are cast), returned in q's dtype.
+    """
+    cast = lambda t: t.to(compute_dtype)  # noqa: E731
+    phi_q = q_map.apply(cast(q), [cast(p) for p in q_map.kernel_params()])  # (B, Nq, H, F)
+    phi_k = k_map.apply(cast(k), [cast(p) for p in k_map.kernel_params()])  # (B, Nk, H, F)
+    if key_padding_mask is not None:
+        # where(), not a product: a padded key's features may be inf or NaN and must vanish.
+        phi_k = torch.where(key_padding_mask[:, :, None, None], phi_k, 0.0)
+    state = torch.einsum("bnhf,bnhe->bhfe", phi_k, cast(v))            # S: (B, H, F, Dv)
+    normaliser = phi_k.sum(dim=1)                                      # z: (B, H, F)
+    numerator = torch.einsum("bnhf,bhfe->bnhe", phi_q, state)
+    denominator = torch.einsum("bnhf,bhf->bnh", phi_q, normaliser) + eps
+    return (numerator / denominator[..., None]).to(q.dtype)
