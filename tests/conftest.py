@@ -1,0 +1,27 @@
+"""Shared test setup.
+
+* Without a CUDA device, Triton kernels run under the interpreter on CPU tensors; the variable
+  must be set before any triton.jit decoration, so it is set here, before linattn imports them.
+* Every output linattn allocates is filled with NaN first (linattn.ops.alloc), so a kernel
+  that leaves an element unwritten fails instead of passing on leftover memory.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from linattn.ops import alloc  # noqa: E402  (after TRITON_INTERPRET is decided)
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs():
+    with alloc.poison_outputs(True):
+        yield
+
+
+@pytest.fixture
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

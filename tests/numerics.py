@@ -1,0 +1,41 @@
+"""How close a backend must come to the float64 reference, per input dtype.
+
+Criterion (fla's relative RMS plus a max-error guard): with err = actual − reference,
+    rms(err) / rms(reference) <= RMS_TOL[dtype]   and   max|err| <= MAX_TOL[dtype] · max|reference|.
+The RMS bound checks the bulk; the max bound catches a few wrong rows that the RMS would average
+away (one wrong row of 4096 moves the RMS by only ~1.6%).
+
+Why these numbers:
+* float64: kernels accumulate in float64; only reduction order differs (~1e-15).
+* float32: S and z are sums of up to 1e5 products in fp32 (unit roundoff 6e-8); with random-walk
+  growth the relative error stays below ~1e-5. 1e-4 leaves room for reordered reductions (split
+  sequences) and still fails on any real bug, whose errors are O(1).
+* bfloat16: inputs are exact, but the output is rounded to bf16 (relative 2^-9 ≈ 2e-3 per element)
+  and tensor-core kernels round φ(q), φ(k) and S operands to bf16 too: a few 1e-3 in RMS. 1e-2 in
+  RMS, 4e-2 of the largest value in max error.
+* float16: 3 more mantissa bits than bf16, so 8x tighter: 2.5e-3 and 1e-2.
+"""
+from __future__ import annotations
+
+import torch
+
+RMS_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2.5e-3, torch.bfloat16: 1e-2}
+MAX_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
+
+
+def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
+                              what: str) -> None:
+    assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
+    a, r = actual.detach().to(torch.float64).cpu(), reference.detach().to(torch.float64).cpu()
+    assert torch.isfinite(a).all(), f"{what}: {(~torch.isfinite(a)).sum().item()} non-finite values (unwritten output?)"
+    err = a - r
+    scale_rms = r.pow(2).mean().sqrt().item()
+    scale_max = r.abs().max().item()
+    if scale_max == 0.0:
+        assert err.abs().max().item() == 0.0, f"{what}: reference is zero, got max |x| {err.abs().max().item():.3e}"
+        return
+    rel_rms = err.pow(2).mean().sqrt().item() / max(scale_rms, 1e-300)
+    rel_max = err.abs().max().item() / scale_max
+    assert rel_rms <= RMS_TOL[dtype] and rel_max <= MAX_TOL[dtype], (
+        f"{what} ({dtype}): relative RMS error {rel_rms:.3e} (tol {RMS_TOL[dtype]:.1e}), "
+        f"max error {rel_max:.3e} of max |ref| (tol {MAX_TOL[dtype]:.1e})")

@@ -1,0 +1,64 @@
+"""Backend registry: what is listed, what "auto" picks, LINATTN_BACKEND, and loud failures."""
+import importlib
+
+import pytest
+import torch
+
+import linattn
+from linattn.backends.base import Availability
+
+# linattn.backends is the public function backends(); the registry module lives beside it.
+registry = importlib.import_module("linattn.backends")
+
+
+def test_backends_lists_every_backend_with_a_reason():
+    infos = {b.name: b for b in linattn.backends()}
+    assert set(infos) == {"reference", "cpu", "triton", "cuda"}
+    assert infos["reference"].available
+    for info in infos.values():
+        assert isinstance(info.reason, str) and info.reason
+
+
+def test_native_module_is_built():
+    """CI builds linattn._C; if it did not, say why instead of testing only the reference."""
+    info = {b.name: b for b in linattn.backends()}["cpu"]
+    assert info.available, info.reason
+
+
+def test_auto_picks_the_native_backend_on_cpu(monkeypatch):
+    monkeypatch.delenv("LINATTN_BACKEND", raising=False)
+    assert registry.resolve_backend("auto", torch.device("cpu")) == "cpu"
+
+
+def test_env_variable_overrides_auto(monkeypatch):
+    monkeypatch.setenv("LINATTN_BACKEND", "reference")
+    assert registry.resolve_backend("auto", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("LINATTN_BACKEND", "cuda")
+    with pytest.raises(linattn.BackendUnavailableError, match="backend='cuda' cannot run here"):
+        registry.resolve_backend("auto", torch.device("cpu"))
+    monkeypatch.setenv("LINATTN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="LINATTN_BACKEND='bogus' is not a backend"):
+        registry.resolve_backend("auto", torch.device("cpu"))
+
+
+def test_auto_without_kernels_warns_and_uses_reference(monkeypatch):
+    monkeypatch.delenv("LINATTN_BACKEND", raising=False)
+    cpu = registry.KERNEL_BACKENDS["cpu"]
+    monkeypatch.setattr(cpu, "availability", lambda: Availability(False, "pretend not built"))
+    monkeypatch.setattr(registry, "_warned_auto_reference", set())
+    with pytest.warns(RuntimeWarning, match="pretend not built"):
+        assert registry.resolve_backend("auto", torch.device("cpu")) == "reference"
+
+
+def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
+    cpu = registry.KERNEL_BACKENDS["cpu"]
+    monkeypatch.setattr(cpu, "availability", lambda: Availability(False, "pretend not built"))
+    q = torch.randn(1, 4, 1, 8)
+    with pytest.raises(linattn.BackendUnavailableError, match="pretend not built"):
+        linattn.linear_attention(q, q, q, backend="cpu")
+
+
+def test_backend_rejects_inputs_it_has_no_kernel_for():
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float64)
+    with pytest.raises(linattn.BackendUnavailableError, match="dtype float64 is not supported"):
+        linattn.linear_attention(q, q, q, backend="triton")
