@@ -1,0 +1,83 @@
+"""Benchmark session: shapes per device, the measured floor, and a side-by-side summary.
+
+`pytest benchmarks/ --benchmark-only` times every implementation on every shape (CPU: small
+shapes; CUDA: the video-DiT shapes of kernels.md) and ends with a table: time, achieved
+bandwidth, share of the floor, and each linattn backend's speed-up over every peer measured in
+the same run. The table is also written to .benchmarks/summary.md for benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from collections import defaultdict
+from datetime import date
+from pathlib import Path
+
+import pytest
+import torch
+
+from measure import copy_bandwidth
+
+ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def bandwidth(device) -> float:
+    return copy_bandwidth(device)
+
+
+def record(**row) -> None:
+    ROWS.append(row)
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def summary_table(rows: list[dict]) -> str:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["shape"], row["dtype"], row["feature_map"], row["mode"])].append(row)
+    lines = []
+    for (shape, dtype, fmap, mode), group in groups.items():
+        peers = [r for r in group if not r["impl"].startswith("linattn")]
+        header = "| impl | ms | GB/s | % of floor | peak extra MB | " + " | ".join(
+            f"× vs {p['impl']}" for p in peers) + " |"
+        lines += [f"\n{shape}, {dtype}, {fmap}, {mode} (floor {group[0]['floor_ms']:.3f} ms)\n",
+                  header, "|" + "---|" * (5 + len(peers))]
+        for r in group:
+            ratios = " | ".join(f"{p['seconds'] / r['seconds']:.2f}" for p in peers)
+            extra = "n/a" if r["extra_bytes"] is None else f"{r['extra_bytes'] / 1e6:.1f}"
+            lines.append(f"| {r['impl']} | {r['seconds'] * 1e3:.3f} | {r['bytes'] / r['seconds'] / 1e9:.1f} "
+                         f"| {100 * r['floor_ms'] / (r['seconds'] * 1e3):.1f}% | {extra} | {ratios} |")
+    return "\n".join(lines)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if not ROWS:
+        return
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    title = (f"linattn benchmarks: {_machine(device)}, torch {torch.__version__}, "
+             f"{date.today().isoformat()}, commit {_commit()}")
+    text = title + "\n" + summary_table(ROWS)
+    terminalreporter.write_sep("=", "linattn side-by-side")
+    terminalreporter.write_line(text)
+    out = Path(config.rootpath) / ".benchmarks"
+    out.mkdir(exist_ok=True)
+    (out / "summary.md").write_text(text + "\n")
