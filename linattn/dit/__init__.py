@@ -1,0 +1,20 @@
+"""The DiT layer: convert a diffusers video transformer's self-attention to linear attention.
+
+    linattn.convert(transformer, layers="all", feature_map="hedgehog", mode="linear" | "hybrid")
+    linattn.revert(transformer)
+    transformer.save_pretrained(path); linattn.load_converted(path)
+    linattn.transfer.gates / constraint_loss / binarization_loss / alpha_at / clamp_gates_ / finalize
+    linattn.summary(transformer)
+
+Model families have selectors in families/ (selectors.py describes the interface, and how to
+write one for a user's own DiT); processor.py is the module a converted layer runs.
+"""
+from . import transfer
+from .convert import convert, revert
+from .processor import LinAttnProcessor
+from .selectors import Projection, Selector
+from .serialization import load_converted
+from .summary import LayerReport, layer_report, summary
+
+__all__ = ["convert", "revert", "load_converted", "summary", "layer_report", "LayerReport",
+           "transfer", "Selector", "Projection", "LinAttnProcessor"]

@@ -1,0 +1,58 @@
+"""Wan 2.1 / 2.2 (WanTransformer3DModel): self-attention is ``blocks.N.attn1``.
+
+Stock path (WanAttnProcessor): q/k/v projections (fused or not), RMSNorm over all heads, split
+heads, RoPE on interleaved pairs, dispatch_attention_fn in (B, N, H, D), merge heads, to_out.
+``attn2`` (cross-attention to text, and to the image in I2V) is never listed.
+"""
+from __future__ import annotations
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
+
+from ..selectors import Projection, Selector, key_padding_mask_from
+from .dispatch import dispatch_softmax
+
+
+def _rope_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor):
+    """Wan's RoPE (a closure inside WanAttnProcessor, so not importable), with the same
+    operations in the same order, hence bit-identical results."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanSelector(Selector):
+    name = "wan"
+    stock_processors = ("WanAttnProcessor",)
+
+    def layers(self, model):
+        return [(name, module) for name, module in model.named_modules()
+                if isinstance(module, WanAttention) and not module.is_cross_attention
+                and module.add_k_proj is None]
+
+    def project(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
+        if encoder_hidden_states is not None:
+            raise ValueError("wan: a converted self-attention layer got encoder_hidden_states; "
+                             "only self-attention (attn1) can be converted")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        if rotary_emb is not None:
+            query = _rope_interleaved(query, *rotary_emb)
+            key = _rope_interleaved(key, *rotary_emb)
+        padding = key_padding_mask_from(attention_mask, key.shape[0], key.shape[1], "wan")
+        return Projection(query, key, value, "bnhd", key_padding_mask=padding,
+                          softmax_mask=attention_mask)
+
+    def softmax(self, attn, projection, processor):
+        return dispatch_softmax(projection, processor)
+
+    def finish(self, attn, o, projection):
+        hidden_states = o.flatten(2, 3).type_as(projection.q)
+        hidden_states = attn.to_out[0](hidden_states)
+        return attn.to_out[1](hidden_states)

@@ -1,0 +1,124 @@
+"""The processor a converted self-attention layer runs: linear, or hybrid with a gate r.
+
+It is an nn.Module set as the layer's diffusers processor, so its feature maps and gate are
+registered under the model (``blocks.3.attn1.processor.q_map.weight``, ``...processor.gate``):
+state_dict, save_pretrained, DDP and FSDP see them like any other parameter.
+
+mode "linear": o = LinearAttn(q, k, v) through linattn.linear_attention.
+mode "hybrid": o = r · SoftmaxAttn(q, k, v) + (1 − r) · LinearAttn(q, k, v)  (method.md §3), r a
+    scalar parameter initialised to 1, so a freshly converted model equals the original exactly
+    (r·x = x and (1 − r)·y = 0 in floating point for finite y).
+
+The family-specific parts (q/k/v path, the stock softmax call, the output path) come from the
+layer's selector; this module only chooses and mixes the branches.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..feature_maps import FeatureMap
+from ..ops import linear_attention
+from .selectors import Selector
+
+MODES = ("linear", "hybrid")
+
+
+class LinAttnProcessor(nn.Module):
+    # diffusers' set_attention_backend() and context parallelism set these on a layer's processor;
+    # the softmax branch passes them on exactly as the stock processor does.
+    _attention_backend = None
+    _parallel_config = None
+
+    def __init__(self, selector: Selector, mode: str, q_map: FeatureMap, k_map: FeatureMap,
+                 original: Any, backend: str = "auto", device: Optional[torch.device] = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+        self.selector = selector
+        self.mode = mode
+        self.backend = backend
+        self.q_map = q_map
+        self.k_map = k_map
+        if mode == "hybrid":
+            self.gate = nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
+        else:
+            self.gate = None
+        # The processor this one replaced, restored by revert() and by finalize() for layers that
+        # keep softmax. Kept out of _modules so that it is neither a child nor in the state dict.
+        self.__dict__["original"] = original
+        self._attention_backend = getattr(original, "_attention_backend", None)
+        self._parallel_config = getattr(original, "_parallel_config", None)
+
+    def as_linear(self) -> "LinAttnProcessor":
+        """A linear-only processor sharing this one's maps (finalize() of a layer with r → 0)."""
+        linear = LinAttnProcessor(self.selector, "linear", self.q_map, self.k_map, self.original,
+                                  self.backend)
+        linear._attention_backend = self._attention_backend
+        linear._parallel_config = self._parallel_config
+        return linear
+
+    def __call__(self, attn: nn.Module, hidden_states: Tensor,
+                 encoder_hidden_states: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None, image_rotary_emb: Any = None):
+        # diffusers' Attention and LTXAttention pass on only the keyword arguments named in
+        # inspect.signature(processor.__call__); nn.Module.__call__ is (*args, **kwargs), so the
+        # names are spelled out here or image_rotary_emb would be dropped.
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                image_rotary_emb)
+
+    def forward(self, attn: nn.Module, hidden_states: Tensor,
+                encoder_hidden_states: Optional[Tensor], attention_mask: Optional[Tensor],
+                image_rotary_emb: Any):
+        p = self.selector.project(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                  image_rotary_emb)
+        o = self._linear(p)
+        if self.mode == "hybrid":
+            r = self.gate
+            o = r * self.selector.softmax(attn, p, self) + (1 - r) * o
+        return self.selector.finish(attn, o, p)
+
+    def _linear(self, p) -> Tensor:
+        if self._parallel_config is not None:
+            # Each rank would see a slice of the keys; S and z would need an all-reduce first.
+            raise ValueError("linattn: converted layers do not support diffusers' context "
+                             "parallelism (the linear branch would see only this rank's keys)")
+        return linear_attention(p.q, p.k, p.v, feature_map=(self.q_map, self.k_map),
+                                key_padding_mask=p.key_padding_mask, layout=p.layout,
+                                backend=self.backend)
+
+    def extra_repr(self) -> str:
+        gate = f", r={self.gate.item():.4f}" if self.gate is not None else ""
+        return f"selector={self.selector.name!r}, mode={self.mode!r}{gate}, backend={self.backend!r}"
+
+
+def set_processor(attn: nn.Module, processor: Any) -> None:
+    """Install `processor` on an attention module, module processors included."""
+    if hasattr(attn, "set_processor"):
+        attn.set_processor(processor)  # diffusers drops a module processor from _modules itself
+        return
+    # MochiAttention has no set_processor, and nn.Module refuses to replace a child module with a
+    # plain object, so the registered child goes first.
+    registered = attn._modules.get("processor")
+    if isinstance(registered, nn.Module) and not isinstance(processor, nn.Module):
+        del attn._modules["processor"]
+    attn.processor = processor
+
+
+def restore_original(attn: nn.Module, processor: LinAttnProcessor) -> None:
+    """Put back the processor `processor` replaced, with any attention backend set meanwhile."""
+    original = processor.original
+    for attribute in ("_attention_backend", "_parallel_config"):
+        if hasattr(original, attribute):
+            setattr(original, attribute, getattr(processor, attribute))
+    set_processor(attn, original)
+
+
+def converted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LinAttnProcessor]]:
+    """(name, attention module, processor) of every converted layer, in model order."""
+    for name, module in model.named_modules():
+        processor = module._modules.get("processor")
+        if isinstance(processor, LinAttnProcessor):
+            yield name, module, processor
