@@ -1,9 +1,11 @@
 """linattn: fast non-causal linear attention for video diffusion transformers."""
 from . import feature_maps
 from .backends import BackendUnavailableError, backends
+from .dit import convert, load_converted, revert, summary, transfer
 from .ops import linear_attention, linear_attention_reference
 
 __version__ = "0.1.0"
 
 __all__ = ["linear_attention", "linear_attention_reference", "backends", "feature_maps",
-           "BackendUnavailableError", "__version__"]
+           "BackendUnavailableError", "convert", "revert", "load_converted", "summary",
+           "transfer", "__version__"]
