@@ -1,0 +1,299 @@
+"""Fused Hedgehog linear attention on Triton: φ(x) = softmax(xW) ⊕ softmax(−xW) (method.md §2)
+applied inside the kernels, never written to memory.
+
+Entry points (called by the "triton" backend when q and k both use a Hedgehog map; arguments as
+in linattn/backends/base.py: (B, N, H, D)-indexed views with any strides, outputs preallocated
+by the op):
+
+    hedgehog_forward(q, k, v, key_mask, w_q, w_k, eps, o, state, normaliser)
+    hedgehog_backward(do, q, k, v, key_mask, w_q, w_k, eps, state, normaliser,
+                      dq, dk, dv, dw_q, dw_k)
+    hedgehog_unsupported(head_dim, value_dim, feature_width, dtype=None) -> reason or None
+
+Inputs are float16, bfloat16 or float32; w_q, w_k are (H, D, F) in float32 or the input dtype,
+multiplied in the input dtype (as Hedgehog.apply does). state (B, H, 2F, Dv) and normaliser
+(B, H, 2F) are float32; dw_q, dw_k are written in their own dtype. D, F and Dv go up to 128
+(64 for float32 inputs): hedgehog_plan.py says why.
+
+Launches. Forward: state kernel, [sum of split partials], output kernel. Backward: query pass,
+[sum of dW_q], state-gradient pass, [sum of dS, dz], key pass, [sum of dW_k]; a sum is launched
+only where a quantity was split over several programs. Scratch comes from
+linattn.ops.alloc.empty (NaN-filled under the tests, so an unwritten partial shows up) and is
+bounded by the split count, not by N: at most SCRATCH_FRACTION (5%) of the bytes of q, k, v per
+reduction, freed before the next one, plus 8 bytes per query and head in the backward (1% of
+q, k, v in bf16 at D = 128).
+
+``block_n`` and ``num_splits`` are keyword-only overrides for tests and benchmarks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ...ops import alloc
+from . import hedgehog_plan as plan
+from .common import cdiv, mask_args, padded_dim
+from .hedgehog_bwd_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
+                                   hedgehog_state_grad_kernel)
+from .hedgehog_fwd_kernels import hedgehog_output_kernel, hedgehog_state_kernel
+from .hedgehog_math import sum_partials_kernel
+
+_TOKEN_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_SUM_BLOCK = 1024
+# Whether triton.jit produced interpreter functions (TRITON_INTERPRET=1 at decoration time):
+# then bf16 rounding is emulated (common.py says why) and no GPU limits apply to configs.
+_INTERPRETED = not isinstance(hedgehog_state_kernel, triton.runtime.JITFunction)
+
+
+def hedgehog_unsupported(head_dim: int, value_dim: int, feature_width: int,
+                         dtype: Optional[torch.dtype] = None) -> Optional[str]:
+    """None when the fused kernels take these sizes (and dtype); else the reason. feature_width
+    is the map's output width 2F, as KernelBackend.unsupported receives it."""
+    return plan.unsupported(dtype, head_dim, value_dim, feature_width)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def _fail(argument: str, message: str) -> None:
+    raise ValueError(f"{argument}: {message}")
+
+
+def _check_like(argument: str, t: Tensor, shape: tuple, dtype: torch.dtype,
+                device: torch.device) -> None:
+    if tuple(t.shape) != tuple(shape):
+        _fail(argument, f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    if t.dtype != dtype:
+        _fail(argument, f"expected dtype {dtype}, got {t.dtype}")
+    if t.device != device:
+        _fail(argument, f"expected device {device}, got {t.device}")
+
+
+def _check_contiguous(argument: str, t: Tensor) -> None:
+    # Split partials are summed into these with flat offsets.
+    if not t.is_contiguous():
+        _fail(argument, "must be contiguous (the op allocates it so)")
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    B: int
+    Nq: int
+    Nk: int
+    H: int
+    D: int
+    Dv: int
+    F: int
+
+    @property
+    def pads(self) -> tuple[int, int, int]:
+        return padded_dim(self.D), padded_dim(self.F), padded_dim(self.Dv)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], w_q: Tensor,
+                  w_k: Tensor, eps: float) -> _Sizes:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            _fail(name, f"expected a (B, N, H, D) view, got shape {tuple(t.shape)}")
+    if q.dtype not in _TOKEN_TYPES:
+        _fail("q", f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    B, Nq, H, D = q.shape
+    Nk, Dv = k.shape[1], v.shape[-1]
+    _check_like("k", k, (B, Nk, H, D), q.dtype, q.device)
+    _check_like("v", v, (B, Nk, H, Dv), q.dtype, q.device)
+    if q.device.type != "cuda" and not (_INTERPRETED and q.device.type == "cpu"):
+        _fail("q", f"Triton kernels run CUDA tensors (CPU tensors under TRITON_INTERPRET=1), "
+                   f"got {q.device}")
+    if w_q.dim() != 3 or w_q.shape[:2] != (H, D):
+        _fail("w_q", f"expected (H, D, F) = ({H}, {D}, F), got {tuple(w_q.shape)}")
+    F = w_q.shape[-1]
+    for name, w in (("w_q", w_q), ("w_k", w_k)):
+        _check_like(name, w, (H, D, F), w.dtype, q.device)
+        if not w.is_floating_point():
+            _fail(name, f"expected a floating-point W, got {w.dtype}")
+    if key_mask is not None:
+        _check_like("key_mask", key_mask, (B, Nk), torch.bool, q.device)
+    if not eps > 0:
+        _fail("eps", f"must be > 0, got {eps}")
+    why_not = plan.unsupported(q.dtype, D, Dv, 2 * F)
+    if why_not is not None:
+        _fail("q, v, w_q", why_not)
+    return _Sizes(B, Nq, Nk, H, D, Dv, F)
+
+
+def _check_state(n: _Sizes, state: Tensor, normaliser: Tensor, device: torch.device) -> None:
+    _check_like("state", state, (n.B, n.H, 2 * n.F, n.Dv), torch.float32, device)
+    _check_like("normaliser", normaliser, (n.B, n.H, 2 * n.F), torch.float32, device)
+    _check_contiguous("state", state)
+    _check_contiguous("normaliser", normaliser)
+
+
+# ----------------------------------------------------------------------------- launch helpers
+
+
+def _emulates_bf16(dtype: torch.dtype) -> bool:
+    return _INTERPRETED and dtype == torch.bfloat16
+
+
+class _Launcher:
+    """Per-call facts every launch needs: sizes, dtype flags, the override knobs."""
+
+    def __init__(self, n: _Sizes, dtype: torch.dtype, device: torch.device,
+                 block_n: Optional[int], num_splits: Optional[int]):
+        self.n, self.dtype, self.device = n, dtype, device
+        self.block_n, self.num_splits = block_n, num_splits
+
+    def config(self, kind: str) -> plan.Config:
+        return plan.config(kind, self.dtype, self.n.pads, _INTERPRETED, self.block_n)
+
+    def flags(self, cfg: plan.Config) -> dict:
+        d, f, v = self.n.pads
+        return dict(BLOCK_N=cfg.block_n, D_PAD=d, F_PAD=f, V_PAD=v,
+                    TOKEN=_TOKEN_TYPES[self.dtype], EMULATE_BF16=_emulates_bf16(self.dtype),
+                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    def splits(self, seq_len: int, cfg: plan.Config, programs_per_split: int,
+               slab_bytes: int = 0, budget_bytes: int = 0) -> tuple[int, int, int]:
+        """(num_blocks, splits, blocks_per_split) for a pass over seq_len tokens."""
+        num_blocks = cdiv(seq_len, cfg.block_n)
+        splits, per_split = plan.splits(num_blocks, programs_per_split, self.device,
+                                        self.num_splits, slab_bytes, budget_bytes)
+        return num_blocks, splits, per_split
+
+
+def _sum_partials(parts: Tensor, out: Tensor, parts_b: Optional[Tensor] = None,
+                  out_b: Optional[Tensor] = None) -> None:
+    """out = parts.sum(0) (and out_b = parts_b.sum(0)) in one deterministic launch."""
+    if parts_b is None:
+        parts_b, out_b, numel_b = parts, out, 0  # placeholders that get no program
+    else:
+        numel_b = out_b.numel()
+    blocks_a = cdiv(out.numel(), _SUM_BLOCK)
+    grid = (blocks_a + cdiv(numel_b, _SUM_BLOCK),)
+    sum_partials_kernel[grid](parts, out, out.numel(), parts_b, out_b, numel_b, parts.shape[0],
+                              blocks_a, BLOCK=_SUM_BLOCK, A_EMULATE_BF16=_emulates_bf16(out.dtype),
+                              B_EMULATE_BF16=_emulates_bf16(out_b.dtype))
+
+
+def _state_target(splits: int, n: _Sizes, out: Tensor, out_sum: Tensor) -> tuple[Tensor, Tensor]:
+    """Where a (split, B, H, 2F, Dv) / (split, B, H, 2F) pass writes: straight into the
+    outputs for one split, else fp32 scratch partials."""
+    if splits == 1:
+        return out.unsqueeze(0), out_sum.unsqueeze(0)
+    return (alloc.empty(splits, n.B, n.H, 2 * n.F, n.Dv, dtype=torch.float32, device=out.device),
+            alloc.empty(splits, n.B, n.H, 2 * n.F, dtype=torch.float32, device=out.device))
+
+
+def _weight_grad_target(splits: int, n: _Sizes, dw: Tensor) -> tuple[Tensor, tuple]:
+    """(tensor, its (split, b, h, d, f) strides) that a weight-gradient pass writes into:
+    dw itself when one program covers everything (one split, one batch), else fp32 partials."""
+    if splits * n.B == 1:
+        return dw, (0, 0, *dw.stride())
+    part = alloc.empty(splits, n.B, n.H, n.D, n.F, dtype=torch.float32, device=dw.device)
+    return part, part.stride()
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], w_q: Tensor,
+                     w_k: Tensor, eps: float, o: Tensor, state: Tensor, normaliser: Tensor, *,
+                     block_n: Optional[int] = None, num_splits: Optional[int] = None) -> None:
+    """Fill o (B, Nq, H, Dv), state S (B, H, 2F, Dv) and normaliser z (B, H, 2F)."""
+    n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
+    _check_like("o", o, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
+    _check_state(n, state, normaliser, q.device)
+    run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
+    mask, s_mb, s_mn = mask_args(key_mask)
+
+    cfg = run.config("state")
+    num_blocks, splits, per_split = run.splits(
+        n.Nk, cfg, 2 * n.B * n.H, slab_bytes=state.nbytes + normaliser.nbytes,
+        budget_bytes=plan.scratch_budget(q, k, v))
+    s_part, z_part = _state_target(splits, n, state, normaliser)
+    hedgehog_state_kernel[(2, splits, n.B * n.H)](
+        k, v, mask, w_k, s_part, z_part, n.Nk, n.H, n.D, n.F, n.Dv, num_blocks, per_split,
+        *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(), *s_part.stride(), *z_part.stride(),
+        HAS_MASK=key_mask is not None, **run.flags(cfg))
+    if splits > 1:
+        _sum_partials(s_part, state, z_part, normaliser)
+    del s_part, z_part
+
+    cfg = run.config("output")
+    num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H)
+    hedgehog_output_kernel[(splits, n.B * n.H)](
+        q, w_q, state, normaliser, o, float(eps), n.Nq, n.H, n.D, n.F, n.Dv, num_blocks,
+        per_split, *q.stride(), *w_q.stride(), *state.stride(), *normaliser.stride(),
+        *o.stride(), **run.flags(cfg))
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                      w_q: Tensor, w_k: Tensor, eps: float, state: Tensor, normaliser: Tensor,
+                      dq: Tensor, dk: Tensor, dv: Tensor, dw_q: Tensor, dw_k: Tensor, *,
+                      block_n: Optional[int] = None, num_splits: Optional[int] = None) -> None:
+    """Fill dq, dk, dv and dw_q, dw_k (the gradients of W_q, W_k) from do and the forward's
+    state and normaliser."""
+    n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
+    _check_like("do", do, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
+    _check_state(n, state, normaliser, q.device)
+    for name, grad, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        _check_like(name, grad, tuple(like.shape), like.dtype, like.device)
+    for name, grad, like in (("dw_q", dw_q, w_q), ("dw_k", dw_k, w_k)):
+        _check_like(name, grad, tuple(like.shape), grad.dtype, like.device)
+        if not grad.is_floating_point():
+            _fail(name, f"expected a floating-point tensor, got {grad.dtype}")
+        _check_contiguous(name, grad)
+    run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
+    budget = plan.scratch_budget(q, k, v)
+    weight_slab = n.B * n.H * n.D * n.F * 4
+
+    # Pass 1: dq, dW_q, and 1/den, dden of every query (B, H, 2, Nq) for pass 2.
+    cfg = run.config("query_grad")
+    num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H, weight_slab, budget)
+    per_query = alloc.empty(n.B, n.H, 2, n.Nq, dtype=torch.float32, device=q.device)
+    dw_part, dw_strides = _weight_grad_target(splits, n, dw_q)
+    hedgehog_query_grad_kernel[(splits, n.B * n.H)](
+        q, do, w_q, state, normaliser, dq, dw_part, per_query, float(eps), n.Nq, n.H, n.D, n.F,
+        n.Dv, num_blocks, per_split, *q.stride(), *do.stride(), *w_q.stride(), *state.stride(),
+        *normaliser.stride(), *dq.stride(), *dw_strides, *per_query.stride()[:3],
+        EMULATE_DW=_emulates_bf16(dw_q.dtype), **run.flags(cfg))
+    if dw_part is not dw_q:
+        _sum_partials(dw_part.flatten(0, 1), dw_q)
+    del dw_part
+
+    # Pass 2: dS (B, H, 2F, Dv) and dz (B, H, 2F), fp32 scratch.
+    cfg = run.config("state_grad")
+    d_state = alloc.empty(n.B, n.H, 2 * n.F, n.Dv, dtype=torch.float32, device=q.device)
+    d_norm = alloc.empty(n.B, n.H, 2 * n.F, dtype=torch.float32, device=q.device)
+    num_blocks, splits, per_split = run.splits(n.Nq, cfg, 2 * n.B * n.H,
+                                               d_state.nbytes + d_norm.nbytes, budget)
+    ds_part, dz_part = _state_target(splits, n, d_state, d_norm)
+    hedgehog_state_grad_kernel[(2, splits, n.B * n.H)](
+        q, do, w_q, per_query, ds_part, dz_part, n.Nq, n.H, n.D, n.F, n.Dv, num_blocks,
+        per_split, *q.stride(), *do.stride(), *w_q.stride(), *per_query.stride()[:3],
+        *ds_part.stride(), *dz_part.stride(), **run.flags(cfg))
+    del per_query
+    if splits > 1:
+        _sum_partials(ds_part, d_state, dz_part, d_norm)
+    del ds_part, dz_part
+
+    # Pass 3: dk, dv, dW_k.
+    cfg = run.config("key_grad")
+    mask, s_mb, s_mn = mask_args(key_mask)
+    num_blocks, splits, per_split = run.splits(n.Nk, cfg, n.B * n.H, weight_slab, budget)
+    dw_part, dw_strides = _weight_grad_target(splits, n, dw_k)
+    hedgehog_key_grad_kernel[(splits, n.B * n.H)](
+        k, v, mask, w_k, d_state, d_norm, dk, dv, dw_part, n.Nk, n.H, n.D, n.F, n.Dv,
+        num_blocks, per_split, *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(),
+        *d_state.stride(), *d_norm.stride(), *dk.stride(), *dv.stride(), *dw_strides,
+        HAS_MASK=key_mask is not None, EMULATE_DW=_emulates_bf16(dw_k.dtype), **run.flags(cfg))
+    if dw_part is not dw_k:
+        _sum_partials(dw_part.flatten(0, 1), dw_k)
