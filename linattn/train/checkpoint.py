@@ -1,0 +1,119 @@
+"""Checkpoints that resume bit-exact, on one process or many, under DDP or FSDP2.
+
+A checkpoint is a folder ``step-NNNNNNNN`` under output.dir/checkpoints holding:
+
+* ``state/``: model (gates included) and optimiser, written with torch.distributed.checkpoint
+  from get_state_dict, so each FSDP2 rank writes its own shards and a checkpoint loads under a
+  different number of processes too;
+* ``rng/rank-R.pt``: every random generator of rank R (Python, NumPy, torch CPU, CUDA);
+* ``trainer_state.json``: the step, the data position, α and the gate values at that step.
+
+The learning rate, α and the data order are functions of the step, so the step restores them.
+A checkpoint is written to ``step-NNNNNNNN.partial`` and renamed when every rank has finished:
+a run killed while saving leaves no half checkpoint that ``latest_checkpoint`` could pick.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .distributed import DistContext
+
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_dir(root: str, step: int) -> str:
+    return os.path.join(root, f"step-{step:08d}")
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The complete checkpoint with the highest step under ``root``, or None."""
+    if not os.path.isdir(root):
+        return None
+    steps = [int(m.group(1)) for name in os.listdir(root) if (m := _NAME.match(name))
+             and os.path.isfile(os.path.join(root, name, "trainer_state.json"))]
+    return checkpoint_dir(root, max(steps)) if steps else None
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict, ctx: DistContext, keep: int) -> str:
+    """Write the checkpoint of ``step`` (every rank calls this); return its folder."""
+    final = checkpoint_dir(root, step)
+    partial = final + ".partial"
+    if ctx.is_main:
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
+    ctx.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd},
+             checkpoint_id=os.path.join(partial, "state"), no_dist=not ctx.distributed)
+    torch.save(rng_state(ctx.device), os.path.join(partial, "rng", f"rank-{ctx.rank}.pt"))
+    ctx.barrier()
+    if ctx.is_main:
+        state = dict(trainer_state, world_size=ctx.world_size)
+        with open(os.path.join(partial, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        _prune(root, keep)
+    ctx.barrier()
+    return final
+
+
+def _prune(root: str, keep: int) -> None:
+    steps = sorted(int(m.group(1)) for name in os.listdir(root) if (m := _NAME.match(name)))
+    for step in steps[:-keep]:
+        shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ctx: DistContext) -> dict:
+    """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state."""
+    state_file = os.path.join(path, "trainer_state.json")
+    if not os.path.isfile(state_file):
+        raise FileNotFoundError(f"output.resume: {path!r} is not a complete checkpoint (no "
+                                f"trainer_state.json)")
+    with open(state_file) as f:
+        trainer_state = json.load(f)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=os.path.join(path, "state"), no_dist=not ctx.distributed)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    rng_file = os.path.join(path, "rng", f"rank-{ctx.rank}.pt")
+    if trainer_state.get("world_size") == ctx.world_size and os.path.isfile(rng_file):
+        set_rng_state(torch.load(rng_file, weights_only=False), ctx.device)
+    else:
+        warnings.warn(f"linattn.train: checkpoint {path!r} was written by "
+                      f"{trainer_state.get('world_size')} processes and is resumed by "
+                      f"{ctx.world_size}; model, optimiser and data order are restored, but "
+                      f"the random generators are not (the run is not bit-exact)",
+                      RuntimeWarning, stacklevel=2)
+    return trainer_state

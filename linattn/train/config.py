@@ -1,0 +1,370 @@
+"""The training configuration: one YAML or TOML file, documented field by field here.
+
+A file has up to five sections (model, convert, data, train, output); every key is optional
+except the few marked *required*. An unknown key is an error that names it, so a typo never
+silently falls back to a default. ``load_config(path, overrides)`` reads a file,
+``TrainConfig.from_dict`` a mapping; overrides are "section.key=value" strings whose value is
+parsed as YAML (``train.steps=10``, ``convert.layers=[0,2]``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+OBJECTIVES = ("adm", "velocity_mse")
+ADM_WEIGHTINGS = ("clip", "normalize")
+MODES = ("hybrid", "linear")
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+PRECISIONS = ("bf16", "no")
+DTYPES = ("float32", "bfloat16", "float16")
+RESUME = ("auto", "never")
+LR_SCHEDULES = ("constant", "cosine")
+SELECTIONS = ("exact", "round")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen teacher: a diffusers transformer, loaded or built from a config."""
+
+    pretrained: Optional[str] = None        # hub id or local folder (a pipeline or a model)
+    subfolder: Optional[str] = "transformer"  # inside `pretrained`; null for a bare model folder
+    revision: Optional[str] = None
+    class_name: str = "WanTransformer3DModel"  # a diffusers model class
+    config: Optional[dict] = None           # build class_name(**config) with random weights
+    init_seed: int = 0                      # seed of those random weights
+    teacher_dtype: str = "float32"          # dtype the frozen teacher is kept in
+
+
+@dataclass
+class ConvertConfig:
+    """Arguments of linattn.convert for the student (a copy of the teacher)."""
+
+    layers: Union[str, list] = "all"        # "all" or self-attention layer indices
+    feature_map: str = "hedgehog"
+    mode: str = "hybrid"                    # "hybrid": selective transfer; "linear": fixed set
+    n_linear: Optional[int] = None          # target count of linear layers (hybrid: required)
+    options: dict = field(default_factory=dict)  # further keyword arguments of linattn.convert
+
+
+@dataclass
+class DataConfig:
+    """Data-free training data: trajectories the teacher samples from noise (method.md §4)."""
+
+    dir: Optional[str] = None               # *required*: shards + manifest.json live here
+    latent_shape: Optional[list] = None     # *required*: (C, F, H, W) of one latent video
+    num_trajectories: int = 64
+    trajectories_per_shard: int = 4
+    num_steps: int = 50                     # teacher sampler steps = points per trajectory
+    shift: float = 3.0                      # FlowMatchEulerDiscreteScheduler shift
+    num_train_timesteps: int = 1000         # model timestep = t * num_train_timesteps
+    guidance_scale: float = 1.0             # classifier-free guidance of the teacher sampler
+    generation_batch_size: int = 1          # trajectories sampled together
+    store_dtype: str = "bfloat16"
+    seed: int = 0
+    embeddings: Optional[str] = None        # safetensors: prompt_embeds (P, L, D)
+    random_conditioning: Optional[list] = None  # (P, L, D) N(0, 1) embeddings, seeded by seed
+    prompts: Optional[Union[str, list]] = None  # a list, or a text file with one per line
+    text_encoder: Optional[str] = None      # pipeline folder/hub id with tokenizer/, text_encoder/
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+
+
+@dataclass
+class TrainSection:
+    """The optimisation."""
+
+    objective: str = "adm"                  # "adm" or "velocity_mse"
+    steps: int = 3000
+    global_batch_size: int = 8              # samples per optimiser step over all processes
+    micro_batch_size: Optional[int] = None  # per process per forward; default global/world
+    lr: float = 1e-5
+    gate_lr: float = 1e-3                   # learning rate of the selective-transfer gates r_l
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"           # model lr after warmup: "constant" or "cosine" (to 0)
+    max_grad_norm: Optional[float] = 1.0    # clips the model's gradients (gates excluded)
+    transfer_lambda: float = 0.01           # λ in L = L_obj + λ (L_con + L_reg)
+    final_selection: str = "exact"          # "exact": the n_linear lowest gates; "round": r < 0.5
+    alpha_start: float = 20.0
+    alpha_end: float = 2.0
+    adm_weighting: str = "normalize"        # "normalize": g / mean|g| per sample;
+                                            # "clip": weight (1 - t) / max(t, adm_t_min)
+    adm_t_min: float = 0.05
+    trainable: Union[str, list] = "all"     # "all" or parameter-name substrings
+    mixed_precision: str = "bf16"           # "bf16" autocast or "no"
+    gradient_checkpointing: bool = True
+    strategy: str = "auto"                  # "auto" (ddp when world > 1), "none", "ddp", "fsdp"
+    seed: int = 0
+    device: str = "auto"                    # "auto": cuda:LOCAL_RANK if CUDA, else cpu
+
+
+@dataclass
+class OutputSection:
+    """Where results go and how often."""
+
+    dir: Optional[str] = None               # *required*
+    log_every: int = 1
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 0                     # 0: no periodic sample-distance evaluation
+    eval_num_samples: int = 2
+    eval_num_steps: Optional[int] = None    # default data.num_steps
+    resume: str = "auto"                    # "auto", "never", or a checkpoint folder
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        config = _build(cls, data, "config")
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is missing, out of range or unknown."""
+        m, c, d, t, o = self.model, self.convert, self.data, self.train, self.output
+        if m.pretrained is not None and m.config is not None:
+            raise ValueError("model: give one of model.pretrained (load weights) and "
+                             "model.config (build with random weights), not both")
+        _one_of("model.teacher_dtype", m.teacher_dtype, DTYPES)
+        _one_of("convert.mode", c.mode, MODES)
+        if isinstance(c.layers, str) and c.layers != "all":
+            raise ValueError(f"convert.layers: expected 'all' or a list of layer indices, "
+                             f"got {c.layers!r}")
+        if isinstance(c.layers, list) and not all(isinstance(i, int) for i in c.layers):
+            raise ValueError(f"convert.layers: every entry must be an int, got {c.layers!r}")
+        if c.mode == "hybrid":
+            if c.n_linear is None or c.n_linear < 0:
+                raise ValueError("convert.n_linear: mode 'hybrid' needs the target count of "
+                                 "linear layers (an int >= 0)")
+            if isinstance(c.layers, list) and c.n_linear > len(c.layers):
+                raise ValueError(f"convert.n_linear: {c.n_linear} exceeds the {len(c.layers)} "
+                                 f"converted layers")
+        elif c.n_linear is not None:
+            raise ValueError("convert.n_linear: only mode 'hybrid' selects layers; with mode "
+                             "'linear' every listed layer is linear, so leave n_linear unset")
+        for key in ("layers", "feature_map", "mode"):
+            if key in c.options:
+                raise ValueError(f"convert.options.{key}: set convert.{key} instead")
+
+        if d.dir is None:
+            raise ValueError("data.dir: required (where teacher trajectories are stored)")
+        if (not isinstance(d.latent_shape, list) or len(d.latent_shape) != 4
+                or not all(isinstance(s, int) and s > 0 for s in d.latent_shape)):
+            raise ValueError(f"data.latent_shape: required, (C, F, H, W) positive ints, got "
+                             f"{d.latent_shape!r}")
+        for name in ("num_trajectories", "trajectories_per_shard", "num_steps",
+                     "num_train_timesteps", "generation_batch_size", "max_sequence_length"):
+            _positive(f"data.{name}", getattr(d, name))
+        if d.shift <= 0:
+            raise ValueError(f"data.shift: must be > 0, got {d.shift}")
+        if d.guidance_scale < 1.0:
+            raise ValueError(f"data.guidance_scale: must be >= 1 (1 = no guidance), got "
+                             f"{d.guidance_scale}")
+        _one_of("data.store_dtype", d.store_dtype, DTYPES)
+        sources = [d.embeddings is not None, d.prompts is not None,
+                   d.random_conditioning is not None]
+        if sum(sources) != 1:
+            raise ValueError("data: give exactly one of data.embeddings (a safetensors file of "
+                             "prompt_embeds), data.prompts (with data.text_encoder) and "
+                             "data.random_conditioning (for a teacher with random weights)")
+        if d.random_conditioning is not None and (
+                len(d.random_conditioning) != 3
+                or not all(isinstance(n, int) and n > 0 for n in d.random_conditioning)):
+            raise ValueError(f"data.random_conditioning: expected (P, L, D) positive ints, got "
+                             f"{d.random_conditioning!r}")
+        if d.prompts is not None and d.text_encoder is None:
+            raise ValueError("data.text_encoder: data.prompts needs a text encoder (a diffusers "
+                             "pipeline folder or hub id holding tokenizer/ and text_encoder/)")
+
+        _one_of("train.objective", t.objective, OBJECTIVES)
+        _one_of("train.adm_weighting", t.adm_weighting, ADM_WEIGHTINGS)
+        _one_of("train.mixed_precision", t.mixed_precision, PRECISIONS)
+        _one_of("train.strategy", t.strategy, STRATEGIES)
+        _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+        _one_of("train.final_selection", t.final_selection, SELECTIONS)
+        _positive("train.steps", t.steps)
+        _positive("train.global_batch_size", t.global_batch_size)
+        if t.micro_batch_size is not None:
+            _positive("train.micro_batch_size", t.micro_batch_size)
+        if not 0.0 < t.adm_t_min < 1.0:
+            raise ValueError(f"train.adm_t_min: must be in (0, 1), got {t.adm_t_min}")
+        for name in ("lr", "gate_lr"):
+            if getattr(t, name) <= 0:
+                raise ValueError(f"train.{name}: must be > 0, got {getattr(t, name)}")
+        if t.weight_decay < 0 or t.transfer_lambda < 0 or t.warmup_steps < 0:
+            raise ValueError("train.weight_decay, train.transfer_lambda and train.warmup_steps "
+                             "must be >= 0")
+        if t.adam_eps <= 0:
+            raise ValueError(f"train.adam_eps: must be > 0, got {t.adam_eps}")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ValueError(f"train.betas: expected two numbers in [0, 1), got {t.betas!r}")
+        if t.max_grad_norm is not None and t.max_grad_norm <= 0:
+            raise ValueError(f"train.max_grad_norm: must be > 0 or null, got {t.max_grad_norm}")
+        if t.alpha_start < 1 or t.alpha_end < 1:
+            # Below 1, |2r − 1|^α has no derivative at r = 1/2 (L_reg's gradient is NaN there).
+            raise ValueError(f"train.alpha_start and train.alpha_end must be >= 1, got "
+                             f"{t.alpha_start} and {t.alpha_end}")
+        if isinstance(t.trainable, str) and t.trainable != "all":
+            raise ValueError(f"train.trainable: expected 'all' or a list of parameter-name "
+                             f"substrings, got {t.trainable!r}")
+
+        if o.dir is None:
+            raise ValueError("output.dir: required (checkpoints, metrics and the final model)")
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_num_samples"):
+            _positive(f"output.{name}", getattr(o, name))
+        if o.eval_every < 0:
+            raise ValueError(f"output.eval_every: must be >= 0, got {o.eval_every}")
+        if o.eval_num_steps is not None:
+            _positive("output.eval_num_steps", o.eval_num_steps)
+
+
+def load_config(source: Union[str, os.PathLike, dict, TrainConfig],
+                overrides: Optional[list[str]] = None) -> TrainConfig:
+    """A TrainConfig from a .yaml/.yml/.toml/.json file, a dict or a TrainConfig.
+
+    Relative paths (data.dir, output.dir, data.embeddings, ...) are relative to the working
+    directory, as on the command line.
+    """
+    if isinstance(source, TrainConfig):
+        data = source.to_dict()
+    elif isinstance(source, dict):
+        data = json.loads(json.dumps(source))
+    else:
+        data = _read_file(os.fspath(source))
+    for item in overrides or []:
+        _apply_override(data, item)
+    config = _build(TrainConfig, data, "config")
+    config.validate()
+    return config
+
+
+def _read_file(path: str) -> dict:
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        raw = f.read()
+    if ext in (".yaml", ".yml"):
+        data = yaml.safe_load(raw.decode())
+    elif ext == ".toml":
+        data = tomllib.loads(raw.decode())
+    elif ext == ".json":
+        data = json.loads(raw)
+    else:
+        raise ValueError(f"config: {path!r} must end in .yaml, .yml, .toml or .json")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path!r} must hold a mapping of sections, got "
+                         f"{type(data).__name__}")
+    return data
+
+
+def _apply_override(data: dict, item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or "." not in key:
+        raise ValueError(f"override {item!r}: expected section.key=value")
+    section, _, name = key.strip().partition(".")
+    target = data.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ValueError(f"override {item!r}: {section!r} is not a section")
+    *parents, last = name.split(".")
+    for p in parents:
+        target = target.setdefault(p, {})
+    target[last] = yaml.safe_load(value)
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: expected one of {list(allowed)}, got {value!r}")
+
+
+def _positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+
+
+def _build(cls, data: Any, path: str):
+    """cls(**data) for a (nested) dataclass, type-checking leaves and rejecting unknown keys."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = name if path == "config" else f"{path}.{name}"
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key)
+        else:
+            kwargs[name] = _check_type(value, hint, key)
+    return cls(**kwargs)
+
+
+def _check_type(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is Union:
+        errors = []
+        for option in typing.get_args(hint):
+            try:
+                return _check_type(value, option, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{path}: {value!r} matches none of the allowed types "
+                         f"({', '.join(_type_name(a) for a in typing.get_args(hint))})")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-5" as a string; accept it as the number it plainly is.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif hint is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif hint is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        raise TypeError(f"{path}: unsupported config type {hint!r}")
+    raise ValueError(f"{path}: expected {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))

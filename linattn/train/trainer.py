@@ -1,0 +1,439 @@
+"""The post-training loop: data-free ADM (or velocity MSE) with selective transfer.
+
+One optimiser step (method.md §3-4):
+
+    L = L_obj + λ (L_con + L_reg(α)),  α = alpha_at(step, steps, alpha_start, alpha_end)
+
+then the gates are clamped to [0, 1]; after the last step finalize() rounds them and the model
+is saved with save_pretrained (reload it with linattn.load_converted). Everything the step
+depends on (learning rate, α, the data order) is a function of the step number, so a
+checkpoint's step plus the model, optimiser and RNG states resume the run bit for bit.
+
+Runs in one process or under torchrun (DDP or FSDP2), on the CPU (gloo) or CUDA (NCCL), with
+bf16 autocast and gradient checkpointing of the transformer blocks.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from .config import TrainConfig, load_config
+from .data import BatchSchedule, TeacherDataset
+from .evaluate import relative_mse, rounded_gates
+from .flow import FlowModel, euler_sample, flow_sigmas
+from .metrics import MetricsLog, plot_gates
+from .models import (DTYPES, freeze, layer_names, dit_api, load_transformer, make_student,
+                     set_trainable, student_gates)
+from .objectives import adm_objective, velocity_mse_objective
+from .selection import apply_final_selection_
+from .generate import ensure_teacher_data
+from .teacher_data import trajectory_noise
+
+
+@dataclass
+class TrainResult:
+    step: int                               # optimiser steps completed
+    output_dir: str
+    final_dir: Optional[str]                # save_pretrained folder of the finalized student
+    selection: Optional[dict]               # layer name -> "softmax" | "linear" (hybrid mode)
+    metrics_path: str
+    model: Optional[nn.Module]              # the finalized student (rank 0), None if stopped early
+
+
+def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
+          teacher: Optional[nn.Module] = None, stop_at_step: Optional[int] = None,
+          progress: bool = True) -> TrainResult:
+    """Generate the teacher data if needed, train, finalize and save; the Python form of
+    ``linattn train CONFIG``.
+
+    Args:
+        config: a YAML/TOML file, a dict or a TrainConfig (see linattn.train.config).
+        overrides: "section.key=value" strings applied on top of the file.
+        teacher: use this module as the teacher instead of loading model.*. It is frozen and
+            moved to the device in place (and sharded under FSDP2); the student is a float32
+            copy of it.
+        stop_at_step: stop once this many steps are done, without a checkpoint or finalize, as
+            a preempted job would (resume continues from the last checkpoint).
+        progress: show progress bars (rank 0).
+    """
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg, teacher=teacher, progress=progress)
+    try:
+        return trainer.run(stop_at_step=stop_at_step)
+    finally:
+        trainer.close()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, *, teacher: Optional[nn.Module] = None,
+                 progress: bool = True):
+        self.cfg = config
+        self.progress = progress
+        self.ctx = D.setup(config.train.device)
+        self.strategy = D.resolve_strategy(config.train.strategy, self.ctx.world_size)
+        tc, oc = config.train, config.output
+        self.out_dir = oc.dir
+        self.ckpt_root = os.path.join(oc.dir, "checkpoints")
+        self.metrics = MetricsLog(os.path.join(oc.dir, "metrics.jsonl"), self.ctx.is_main)
+        _seed_everything(tc.seed + self.ctx.rank)
+
+        self.micro_batch = tc.micro_batch_size or tc.global_batch_size // self.ctx.world_size
+        per_rank = tc.global_batch_size // self.ctx.world_size
+        if tc.global_batch_size % self.ctx.world_size or per_rank % self.micro_batch:
+            raise ValueError(f"train.global_batch_size: {tc.global_batch_size} must split into "
+                             f"{self.ctx.world_size} processes x whole micro-batches of "
+                             f"{self.micro_batch}")
+        self.accumulation = per_rank // self.micro_batch
+
+        # Teacher: loaded (or given), frozen, on the device.
+        if teacher is None:
+            teacher = load_transformer(config.model, DTYPES[config.model.teacher_dtype])
+            student_source = (teacher if config.model.teacher_dtype == "float32"
+                              else load_transformer(config.model, torch.float32))
+        elif self.strategy == "fsdp" and config.model.pretrained is None \
+                and config.model.config is None:
+            raise ValueError("train.strategy 'fsdp': the unsharded student is rebuilt from "
+                             "model.pretrained or model.config at the end; give one of them")
+        else:
+            student_source = teacher
+        self.teacher_module = freeze(teacher).to(self.ctx.device)
+
+        self.dataset = self._prepare_data()
+
+        # Student: a float32 converted copy, its gates, what trains, checkpointing, wrapper.
+        student = make_student(student_source, config.convert).to(self.ctx.device)
+        del student_source
+        self.gates = student_gates(student, config.convert.mode)
+        self.layer_names = layer_names(student, self.gates)
+        set_trainable(student, tc.trainable, self.gates)
+        if tc.gradient_checkpointing:
+            if not hasattr(student, "enable_gradient_checkpointing"):
+                raise ValueError(f"train.gradient_checkpointing: {type(student).__name__} has no "
+                                 f"enable_gradient_checkpointing() (not a diffusers model); set "
+                                 f"it to false")
+            student.enable_gradient_checkpointing()
+        self.student = student
+        self.module = D.wrap(student, self.strategy, self.ctx, ignored_params=self.gates)
+        D.shard_frozen(self.teacher_module, self.strategy)
+
+        num_t = self.dataset.spec.num_train_timesteps
+        self.teacher = FlowModel(self.teacher_module, num_t)
+        self.student_fn = FlowModel(self.module, num_t, input_dtype=torch.float32)
+        self.student_eval = FlowModel(D.unwrap(self.module), num_t, input_dtype=torch.float32)
+
+        gate_ids = {id(g) for g in self.gates}
+        model_params = [p for p in student.parameters()
+                        if p.requires_grad and id(p) not in gate_ids]
+        groups = [{"params": model_params, "lr": tc.lr, "base_lr": tc.lr,
+                   "weight_decay": tc.weight_decay, "name": "model"}]
+        if self.gates:
+            groups.append({"params": self.gates, "lr": tc.gate_lr, "base_lr": tc.gate_lr,
+                           "weight_decay": 0.0, "name": "gates"})
+        self.model_params = model_params
+        self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas),
+                                           eps=tc.adam_eps)
+        self.schedule = BatchSchedule(len(self.dataset), tc.global_batch_size,
+                                      self.ctx.world_size, tc.seed)
+        self.step = 0
+        self._eval_cache = None
+
+    # ------------------------------------------------------------------ data
+
+    def _prepare_data(self) -> TeacherDataset:
+        ensure_teacher_data(self.teacher_module, self.cfg, self.ctx, self.progress)
+        return TeacherDataset(self.cfg.data.dir)
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop_at_step: Optional[int] = None) -> TrainResult:
+        tc, oc = self.cfg.train, self.cfg.output
+        self._resume_or_start()
+        bar = tqdm(total=tc.steps, initial=self.step, desc="linattn train", unit="step",
+                   disable=not (self.progress and self.ctx.is_main))
+        with bar:
+            while self.step < tc.steps:
+                if stop_at_step is not None and self.step >= stop_at_step:
+                    return TrainResult(self.step, self.out_dir, None, None, self.metrics.path,
+                                       None)
+                record = self.train_step()
+                self.step += 1
+                if oc.eval_every and self.step % oc.eval_every == 0:
+                    record.update(self.evaluate())
+                if self.step % oc.log_every == 0 or self.step == tc.steps:
+                    self.metrics.write(record)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4g}",
+                                linear=record.get("n_linear_rounded", "-"))
+                if self.step % oc.checkpoint_every == 0 or self.step == tc.steps:
+                    self.save_checkpoint()
+        return self.finish()
+
+    def _resume_or_start(self) -> None:
+        oc = self.cfg.output
+        path = None
+        latest = ckpt.latest_checkpoint(self.ckpt_root)
+        if oc.resume == "auto":
+            path = latest
+        elif oc.resume != "never":
+            path = oc.resume
+        elif latest is not None:
+            # Starting over here would interleave this run's checkpoints with the old ones.
+            raise ValueError(f"output.resume: 'never', but {self.ckpt_root!r} holds checkpoints "
+                             f"of an earlier run (latest {os.path.basename(latest)}); use "
+                             f"another output.dir or remove them")
+        path = D.broadcast_object(path, self.ctx)
+        if path is not None:
+            state = ckpt.load_checkpoint(path, self.module, self.optimizer, self.ctx)
+            self._check_resumable(state, path)
+            self.step = state["step"]
+            if self.ctx.is_main:
+                self.metrics.truncate_after(self.step)
+            return
+        if self.ctx.is_main:
+            os.makedirs(self.out_dir, exist_ok=True)
+            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
+            self.metrics.reset()
+        record = {"step": 0, **self._gate_record()}
+        if self.cfg.output.eval_every:
+            record.update(self.evaluate())
+        self.metrics.write(record)
+
+    def _check_resumable(self, state: dict, path: str) -> None:
+        tc = self.cfg.train
+        for key, now in (("global_batch_size", tc.global_batch_size), ("seed", tc.seed),
+                         ("num_points", len(self.dataset)), ("steps", tc.steps)):
+            if state.get(key) != now:
+                raise ValueError(f"output.resume: checkpoint {path!r} was written with "
+                                 f"{key}={state.get(key)!r}, this run has {now!r}; the data "
+                                 f"order and schedules would not continue the same run")
+
+    def _lr_scale(self, step: int) -> float:
+        """The model's learning-rate factor at ``step``: linear warmup, then constant or a
+        cosine decay to 0 at the last step. The gates keep gate_lr throughout: they must still
+        move while α reaches alpha_end at the end of the run."""
+        tc = self.cfg.train
+        if step < tc.warmup_steps:
+            return (step + 1) / tc.warmup_steps
+        if tc.lr_schedule == "cosine":
+            span = max(tc.steps - tc.warmup_steps - 1, 1)
+            return 0.5 * (1.0 + math.cos(math.pi * min((step - tc.warmup_steps) / span, 1.0)))
+        return 1.0
+
+    def _autocast(self):
+        if self.cfg.train.mixed_precision == "bf16":
+            return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict:
+        """One optimiser step at self.step (not yet incremented); returns its log record."""
+        tc = self.cfg.train
+        transfer = dit_api("transfer") if self.gates else None
+        start = time.perf_counter()
+        scale = self._lr_scale(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * (scale if group["name"] == "model" else 1.0)
+        alpha = (transfer.alpha_at(self.step, tc.steps, tc.alpha_start, tc.alpha_end)
+                 if transfer else None)
+
+        indices = self.schedule.rank_indices(self.step, self.ctx.rank)
+        objective_sum = torch.zeros((), device=self.ctx.device)
+        gap_sum = 0.0
+        extras = {}
+        for i in range(self.accumulation):
+            micro = indices[i * self.micro_batch:(i + 1) * self.micro_batch]
+            batch = self._to_device(self.dataset.batch(micro))
+            last = i == self.accumulation - 1
+            with D.maybe_no_sync(self.module, self.strategy, sync=last):
+                with self._autocast():
+                    objective, info = self._objective(batch)
+                loss = objective / self.accumulation
+                if last and transfer:
+                    l_con = transfer.constraint_loss(self.gates, self.cfg.convert.n_linear)
+                    l_reg = transfer.binarization_loss(self.gates, alpha)
+                    loss = loss + tc.transfer_lambda * (l_con + l_reg)
+                    extras = {"l_con": float(l_con.detach()), "l_reg": float(l_reg.detach())}
+                loss.backward()
+            objective_sum += objective.detach()
+            gap_sum += info["velocity_gap"]
+
+        if self.strategy == "fsdp":
+            D.all_reduce_grads(self.gates, self.ctx)
+        grad_norm = None
+        if tc.max_grad_norm is not None and self.model_params:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, tc.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                              else grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if transfer:
+            transfer.clamp_gates_(self.student)
+
+        # The logged objective is the global batch's: every rank's mean, averaged.
+        stats = torch.stack([objective_sum / self.accumulation,
+                             torch.tensor(gap_sum / self.accumulation, device=self.ctx.device)])
+        if self.ctx.distributed:
+            torch.distributed.all_reduce(stats)
+            stats /= self.ctx.world_size
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        elapsed = time.perf_counter() - start
+        objective_value = float(stats[0])
+        record = {"step": self.step + 1, "objective": objective_value,
+                  "velocity_gap": float(stats[1]), "lr": tc.lr * scale}
+        if transfer:
+            record.update(extras, alpha=alpha)
+            record["loss"] = objective_value + tc.transfer_lambda * (extras["l_con"] +
+                                                                     extras["l_reg"])
+        else:
+            record["loss"] = objective_value
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
+        record.update(self._gate_record())
+        record.update(step_time_s=elapsed, samples_per_s=tc.global_batch_size / elapsed,
+                      world_size=self.ctx.world_size)
+        return record
+
+    def _objective(self, batch: dict):
+        tc = self.cfg.train
+        if tc.objective == "adm":
+            return adm_objective(self.student_fn, self.teacher, batch,
+                                 weighting=tc.adm_weighting, t_min=tc.adm_t_min,
+                                 student_no_grad=self.student_eval)
+        return velocity_mse_objective(self.student_fn, batch)
+
+    def _gate_record(self) -> dict:
+        if not self.gates:
+            return {}
+        values = torch.stack([g.detach().reshape(()) for g in self.gates])
+        # finalize()'s rounding (torch.round: 0.5 goes to 0, linear), counted the same way.
+        linear = int((torch.round(values.clamp(0.0, 1.0)) == 0).sum())
+        return {"gates": values.tolist(), "n_linear_rounded": linear}
+
+    # ------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """rel_mse of student samples vs teacher samples from held-out noise (every rank runs
+        it: under FSDP2 a forward needs all ranks). With gates, also of the rounded model."""
+        oc = self.cfg.output
+        spec = self.dataset.spec
+        if self._eval_cache is None:
+            # Held-out noise: trajectory numbers after the generated ones were never trained on.
+            ids = range(spec.num_trajectories, spec.num_trajectories + oc.eval_num_samples)
+            noise = torch.stack([trajectory_noise(spec.seed, i, spec.latent_shape) for i in ids])
+            cond = self.dataset.conditioning(list(ids))
+            num_steps = oc.eval_num_steps or spec.num_steps
+            sigmas = flow_sigmas(num_steps, spec.shift, spec.num_train_timesteps)
+            noise, cond = noise.to(self.ctx.device), cond.to(self.ctx.device)
+            with self._autocast():
+                reference = euler_sample(self.teacher, noise, cond, sigmas)
+            self._eval_cache = (noise, cond, sigmas, reference)
+        noise, cond, sigmas, reference = self._eval_cache
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            with self._autocast():
+                out = {"eval_rel_mse": relative_mse(
+                    euler_sample(self.student_eval, noise, cond, sigmas), reference)}
+                if self.gates:
+                    with rounded_gates(self.gates):
+                        out["eval_rel_mse_rounded"] = relative_mse(
+                            euler_sample(self.student_eval, noise, cond, sigmas), reference)
+        finally:
+            self.student.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints, end
+
+    def save_checkpoint(self) -> str:
+        tc = self.cfg.train
+        state = {"step": self.step, "data_position": self.schedule.position(self.step),
+                 "global_batch_size": tc.global_batch_size, "seed": tc.seed,
+                 "steps": tc.steps, "num_points": len(self.dataset),
+                 **self._gate_record()}
+        if self.gates:
+            state["alpha_next"] = dit_api("transfer").alpha_at(
+                self.step, tc.steps, tc.alpha_start, tc.alpha_end)
+        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.module, self.optimizer,
+                                    state, self.ctx, self.cfg.output.keep_checkpoints)
+        if self.ctx.is_main:
+            self.plot()
+        return path
+
+    def plot(self) -> bool:
+        return plot_gates(self.metrics.path, os.path.join(self.out_dir, "gates.png"),
+                          self.layer_names, self.cfg.convert.n_linear)
+
+    def finish(self) -> TrainResult:
+        """finalize() the gates and save the student with save_pretrained (rank 0)."""
+        final_dir = os.path.join(self.out_dir, "final")
+        model = self._full_student()
+        selection = None
+        if self.ctx.is_main:
+            if self.gates:
+                transfer = dit_api("transfer")
+                apply_final_selection_(transfer.gates(model), self.cfg.convert.n_linear,
+                                       self.cfg.train.final_selection)
+                selection = transfer.finalize(model)
+            save_model(model, final_dir)
+            if selection is not None:
+                with open(os.path.join(final_dir, "selection.json"), "w") as f:
+                    json.dump(selection, f, indent=1)
+            self.plot()
+        self.ctx.barrier()
+        return TrainResult(self.step, self.out_dir, final_dir, selection, self.metrics.path,
+                           model if self.ctx.is_main else None)
+
+    def _full_student(self) -> Optional[nn.Module]:
+        """The trained student as one unsharded module on rank 0 (None elsewhere)."""
+        if self.strategy != "fsdp":
+            return self.student
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        full = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not self.ctx.is_main:
+            return None
+        model = make_student(load_transformer(self.cfg.model, torch.float32), self.cfg.convert)
+        model.load_state_dict(full, strict=True)
+        return model.to(self.ctx.device)
+
+    def close(self) -> None:
+        D.teardown(self.ctx)
+
+
+def save_model(model: nn.Module, directory: str) -> None:
+    """save_pretrained for a diffusers model (linattn.load_converted reads it back); the state
+    dict as model.safetensors for another module."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(directory)
+        return
+    from safetensors.torch import save_model as save_safetensors
+
+    os.makedirs(directory, exist_ok=True)
+    save_safetensors(model, os.path.join(directory, "model.safetensors"))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

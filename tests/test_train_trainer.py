@@ -1,0 +1,207 @@
+"""The trainer in one process: bit-exact resume, the metrics log and plot, gradient
+accumulation, bf16 autocast, the saved model, and configuration errors."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import linattn.dit as dit
+from linattn.train import FlowModel, train
+from linattn.train.metrics import read_metrics
+
+TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4,
+            out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            rope_max_seq_len=16)
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
+    # threads waiting on each other made these tests several times slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("trainer"))
+    gen = torch.Generator().manual_seed(0)
+    save_file({"prompt_embeds": torch.randn(2, 3, 32, generator=gen)},
+              os.path.join(path, "emb.safetensors"))
+    return path
+
+
+def config(root, name, **train_kw):
+    cfg = {
+        "model": {"config": TINY, "init_seed": 1},
+        # Both layers linear is the target: the gates leave r = 1 from the first step.
+        "convert": {"mode": "hybrid", "n_linear": 2, "options": {"backend": "reference"}},
+        "data": {"dir": os.path.join(root, "data"), "latent_shape": [4, 1, 4, 4],
+                 "num_trajectories": 4, "trajectories_per_shard": 2, "num_steps": 3,
+                 "store_dtype": "float32", "embeddings": os.path.join(root, "emb.safetensors")},
+        "train": {"steps": 4, "global_batch_size": 4, "lr": 1e-3, "gate_lr": 0.15,
+                  "alpha_start": 1.5, "alpha_end": 1.0, "mixed_precision": "no",
+                  "gradient_checkpointing": False, "seed": 2},
+        "output": {"dir": os.path.join(root, name), "checkpoint_every": 2},
+    }
+    cfg["train"].update(train_kw)
+    return cfg
+
+
+def checkpoint_state(run_dir, step):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(run_dir, f"gathered-{step}.pt")
+    dcp_to_torch_save(os.path.join(run_dir, "checkpoints", f"step-{step:08d}", "state"), out)
+    return torch.load(out, weights_only=False)
+
+
+def flat(state, prefix=""):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("step_time_s", "samples_per_s")}
+            for r in records]
+
+
+def test_interrupted_run_resumes_bit_exact(root):
+    full = train(config(root, "full"), progress=False)
+    stopped = train(config(root, "resumed"), stop_at_step=3, progress=False)
+    assert stopped.step == 3 and stopped.final_dir is None and stopped.model is None
+    resumed = train(config(root, "resumed"), progress=False)  # from the step-2 checkpoint
+    assert resumed.step == 4
+
+    a = flat(checkpoint_state(os.path.join(root, "full"), 4))
+    b = flat(checkpoint_state(os.path.join(root, "resumed"), 4))
+    assert a.keys() == b.keys() and any(".exp_avg" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert without_timing(read_metrics(full.metrics_path)) == \
+        without_timing(read_metrics(resumed.metrics_path))
+    assert full.selection == resumed.selection
+    # keep_checkpoints = 2: steps 2 and 4 are kept, and no partial checkpoint is left.
+    assert sorted(os.listdir(os.path.join(root, "full", "checkpoints"))) == \
+        ["step-00000002", "step-00000004"]
+    with open(os.path.join(root, "full", "checkpoints", "step-00000004",
+                           "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["step"] == 4 and state["data_position"] == {"epoch": 1, "batch_in_epoch": 1}
+
+
+def test_metrics_plot_and_saved_model(root):
+    result = train(config(root, "full"), progress=False)  # already done: finalize only
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert records[0]["gates"] == [1.0, 1.0]
+    for r in records[1:]:
+        assert {"loss", "objective", "l_con", "l_reg", "alpha", "lr", "gates",
+                "n_linear_rounded", "step_time_s", "samples_per_s"} <= r.keys()
+        assert len(r["gates"]) == 2 and all(0.0 <= g <= 1.0 for g in r["gates"])
+    assert records[1]["alpha"] == 1.5 and records[-1]["alpha"] == 1.0
+    # gate_lr 0.15: the gates cross 0.5 within the 4 steps, so finalize() keeps linear layers.
+    assert all(g < 0.5 for g in records[-1]["gates"])
+    assert result.selection == {"blocks.0.attn1": "linear", "blocks.1.attn1": "linear"}
+    assert os.path.getsize(os.path.join(root, "full", "gates.png")) > 1000
+    assert os.path.isfile(os.path.join(root, "full", "config.yaml"))
+
+    # save_pretrained output reloads (linattn.load_converted) into the same function.
+    reloaded = dit.load_converted(result.final_dir, backend="reference")
+    with open(os.path.join(result.final_dir, "selection.json")) as f:
+        assert json.load(f) == result.selection
+    gen = torch.Generator().manual_seed(5)
+    x, cond = torch.randn(2, 4, 1, 4, 4, generator=gen), torch.randn(2, 3, 32, generator=gen)
+    t = torch.tensor([0.3, 0.9])
+    torch.testing.assert_close(FlowModel(reloaded)(x, t, cond),
+                               FlowModel(result.model.eval())(x, t, cond))
+
+
+def test_gradient_accumulation_matches_one_batch(root):
+    """Two micro-batches of 2 accumulate to the gradient of one batch of 4: Adam's first
+    moment after one step is (1 − β1) · gradient, compared to 1e-4 of its largest entry."""
+    train(config(root, "one", steps=1, gradient_checkpointing=True), progress=False)
+    train(config(root, "accum", steps=1, micro_batch_size=2), progress=False)
+    a = flat(checkpoint_state(os.path.join(root, "one"), 1))
+    b = flat(checkpoint_state(os.path.join(root, "accum"), 1))
+    moments = [k for k in a if k.endswith(".exp_avg")]
+    assert moments
+    for key in moments:
+        scale = float(a[key].abs().max())
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-4 * scale + 1e-12)
+
+
+def test_bf16_autocast_and_velocity_mse(root):
+    result = train(config(root, "bf16", steps=2, mixed_precision="bf16",
+                          objective="velocity_mse"), progress=False)
+    records = read_metrics(result.metrics_path)[1:]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+    assert records[0]["objective"] == records[0]["velocity_gap"] > 0
+
+
+@pytest.mark.parametrize("edit, error, message", [
+    ({"train": {"trainable": ["no_such_param"]}}, ValueError, "train.trainable"),
+    ({"train": {"strategy": "fsdp"}}, ValueError, "needs torch.distributed"),
+    ({"train": {"global_batch_size": 3, "micro_batch_size": 2}}, ValueError,
+     "whole micro-batches"),
+    ({"model": {"config": None}}, ValueError, "give model.pretrained or model.config"),
+])
+def test_configuration_errors(root, edit, error, message):
+    cfg = config(root, "errors")
+    for section, values in edit.items():
+        cfg[section].update(values)
+    with pytest.raises(error, match=message):
+        train(cfg, progress=False)
+
+
+def test_resume_refuses_another_batch_order(root):
+    train(config(root, "refuse", steps=2), progress=False)
+    with pytest.raises(ValueError, match="global_batch_size=4"):
+        train(config(root, "refuse", steps=2, global_batch_size=2), progress=False)
+
+
+def test_cli_runs_the_shipped_tiny_config(tmp_path, capsys):
+    import linattn.train
+    from linattn.train import cli
+
+    path = os.path.join(os.path.dirname(linattn.train.__file__), "configs", "tiny_wan_cpu.yaml")
+    args = [path, "--no-progress", "--set", f"data.dir={tmp_path / 'data'}",
+            "--set", f"output.dir={tmp_path / 'run'}", "--set", "data.num_trajectories=4",
+            "--set", "train.steps=2", "--set", "output.eval_every=1"]
+    assert cli.main(["generate-data", *args]) == 0
+    assert "1 shard(s) written" in capsys.readouterr().out  # 4 trajectories, 8 per shard
+    assert cli.main(["train", *args]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["step"] == 2 and os.path.isdir(summary["final"])
+    records = read_metrics(summary["metrics"])
+    assert "eval_rel_mse" in records[0] and "eval_rel_mse_rounded" in records[-1]
+    assert cli.main(["train", str(tmp_path / "missing.yaml")]) == 2
+
+
+def test_final_selection_rules():
+    from linattn.train.selection import apply_final_selection_
+
+    def gates(*values):
+        return [torch.nn.Parameter(torch.tensor(v)) for v in values]
+
+    g = gates(0.2, 0.6, 0.4, 0.9)  # rounding makes 2 linear; the target is 1
+    with pytest.warns(RuntimeWarning, match="2 gates round to linear, the target was 1"):
+        assert apply_final_selection_(g, 1, "exact") == 1
+    assert [float(x) for x in g] == [0.0, 1.0, 1.0, 1.0]  # the lowest gate goes linear
+    g = gates(0.2, 0.6, 0.4, 0.9)
+    with pytest.warns(RuntimeWarning, match="'round' keeps 2"):
+        assert apply_final_selection_(g, 1, "round") == 2
+    assert [float(x) for x in g] == pytest.approx([0.2, 0.6, 0.4, 0.9])  # finalize() rounds
+    g = gates(0.0, 1.0, 0.5)  # torch.round(0.5) = 0: already 2 linear, as the target
+    assert apply_final_selection_(g, 2, "exact") == 2
+    assert [float(x) for x in g] == [0.0, 1.0, 0.0]
