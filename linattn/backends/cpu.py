@@ -1,21 +1,74 @@
-"""The native CPU backend: C++ kernels in csrc/cpu, reached through linattn._C."""
+"""The native CPU backend: C++ kernels in csrc/cpu, reached through linattn._C.
+
+The module does not link against torch: each tensor crosses as a ``_C.View`` (data pointer,
+dtype code, shape, strides in elements), and the kernels read any strides, so inputs are never
+copied. The tensors stay referenced here for the whole call, which is what keeps the pointers
+valid. The kernels use torch's thread count (torch.get_num_threads()).
+"""
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch
+from torch import Tensor
 
 from .._native import load_error, native
-from .base import Availability, KernelBackend
+from .base import Availability, KernelBackend, MapCall
+
+_DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+                torch.float64: "float64", torch.bool: "bool"}
+
+
+def _view(t: Tensor):
+    return native.View(t.data_ptr(), getattr(native.DType, _DTYPE_NAMES[t.dtype]),
+                       list(t.shape), list(t.stride()))
+
+
+def _views(ts: Sequence[Tensor]) -> list:
+    return [_view(t) for t in ts]
+
+
+def _optional_view(t: Optional[Tensor]):
+    return None if t is None else _view(t)
+
+
+def _describe_build() -> str:
+    info = native.build_info()
+    simd = f"{info['vector_bytes'] * 8}-bit vectors" + (", FMA" if info["fma"] else "")
+    return f"native C++ kernels (OpenMP, {simd})"
+
+
+# Read once here: availability() runs inside torch.compile'd code, where dynamo cannot trace a
+# call into the extension module, only Python values.
+_AVAILABILITY = (Availability(False, load_error) if native is None
+                 else Availability(True, _describe_build()))
 
 
 class CpuBackend(KernelBackend):
     name = "cpu"
-    supported_maps = frozenset({"relu", "elu", "softmax", "identity"})
+    supported_maps = frozenset({"relu", "elu", "softmax", "identity", "hedgehog"})
     supported_dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
     def availability(self) -> Availability:
-        if native is None:
-            return Availability(False, load_error)
-        return Availability(True, "native C++ kernels (OpenMP)")
+        return _AVAILABILITY
 
     def check_device(self, device: torch.device):
         return None if device.type == "cpu" else f"it runs CPU tensors, got a {device.type} tensor"
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                q_map: MapCall, k_map: MapCall, eps: float,
+                o: Tensor, state: Tensor, normaliser: Tensor) -> None:
+        native.cpu_forward(
+            _view(q), _view(k), _view(v), _optional_view(key_mask),
+            q_map.name, _views(q_map.params), k_map.name, _views(k_map.params), float(eps),
+            _view(o), _view(state), _view(normaliser), torch.get_num_threads())
+
+    def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                 q_map: MapCall, k_map: MapCall, eps: float, state: Tensor, normaliser: Tensor,
+                 dq: Tensor, dk: Tensor, dv: Tensor,
+                 d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor]) -> None:
+        native.cpu_backward(
+            _view(do), _view(q), _view(k), _view(v), _optional_view(key_mask),
+            q_map.name, _views(q_map.params), k_map.name, _views(k_map.params), float(eps),
+            _view(state), _view(normaliser), _view(dq), _view(dk), _view(dv),
+            _views(d_q_params), _views(d_k_params), torch.get_num_threads())

@@ -1,0 +1,237 @@
+// The backward pass, from do and the forward's S, z (φ and the denominators are recomputed):
+//
+//   1. queries  tasks (b, h, query part), per block:
+//                 den = φ(q)·z + eps,  g = S do          (one GEMM; g_i = S do_i)
+//                 dden = −(φ(q)·g)/den²                  (do·o = φ(q)·g / den: o is not needed)
+//                 dφ(q) = g/den + dden z  → dq through the map
+//                 dS += (φ(q)/den)ᵀ do,  dz += Σ dden φ(q)   (parts reduced in part order)
+//   2. keys     tasks (b, h, key part), per block of kept keys:
+//                 dφ(k) = dS v + dz → dk through the map;  dv = dSᵀ φ(k);  masked keys: 0
+//   3. the maps' parameter gradients (hedgehog dW): per-task accumulators summed per head over
+//      batch and parts, in a fixed order.
+#include <omp.h>
+
+#include <type_traits>
+
+#include "cpu/gemm.h"
+#include "cpu/linear_attention.h"
+#include "cpu/partition.h"
+#include "cpu/problem.h"
+#include "cpu/simd.h"
+#include "cpu/state_io.h"
+#include "cpu/tokens.h"
+#include "cpu/workspace.h"
+
+namespace linattn {
+namespace {
+
+// Like forward.cpp's state parts: each part's dS, dz (and dW) partial is reduced afterwards.
+constexpr std::int64_t kMinReduceTokens = 512;
+
+// Sums the `parts` accumulators of `size` elements at acc + i·stride into the first.
+template <class T>
+void reduce_parts(T* acc, std::int64_t parts, std::int64_t stride, std::int64_t size) {
+  for (std::int64_t part = 1; part < parts; ++part) {
+    const T* p = acc + part * stride;
+    for (std::int64_t i = 0; i < size; ++i) acc[i] += p[i];
+  }
+}
+
+// Parameter gradients of a map: accumulators of tasks (b, h, part) live at
+// grads[((b·H + h)·parts + part)·size]; head h's gradient is their sum over b and part.
+template <class T>
+void store_param_grads(const FeatureMap<T>& map, const std::vector<View>& outputs, T* grads,
+                       const Dims& d, std::int64_t parts, int threads) {
+  const std::int64_t size = map.param_grad_size();
+  if (size == 0) return;
+#pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, d.H))) schedule(static)
+  for (std::int64_t h = 0; h < d.H; ++h) {
+    T* total = grads + h * parts * size;  // task (b = 0, h, part 0)
+    for (std::int64_t b = 0; b < d.B; ++b) {
+      for (std::int64_t part = (b == 0 ? 1 : 0); part < parts; ++part) {
+        const T* acc = grads + ((b * d.H + h) * parts + part) * size;
+        for (std::int64_t i = 0; i < size; ++i) total[i] += acc[i];
+      }
+    }
+    map.store_param_grad(h, total, outputs);
+  }
+}
+
+template <class E, class T>
+void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_map,
+                  const FeatureMap<T>& k_map, int threads) {
+  const std::int64_t BH = d.B * d.H, F = d.F, Dv = d.Dv;
+  const std::int64_t Dp = padded<T>(d.D), Fp = padded<T>(F), Dvp = padded<T>(Dv);
+  const KeyMask mask = key_mask_of(a.key_mask);
+  const T eps = T(a.eps);
+
+  // ---- 1. queries -----------------------------------------------------------------------------
+  const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinReduceTokens);
+  const std::int64_t slot = F * Dvp + Fp;  // dS [F][Dvp], then dz [Fp]
+  Buffer<T> dstate(BH * q_parts * slot);
+  const std::int64_t q_grad_size = q_map.param_grad_size();
+  Buffer<T> q_grads(BH * q_parts * q_grad_size);
+
+  ScratchLayout<T> ql;
+  const std::int64_t o_x = ql.add(kBlock * Dp), o_phi = ql.add(kBlock * Fp),
+                     o_do = ql.add(kBlock * Dvp), o_g = ql.add(kBlock * Fp),
+                     o_dx = ql.add(kBlock * Dp), o_St = ql.add(Dv * Fp), o_z = ql.add(Fp),
+                     o_inv = ql.add(kBlock), o_ws = ql.add(q_map.workspace_size(kBlock));
+  const int q_threads = int(std::min<std::int64_t>(threads, BH * q_parts));
+  Buffer<T> q_scratch(q_threads * ql.size());
+
+#pragma omp parallel for num_threads(q_threads) schedule(dynamic, 1)
+  for (std::int64_t task = 0; task < BH * q_parts; ++task) {
+    const std::int64_t bh = task / q_parts, part = task % q_parts, b = bh / d.H, h = bh % d.H;
+    T* scratch = q_scratch.data() + omp_get_thread_num() * ql.size();
+    T *x = scratch + o_x, *phi = scratch + o_phi, *dob = scratch + o_do, *g = scratch + o_g,
+      *dx = scratch + o_dx, *St = scratch + o_St, *z = scratch + o_z, *inv = scratch + o_inv,
+      *ws = scratch + o_ws;
+    T* dS = dstate.data() + task * slot;
+    T* dz = dS + F * Dvp;
+    T* grad_acc = q_grads.data() + task * q_grad_size;
+
+    // From the forward: z, and Sᵀ [Dv][Fp], the B operand of g = do Sᵀ (g_i = S do_i).
+    const T* S_base = a.state.as<T>() + b * a.state.stride[0] + h * a.state.stride[1];
+    for (std::int64_t e = 0; e < Dv; ++e) {
+      for (std::int64_t f = 0; f < Fp; ++f) {
+        St[e * Fp + f] = f < F ? S_base[f * a.state.stride[2] + e * a.state.stride[3]] : T(0);
+      }
+    }
+    read_vector(a.normaliser, b, h, z, Fp);
+
+    const RowSlice<const E> q_rows(a.q, b, h), do_rows(a.grad_out, b, h);
+    const RowSlice<E> dq_rows(a.dq, b, h);
+    std::int64_t tokens[kBlock];
+    std::int64_t begin, end;
+    part_range(d.Nq, q_parts, part, &begin, &end);
+    q_map.begin_head(h, ws);
+    for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
+      const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
+      prefetch_rows(q_rows, n0 + kBlock, next_end, d.D, false);
+      prefetch_rows(do_rows, n0 + kBlock, next_end, Dv, false);
+      prefetch_rows(dq_rows, n0 + kBlock, next_end, d.D, true);
+      const int count = int(std::min<std::int64_t>(kBlock, end - n0));
+      const int rows = consecutive_tokens(n0, count, tokens);
+      load_rows(q_rows, tokens, rows, d.D, x, Dp);
+      q_map.forward(rows, x, Dp, phi, Fp, ws);
+      load_rows(do_rows, tokens, rows, Dv, dob, Dvp);
+      gemm<T>(rows, Fp, Dv, dob, Dvp, 1, St, Fp, g, Fp, false);
+      for (int r = 0; r < rows; ++r) {
+        const T* phi_r = phi + r * Fp;
+        T* g_r = g + r * Fp;
+        const T inv_den = T(1) / (dot(phi_r, z, F) + eps);
+        const T dden = -dot(phi_r, g_r, F) * inv_den * inv_den;
+        for (std::int64_t f = 0; f < F; ++f) {
+          g_r[f] = g_r[f] * inv_den + dden * z[f];  // g becomes dφ(q)
+          dz[f] += dden * phi_r[f];
+        }
+        inv[r] = inv_den;
+      }
+      q_map.backward(rows, x, Dp, phi, Fp, g, Fp, dx, Dp, ws, grad_acc);
+      store_rows(dq_rows, tokens, rows, d.D, dx, Dp, static_cast<const T*>(nullptr));
+      // dS += (φ(q)/den)ᵀ do: scale φ's rows in place (the map is done with them).
+      for (int r = 0; r < rows; ++r) {
+        for (std::int64_t f = 0; f < F; ++f) phi[r * Fp + f] *= inv[r];
+      }
+      gemm<T>(F, Dvp, rows, phi, 1, Fp, dob, Dvp, dS, Dvp, true);
+    }
+  }
+
+#pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, BH))) schedule(static)
+  for (std::int64_t bh = 0; bh < BH; ++bh) {
+    reduce_parts(dstate.data() + bh * q_parts * slot, q_parts, slot, slot);
+  }
+  store_param_grads(q_map, a.d_q_params, q_grads.data(), d, q_parts, threads);
+
+  // ---- 2. keys --------------------------------------------------------------------------------
+  const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReduceTokens);
+  const std::int64_t k_grad_size = k_map.param_grad_size();
+  Buffer<T> k_grads(BH * k_parts * k_grad_size);
+
+  ScratchLayout<T> kl;
+  const std::int64_t p_x = kl.add(kBlock * Dp), p_phi = kl.add(kBlock * Fp),
+                     p_v = kl.add(kBlock * Dvp), p_dphi = kl.add(kBlock * Fp),
+                     p_dv = kl.add(kBlock * Dvp), p_dx = kl.add(kBlock * Dp),
+                     p_dSt = kl.add(Dv * Fp), p_ws = kl.add(k_map.workspace_size(kBlock));
+  const int k_threads = int(std::min<std::int64_t>(threads, BH * k_parts));
+  Buffer<T> k_scratch(k_threads * kl.size());
+
+#pragma omp parallel for num_threads(k_threads) schedule(dynamic, 1)
+  for (std::int64_t task = 0; task < BH * k_parts; ++task) {
+    const std::int64_t bh = task / k_parts, part = task % k_parts, b = bh / d.H, h = bh % d.H;
+    T* scratch = k_scratch.data() + omp_get_thread_num() * kl.size();
+    T *x = scratch + p_x, *phi = scratch + p_phi, *vb = scratch + p_v, *dphi = scratch + p_dphi,
+      *dvb = scratch + p_dv, *dx = scratch + p_dx, *dSt = scratch + p_dSt, *ws = scratch + p_ws;
+    // dS [F][Dvp] and dz, reduced in place in the first part's slot; dSᵀ [Dv][Fp].
+    const T* dS = dstate.data() + bh * q_parts * slot;
+    const T* dz = dS + F * Dvp;
+    transpose(dS, F, Dv, Dvp, dSt, Fp);
+    T* grad_acc = k_grads.data() + task * k_grad_size;
+
+    const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
+    const RowSlice<E> dk_rows(a.dk, b, h), dv_rows(a.dv, b, h);
+    std::int64_t kept[kBlock], dropped[kBlock];
+    std::int64_t begin, end;
+    part_range(d.Nk, k_parts, part, &begin, &end);
+    k_map.begin_head(h, ws);
+    for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
+      const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
+      prefetch_rows(k_rows, n0 + kBlock, next_end, d.D, false);
+      prefetch_rows(v_rows, n0 + kBlock, next_end, Dv, false);
+      prefetch_rows(dk_rows, n0 + kBlock, next_end, d.D, true);
+      prefetch_rows(dv_rows, n0 + kBlock, next_end, Dv, true);
+      const int count = int(std::min<std::int64_t>(kBlock, end - n0));
+      const int rows = mask.partition(b, n0, count, kept, dropped);
+      store_zero_rows(dk_rows, dropped, count - rows, d.D);
+      store_zero_rows(dv_rows, dropped, count - rows, Dv);
+      if (rows == 0) continue;
+      load_rows(k_rows, kept, rows, d.D, x, Dp);
+      k_map.forward(rows, x, Dp, phi, Fp, ws);
+      load_rows(v_rows, kept, rows, Dv, vb, Dvp);
+      gemm<T>(rows, Fp, Dv, vb, Dvp, 1, dSt, Fp, dphi, Fp, false);
+      for (int r = 0; r < rows; ++r) {
+        for (std::int64_t f = 0; f < F; ++f) dphi[r * Fp + f] += dz[f];
+      }
+      gemm<T>(rows, Dvp, F, phi, Fp, 1, dS, Dvp, dvb, Dvp, false);
+      store_rows(dv_rows, kept, rows, Dv, dvb, Dvp, static_cast<const T*>(nullptr));
+      k_map.backward(rows, x, Dp, phi, Fp, dphi, Fp, dx, Dp, ws, grad_acc);
+      store_rows(dk_rows, kept, rows, d.D, dx, Dp, static_cast<const T*>(nullptr));
+    }
+  }
+  store_param_grads(k_map, a.d_k_params, k_grads.data(), d, k_parts, threads);
+}
+
+template <class T>
+void backward_typed(const BackwardArgs& a, Dims d) {
+  MapPair<T> maps = make_maps<T>(a.q_map.name, a.q_map.params, a.k_map.name, a.k_map.params, &d);
+  const DType dt = a.q.dtype, sdt = state_dtype(dt);
+  check_tensor(a.grad_out, {d.B, d.Nq, d.H, d.Dv}, dt, "grad_out", "(B, Nq, H, Dv)", "q's dtype");
+  check_tensor(a.state, {d.B, d.H, d.F, d.Dv}, sdt, "state", "(B, H, D', Dv)", "the state dtype");
+  check_tensor(a.normaliser, {d.B, d.H, d.F}, sdt, "normaliser", "(B, H, D')", "the state dtype");
+  check_tensor(a.dq, {d.B, d.Nq, d.H, d.D}, dt, "dq", "(B, Nq, H, D)", "q's dtype");
+  check_tensor(a.dk, {d.B, d.Nk, d.H, d.D}, dt, "dk", "(B, Nk, H, D)", "k's dtype");
+  check_tensor(a.dv, {d.B, d.Nk, d.H, d.Dv}, dt, "dv", "(B, Nk, H, Dv)", "v's dtype");
+  maps.q->check_param_grads(a.d_q_params, "d_q_params");
+  maps.k->check_param_grads(a.d_k_params, "d_k_params");
+  const int threads = resolve_threads(a.num_threads);
+  visit_float_dtype(dt, [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, double> == std::is_same_v<E, double>) {
+      run_backward<E, T>(a, d, *maps.q, *maps.k, threads);
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_backward(const BackwardArgs& a) {
+  const Dims d = check_inputs(a.q, a.k, a.v, a.key_mask, a.eps);
+  if (a.q.dtype == DType::float64) {
+    backward_typed<double>(a, d);
+  } else {
+    backward_typed<float>(a, d);
+  }
+}
+
+}  // namespace linattn

@@ -1,0 +1,158 @@
+// The forward pass: one pass over k, v per (batch, head) for the state, one over q for o.
+//
+//   1. state   tasks (b, h, key part): per block of kept keys, x = k rows, φ = φ(x), then
+//              S += φᵀ v (register-blocked rank-block update) and z += Σ φ. Parts of a sequence
+//              are reduced in part order, so the result does not depend on thread timing.
+//   2. output  tasks (b, h, query part): S and z staged in scratch; per block of queries,
+//              num = φ(q) S, den = φ(q)·z + eps, o = num / den written in o's dtype.
+#include <omp.h>
+
+#include <type_traits>
+
+#include "cpu/gemm.h"
+#include "cpu/linear_attention.h"
+#include "cpu/partition.h"
+#include "cpu/problem.h"
+#include "cpu/simd.h"
+#include "cpu/state_io.h"
+#include "cpu/tokens.h"
+#include "cpu/workspace.h"
+
+namespace linattn {
+namespace {
+
+// A state part must be long enough that its F x Dv partial and the reduction are small next to
+// reading its tokens (512 tokens of k and v hold 1024/D times the elements of one partial when
+// F = D = Dv: 8x at D = 128).
+constexpr std::int64_t kMinStateTokens = 512;
+// Output parts need no reduction; they only have to amortise staging S.
+constexpr std::int64_t kMinOutputTokens = 128;
+
+template <class E, class T>
+void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map,
+                 const FeatureMap<T>& k_map, int threads) {
+  const std::int64_t BH = d.B * d.H, F = d.F;
+  const std::int64_t Dp = padded<T>(d.D), Fp = padded<T>(F), Dvp = padded<T>(d.Dv);
+  const KeyMask mask = key_mask_of(a.key_mask);
+  const T eps = T(a.eps);
+
+  // ---- 1. state ---------------------------------------------------------------------------
+  const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinStateTokens);
+  const std::int64_t slot = F * Dvp + Fp;  // one partial state: S [F][Dvp], then z [Fp]
+  Buffer<T> partials(BH * k_parts * slot);
+
+  ScratchLayout<T> sl;
+  const std::int64_t o_x = sl.add(kBlock * Dp), o_phi = sl.add(kBlock * Fp),
+                     o_v = sl.add(kBlock * Dvp), o_ws = sl.add(k_map.workspace_size(kBlock));
+  const int state_threads = int(std::min<std::int64_t>(threads, BH * k_parts));
+  Buffer<T> state_scratch(state_threads * sl.size());
+
+#pragma omp parallel for num_threads(state_threads) schedule(dynamic, 1)
+  for (std::int64_t task = 0; task < BH * k_parts; ++task) {
+    const std::int64_t bh = task / k_parts, part = task % k_parts, b = bh / d.H, h = bh % d.H;
+    T* scratch = state_scratch.data() + omp_get_thread_num() * sl.size();
+    T *x = scratch + o_x, *phi = scratch + o_phi, *vb = scratch + o_v, *ws = scratch + o_ws;
+    T* S = partials.data() + task * slot;
+    T* z = S + F * Dvp;
+    const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
+    std::int64_t kept[kBlock], dropped[kBlock];
+    std::int64_t begin, end;
+    part_range(d.Nk, k_parts, part, &begin, &end);
+    k_map.begin_head(h, ws);
+    for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
+      const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
+      prefetch_rows(k_rows, n0 + kBlock, next_end, d.D, false);
+      prefetch_rows(v_rows, n0 + kBlock, next_end, d.Dv, false);
+      const int rows = mask.partition(b, n0, int(std::min<std::int64_t>(kBlock, end - n0)), kept,
+                                      dropped);
+      if (rows == 0) continue;
+      load_rows(k_rows, kept, rows, d.D, x, Dp);
+      k_map.forward(rows, x, Dp, phi, Fp, ws);
+      load_rows(v_rows, kept, rows, d.Dv, vb, Dvp);
+      gemm<T>(F, Dvp, rows, phi, 1, Fp, vb, Dvp, S, Dvp, true);
+      for (int r = 0; r < rows; ++r) {
+        for (std::int64_t f = 0; f < F; ++f) z[f] += phi[r * Fp + f];
+      }
+    }
+  }
+
+  // Reduce the parts of each (b, h) in part order, then write S and z out.
+#pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, BH))) schedule(static)
+  for (std::int64_t bh = 0; bh < BH; ++bh) {
+    T* total = partials.data() + bh * k_parts * slot;
+    for (std::int64_t part = 1; part < k_parts; ++part) {
+      const T* p = total + part * slot;
+      for (std::int64_t i = 0; i < slot; ++i) total[i] += p[i];
+    }
+    write_matrix(a.state, bh / d.H, bh % d.H, total, Dvp);
+    write_vector(a.normaliser, bh / d.H, bh % d.H, total + F * Dvp);
+  }
+
+  // ---- 2. output ----------------------------------------------------------------------------
+  const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinOutputTokens);
+  ScratchLayout<T> ol;
+  const std::int64_t p_x = ol.add(kBlock * Dp), p_phi = ol.add(kBlock * Fp),
+                     p_num = ol.add(kBlock * Dvp), p_inv = ol.add(kBlock),
+                     p_ws = ol.add(q_map.workspace_size(kBlock));
+  const int out_threads = int(std::min<std::int64_t>(threads, BH * q_parts));
+  Buffer<T> out_scratch(out_threads * ol.size());
+
+#pragma omp parallel for num_threads(out_threads) schedule(dynamic, 1)
+  for (std::int64_t task = 0; task < BH * q_parts; ++task) {
+    const std::int64_t bh = task / q_parts, part = task % q_parts, b = bh / d.H, h = bh % d.H;
+    T* scratch = out_scratch.data() + omp_get_thread_num() * ol.size();
+    T *x = scratch + p_x, *phi = scratch + p_phi, *num = scratch + p_num, *inv = scratch + p_inv,
+      *ws = scratch + p_ws;
+    // The reduced state, read in place (every thread only reads it): the parts' sum in the
+    // first slot, S [F][Dvp] with zero padding columns (they were only ever added zeros).
+    const T* S = partials.data() + bh * k_parts * slot;
+    const T* z = S + F * Dvp;
+    const RowSlice<const E> q_rows(a.q, b, h);
+    const RowSlice<E> o_rows(a.o, b, h);
+    std::int64_t tokens[kBlock];
+    std::int64_t begin, end;
+    part_range(d.Nq, q_parts, part, &begin, &end);
+    q_map.begin_head(h, ws);
+    for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
+      const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
+      prefetch_rows(q_rows, n0 + kBlock, next_end, d.D, false);
+      prefetch_rows(o_rows, n0 + kBlock, next_end, d.Dv, true);
+      const int count = int(std::min<std::int64_t>(kBlock, end - n0));
+      const int rows = consecutive_tokens(n0, count, tokens);
+      load_rows(q_rows, tokens, rows, d.D, x, Dp);
+      q_map.forward(rows, x, Dp, phi, Fp, ws);
+      gemm<T>(rows, Dvp, F, phi, Fp, 1, S, Dvp, num, Dvp, false);
+      for (int r = 0; r < rows; ++r) inv[r] = T(1) / (dot(phi + r * Fp, z, F) + eps);
+      store_rows(o_rows, tokens, rows, d.Dv, num, Dvp, inv);
+    }
+  }
+}
+
+template <class T>
+void forward_typed(const ForwardArgs& a, Dims d) {
+  MapPair<T> maps = make_maps<T>(a.q_map.name, a.q_map.params, a.k_map.name, a.k_map.params, &d);
+  const DType sdt = state_dtype(a.q.dtype);
+  check_tensor(a.o, {d.B, d.Nq, d.H, d.Dv}, a.q.dtype, "o", "(B, Nq, H, Dv)", "q's dtype");
+  check_tensor(a.state, {d.B, d.H, d.F, d.Dv}, sdt, "state", "(B, H, D', Dv)", "the state dtype");
+  check_tensor(a.normaliser, {d.B, d.H, d.F}, sdt, "normaliser", "(B, H, D')", "the state dtype");
+  const int threads = resolve_threads(a.num_threads);
+  visit_float_dtype(a.q.dtype, [&](auto tag) {
+    using E = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, double> == std::is_same_v<E, double>) {
+      run_forward<E, T>(a, d, *maps.q, *maps.k, threads);
+    }
+  });
+}
+
+}  // namespace
+
+void cpu_forward(const ForwardArgs& a) {
+  const Dims d = check_inputs(a.q, a.k, a.v, a.key_mask, a.eps);
+  if (a.q.dtype == DType::float64) {
+    forward_typed<double>(a, d);
+  } else {
+    forward_typed<float>(a, d);
+  }
+}
+
+}  // namespace linattn
