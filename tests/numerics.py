@@ -14,6 +14,12 @@ Why these numbers:
   and tensor-core kernels round φ(q), φ(k) and S operands to bf16 too: a few 1e-3 in RMS. 1e-2 in
   RMS, 4e-2 of the largest value in max error.
 * float16: 3 more mantissa bits than bf16, so 8x tighter: 2.5e-3 and 1e-2.
+
+Some quantities are ill-conditioned in any precision below float64: with a single key, for
+example, dq is an eps-sized difference of two nearly equal terms, and PyTorch's own fp32 autograd
+misses it by tens of percent. For those, FlashAttention's criterion applies: pass a `peer`, the
+same reference computed in the kernel's dtype, and the kernel is accepted when its RMS and max
+errors are at most twice the peer's.
 """
 from __future__ import annotations
 
@@ -23,8 +29,14 @@ RMS_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 2.5e-3, tor
 MAX_TOL = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 4e-2}
 
 
+def _errors(actual: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """(RMS error, max error) of actual against reference, in float64."""
+    err = actual.detach().to(torch.float64).cpu() - reference
+    return err.pow(2).mean().sqrt().item(), err.abs().max().item()
+
+
 def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
-                              what: str) -> None:
+                              what: str, peer: torch.Tensor | None = None) -> None:
     assert actual.shape == reference.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(reference.shape)}"
     a, r = actual.detach().to(torch.float64).cpu(), reference.detach().to(torch.float64).cpu()
     assert torch.isfinite(a).all(), f"{what}: {(~torch.isfinite(a)).sum().item()} non-finite values (unwritten output?)"
@@ -36,6 +48,15 @@ def assert_close_to_reference(actual: torch.Tensor, reference: torch.Tensor, dty
         return
     rel_rms = err.pow(2).mean().sqrt().item() / max(scale_rms, 1e-300)
     rel_max = err.abs().max().item() / scale_max
-    assert rel_rms <= RMS_TOL[dtype] and rel_max <= MAX_TOL[dtype], (
+    if rel_rms <= RMS_TOL[dtype] and rel_max <= MAX_TOL[dtype]:
+        return
+    if peer is not None:
+        (rms, worst), (peer_rms, peer_worst) = _errors(a, r), _errors(peer, r)
+        assert rms <= 2 * peer_rms and worst <= 2 * peer_worst, (
+            f"{what} ({dtype}): relative RMS error {rel_rms:.3e} is over {RMS_TOL[dtype]:.1e} and "
+            f"errors (RMS {rms:.3e}, max {worst:.3e}) exceed twice the {dtype} reference's "
+            f"(RMS {peer_rms:.3e}, max {peer_worst:.3e})")
+        return
+    raise AssertionError(
         f"{what} ({dtype}): relative RMS error {rel_rms:.3e} (tol {RMS_TOL[dtype]:.1e}), "
         f"max error {rel_max:.3e} of max |ref| (tol {MAX_TOL[dtype]:.1e})")
