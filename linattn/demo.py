@@ -4,13 +4,19 @@ Shows, on whatever machine it runs on, that linattn's backends compute the same 
 float64 reference and how fast they are beside the PyTorch einsum peer users have today:
   1. which backends can run here, and why the others cannot;
   2. every runnable kernel backend against the float64 reference (output and gradients);
-  3. time of forward and forward + backward beside the peer, at a video-DiT-like shape.
+  3. time of forward and forward + backward beside the peer, at a video-DiT-like shape;
+  4. the LinVideo recipe on a tiny Wan built from config with random weights: teacher
+     trajectories, ADM with selective transfer choosing 2 of 4 layers, finalize, save
+     (linattn/train/configs/tiny_wan_cpu.yaml; needs the `train` extra, i.e. diffusers).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -76,11 +82,46 @@ def time_against_peer(backend: str, device: torch.device, shape, dtype, repeats:
     return timings
 
 
+TINY_WAN_CONFIG = Path(__file__).parent / "train" / "configs" / "tiny_wan_cpu.yaml"
+
+
+def run_tiny_linvideo(steps: int) -> bool:
+    """Train the tiny Wan with ADM + selective transfer and report what the recipe chose."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as error:
+        print(f"   skipped: the DiT layer needs diffusers ({error}); pip install '.[train]'")
+        return False
+    from linattn.train import train
+
+    with tempfile.TemporaryDirectory(prefix="linattn-demo-") as tmp:
+        result = train(str(TINY_WAN_CONFIG), overrides=[
+            f"data.dir={tmp}/teacher_data", f"output.dir={tmp}/run", f"train.steps={steps}",
+            f"output.checkpoint_every={steps}", f"output.eval_every={max(steps // 4, 1)}"],
+            progress=False)
+        records = [json.loads(line) for line in Path(result.metrics_path).read_text().splitlines()]
+        print(f"   {'step':>5} {'gates r_l (1 = softmax, 0 = linear)':40} linear  rel_mse")
+        for r in records:
+            if "eval_rel_mse" in r:
+                gates = " ".join(f"{g:.2f}" for g in r.get("gates", []))
+                rounded = r.get("eval_rel_mse_rounded", r["eval_rel_mse"])
+                print(f"   {r['step']:>5} {gates:40} {r.get('n_linear_rounded', 0):>6}  {rounded:.2e}")
+        linear = [name for name, kind in (result.selection or {}).items() if kind == "linear"]
+        print(f"   finalized: linear attention in {linear}; the rest stay softmax")
+        print("   rel_mse: samples of the model with gates rounded vs the teacher's, same noise")
+        reloaded = linattn.load_converted(result.final_dir)
+        print(f"   saved and reloaded with linattn.load_converted: "
+              f"{sum(p.numel() for p in reloaded.parameters())} parameters")
+        return len(linear) == 2
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("B", "N", "H", "D"),
                         help="timing shape (default: (2, 4096, 12, 64) on CPU, Wan 1.3B on CUDA)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--train-steps", type=int, default=80,
+                        help="steps of the tiny LinVideo run (0 skips it)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = args.shape or ((1, 32760, 12, 128) if device.type == "cuda" else (2, 4096, 12, 64))
@@ -135,6 +176,10 @@ def main(argv=None) -> int:
               f"forward+backward {peer_b / ours_b:.2f}x")
     if not runnable:
         print("   no kernel backend can run here; see the reasons above")
+    if args.train_steps > 0:
+        print(f"\n4. LinVideo on a tiny Wan (random weights, CPU): {args.train_steps} steps of ADM "
+              f"+ selective transfer, target 2 of 4 layers linear")
+        ok &= run_tiny_linvideo(args.train_steps)
     print("\nresult:", "all checks passed" if ok and runnable else "see above")
     return 0 if ok and runnable else 1
 
