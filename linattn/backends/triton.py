@@ -1,22 +1,60 @@
 """The Triton backend: kernels in linattn/kernels/triton, on CUDA GPUs (or the CPU under
-TRITON_INTERPRET=1, which is how CI checks them)."""
+TRITON_INTERPRET=1, which is how CI checks them).
+
+Builtin maps (relu, elu, softmax, identity, any pair of them for q and k) run the kernels of
+linattn/kernels/triton/forward.py and backward.py. The Hedgehog map runs
+linattn/kernels/triton/hedgehog.py, and only as a pair (Hedgehog for both q and k): it is listed
+in ``supported_maps`` when that module is present and imports.
+
+What the kernels take (``unsupported`` says so before any launch): float16, bfloat16 and float32
+inputs; head and value dims up to 256, masked up to the next power of two (at least 16), with the
+padded D × Dv at most 32768 (so D = 256 works with Dv <= 128), and at most 16384 for float32
+inputs (D = Dv = 128). float64 and larger float32 states run on the cpu backend.
+
+The kernels are imported inside forward/backward, never at import time: ``triton.jit`` reads
+TRITON_INTERPRET when it decorates them.
+"""
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import importlib.util
 import os
+from typing import Optional, Sequence
 
 import torch
 
-from .base import Availability, KernelBackend
+from .base import Availability, BackendUnavailableError, KernelBackend
+
+BUILTIN_MAPS = frozenset({"relu", "elu", "softmax", "identity"})
+HEDGEHOG = "hedgehog"
+_HEDGEHOG_MODULE = "linattn.kernels.triton.hedgehog"
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=1)
+def _hedgehog_kernels():
+    """(module, None) when the Hedgehog kernels import, else (None, why not)."""
+    if importlib.util.find_spec(_HEDGEHOG_MODULE) is None:
+        return None, f"{_HEDGEHOG_MODULE} is not part of this installation"
+    try:
+        return importlib.import_module(_HEDGEHOG_MODULE), None
+    except Exception as error:  # noqa: BLE001 - any import failure is reported, not raised here
+        return None, f"{_HEDGEHOG_MODULE} failed to import ({type(error).__name__}: {error})"
+
+
 class TritonBackend(KernelBackend):
     name = "triton"
-    supported_maps = frozenset({"relu", "elu", "softmax", "identity"})
     supported_dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+
+    @property
+    def supported_maps(self) -> frozenset:  # type: ignore[override]
+        module, _ = _hedgehog_kernels()
+        return (BUILTIN_MAPS | {HEDGEHOG}) if module is not None else BUILTIN_MAPS
 
     def availability(self) -> Availability:
         try:
@@ -35,4 +73,66 @@ class TritonBackend(KernelBackend):
             return None
         if device.type == "cpu" and _interpreting():
             return None
-        return f"it runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device.type}"
+        return (f"it runs CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                f"got {device.type}")
+
+    def unsupported(self, dtype: torch.dtype, head_dim: int, value_dim: int, feature_dim: int,
+                    map_names: Sequence[str]) -> Optional[str]:
+        names = tuple(map_names)
+        if HEDGEHOG in names and any(n != HEDGEHOG for n in names):
+            return (f"feature maps {names}: the Triton kernels fuse Hedgehog only for both q and k "
+                    f"(a Hedgehog map with a builtin one has no kernel)")
+        if HEDGEHOG in names:
+            module, why_not = _hedgehog_kernels()
+            if module is None:
+                return f"feature map 'hedgehog' has no Triton kernel here: {why_not}"
+        reason = super().unsupported(dtype, head_dim, value_dim, feature_dim, names)
+        if reason is not None:
+            return reason
+        if HEDGEHOG in names:
+            return module.hedgehog_unsupported(head_dim, value_dim, feature_dim)
+        from ..kernels.triton.plan import unsupported_dims
+        return unsupported_dims(head_dim, value_dim, dtype.itemsize)
+
+    def forward(self, q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser) -> None:
+        with _on_device(q.device):
+            if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
+                hedgehog = self._hedgehog(q_map.name, k_map.name)
+                hedgehog.hedgehog_forward(q, k, v, key_mask, q_map.params[0], k_map.params[0],
+                                          eps, o, state, normaliser)
+                return
+            from ..kernels.triton.forward import forward
+            forward(q, k, v, key_mask, q_map.name, k_map.name, eps, o, state, normaliser)
+
+    def backward(self, do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
+                 d_q_params, d_k_params) -> None:
+        with _on_device(q.device):
+            if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
+                hedgehog = self._hedgehog(q_map.name, k_map.name)
+                hedgehog.hedgehog_backward(do, q, k, v, key_mask, q_map.params[0],
+                                           k_map.params[0], eps, state, normaliser, dq, dk, dv,
+                                           d_q_params[0], d_k_params[0])
+                return
+            from ..kernels.triton.backward import backward
+            backward(do, q, k, v, key_mask, q_map.name, k_map.name, eps, state, normaliser,
+                     dq, dk, dv)
+
+    def _hedgehog(self, q_name: str, k_name: str):
+        """The Hedgehog kernels module; raises when the pair or the module cannot run."""
+        reason = None
+        if q_name != k_name:
+            reason = (f"feature maps ({q_name!r}, {k_name!r}): the Triton kernels fuse Hedgehog "
+                      f"only for both q and k")
+        module, why_not = _hedgehog_kernels()
+        if reason is None and module is None:
+            reason = f"feature map 'hedgehog' has no Triton kernel here: {why_not}"
+        if reason is not None:
+            raise BackendUnavailableError(f"backend='triton' cannot run these inputs: {reason}")
+        return module
+
+
+def _on_device(device: torch.device):
+    """Kernels launch on the current CUDA device: make it the tensors' one."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()

@@ -1,0 +1,286 @@
+"""Backward (kernels.md): with den_i = φ(q_i)ᵀz + eps and g_i = S do_i,
+
+    dφ(q_i) = g_i / den_i + z · dden_i,
+    dden_i = −(do_i · o_i) / den_i = −(φ(q_i) · g_i) / den_i²
+    dS = Σ_i φ(q_i) (do_i / den_i)ᵀ,        dz = Σ_i φ(q_i) dden_i
+    dφ(k_j) = dS v_j + dz,                  dv_j = dSᵀ φ(k_j)
+
+do_i · o_i is taken as φ(q_i) · g_i (the same number, since o_i = Sᵀφ(q_i) / den_i), so the
+backward needs neither o nor a second product with S. φ(q), φ(k) and den are recomputed from q,
+k, z; nothing per token is stored between the two kernels.
+
+* dq kernel, grid (B·H, splits, 1): streams its chunk of q and do; writes dq and an fp32 partial
+  of dS (one Dv tile) and dz. When Dv needs more than one tile, a second launch of the same
+  kernel (COMPUTE_DQ = False) accumulates the other dS tiles: dq needs the whole of g = S do,
+  while a dS accumulator of every tile at once would not fit in registers.
+* the partials are summed in split order (reduce.py), unless there is one split.
+* dk/dv kernel, grid (B·H, splits, 1), again with a second launch for further Dv tiles of dv
+  (or, where the config is not fused, one launch for dk and one for every dv tile: each then
+  holds a single dS operand, which 3xTF32 fp32 dots need to fit in shared memory).
+
+Scratch: dS and dz (B·H·D·(Dv + 1) fp32) and, when split, one partial of them per split, capped
+by plan.SCRATCH_FRACTION; no per-block partials.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ops import alloc
+from . import plan
+from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
+                     mask_args, mma, padded_dim, split_range, to_operand, to_storage)
+from .feature_maps import feature_map, feature_map_backward, map_id
+from .forward import scratch_budget
+from .reduce import sum_splits
+
+
+@triton.jit
+def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
+               H, N, D, DV, chunk, eps, ds_split_stride, dz_split_stride, first_tile,
+               s_qb, s_qn, s_qh, s_qd, s_gb, s_gn, s_gh, s_gd, s_xb, s_xn, s_xh, s_xd,
+               MAP: tl.constexpr, ATOMIC: tl.constexpr, COMPUTE_DQ: tl.constexpr,
+               D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DV: tl.constexpr, FP32: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    tile = first_tile + tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    dtype = q_ptr.dtype.element_ty
+    q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    do_base = do_ptr + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh
+    q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
+    dot_offs, t_ok = block_offsets(s_gn, s_gd, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
+    dot_offs += tile * BLOCK_DV * s_gd
+    rows = tl.arange(0, BLOCK_N)
+    start, end = split_range(split, chunk, N)
+
+    d = tl.arange(0, D_PAD)
+    z = tl.load(z_ptr + bh * D + d, mask=d < D, other=0.0)
+    if COMPUTE_DQ:
+        dq_base = dq_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
+        dq_offs, _ = block_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD)
+        do_offs, e_ok = block_offsets(s_gn, s_gd, DV, BLOCK_N, DV_PAD)
+        e = tl.arange(0, DV_PAD)
+        # Sᵀ of the head (DV_PAD, D_PAD), the right operand of g = do Sᵀ.
+        state_t = tl.load(s_ptr + bh * (D * DV) + d[None, :] * DV + e[:, None],
+                          mask=(d < D)[None, :] & (e < DV)[:, None], other=0.0)
+        state_t = to_operand(state_t, dtype, EMULATE_BF16)
+        dz_acc = tl.zeros((D_PAD,), dtype=tl.float32)
+    ds_acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
+
+    for n0 in range(start, end, BLOCK_N):
+        row_ok = rows < end - n0
+        x = tl.load(q_base + n0 * s_qn + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        phi = tl.where(row_ok[:, None], feature_map(x, d_ok, MAP), 0.0)
+        inv_den = 1.0 / (tl.sum(phi * z[None, :], axis=1) + eps)
+        if COMPUTE_DQ:
+            grad = tl.load(do_base + n0 * s_gn + do_offs, mask=row_ok[:, None] & e_ok[None, :],
+                           other=0.0)
+            g = mma(to_operand(grad, dtype, EMULATE_BF16), state_t,
+                    tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), FP32)
+            dden = -tl.sum(phi * g, axis=1) * inv_den * inv_den
+            dphi = g * inv_den[:, None] + z[None, :] * dden[:, None]
+            dx = feature_map_backward(x, phi, dphi, MAP)
+            tl.store(dq_base + n0 * s_xn + dq_offs, to_storage(dx, dq_ptr.dtype.element_ty,
+                                                               EMULATE_BF16),
+                     mask=row_ok[:, None] & d_ok[None, :])
+            dz_acc += tl.sum(phi * dden[:, None], axis=0)
+            if BLOCK_DV == DV_PAD:
+                grad_tile = grad
+            else:
+                grad_tile = tl.load(do_base + n0 * s_gn + dot_offs,
+                                    mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+        else:
+            grad_tile = tl.load(do_base + n0 * s_gn + dot_offs,
+                                mask=row_ok[:, None] & t_ok[None, :], other=0.0)
+        dnum = grad_tile.to(tl.float32) * inv_den[:, None]
+        ds_acc = mma(tl.trans(to_operand(phi, dtype, EMULATE_BF16)),
+                     to_operand(dnum, dtype, EMULATE_BF16), ds_acc, FP32)
+
+    col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    ds_offs = split * ds_split_stride + bh * (D * DV) + d[:, None] * DV + col[None, :]
+    ds_ok = (d < D)[:, None] & (col < DV)[None, :]
+    if ATOMIC:
+        tl.atomic_add(ds_ptr + ds_offs, ds_acc, mask=ds_ok, sem="relaxed")
+    else:
+        tl.store(ds_ptr + ds_offs, ds_acc, mask=ds_ok)
+    if COMPUTE_DQ:
+        dz_offs = split * dz_split_stride + bh * D + d
+        if ATOMIC:
+            tl.atomic_add(dz_ptr + dz_offs, dz_acc, mask=d < D, sem="relaxed")
+        else:
+            tl.store(dz_ptr + dz_offs, dz_acc, mask=d < D)
+
+
+@triton.jit
+def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr,
+                 H, N, D, DV, chunk, first_tile,
+                 s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn,
+                 s_xb, s_xn, s_xh, s_xd, s_yb, s_yn, s_yh, s_yd,
+                 MAP: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_DK: tl.constexpr,
+                 COMPUTE_DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, FP32: tl.constexpr,
+                 EMULATE_BF16: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    tile = first_tile + tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    dtype = k_ptr.dtype.element_ty
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    k_offs, d_ok = block_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD)
+    rows = tl.arange(0, BLOCK_N)
+    start, end = split_range(split, chunk, N)
+    if HAS_MASK:
+        m_base = mask_ptr + b.to(tl.int64) * s_mb
+    d = tl.arange(0, D_PAD)
+    if COMPUTE_DV:
+        dv_base = dv_ptr + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + tile * BLOCK_DV * s_yd
+        dv_offs, t_ok = block_offsets(s_yn, s_yd, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
+        col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+        ds_tile = tl.load(ds_ptr + bh * (D * DV) + d[:, None] * DV + col[None, :],
+                          mask=(d < D)[:, None] & (col < DV)[None, :], other=0.0)
+        ds_tile = to_operand(ds_tile, dtype, EMULATE_BF16)
+    if COMPUTE_DK:
+        v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
+        dk_base = dk_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
+        v_offs, e_ok = block_offsets(s_vn, s_vd, DV, BLOCK_N, DV_PAD)
+        dk_offs, _ = block_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD)
+        # dSᵀ of the whole head (DV_PAD, D_PAD), for dφ(k) = v dSᵀ + dz; when the dv tile is
+        # all of dS it is reused (a second copy would double the shared memory).
+        if COMPUTE_DV and BLOCK_DV == DV_PAD:
+            ds_t = tl.trans(ds_tile)
+        else:
+            e = tl.arange(0, DV_PAD)
+            ds_t = tl.load(ds_ptr + bh * (D * DV) + d[None, :] * DV + e[:, None],
+                           mask=(d < D)[None, :] & (e < DV)[:, None], other=0.0)
+            ds_t = to_operand(ds_t, dtype, EMULATE_BF16)
+        dz = tl.load(dz_ptr + bh * D + d, mask=d < D, other=0.0)
+
+    for n0 in range(start, end, BLOCK_N):
+        row_ok = rows < end - n0
+        keep = row_ok
+        if HAS_MASK:
+            flags = tl.load(m_base + (n0 + rows) * s_mn, mask=row_ok, other=0)
+            keep = keep & (flags != 0)
+        x = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :], other=0.0)
+        x = x.to(tl.float32)
+        phi = tl.where(keep[:, None], feature_map(x, d_ok, MAP), 0.0)
+        if COMPUTE_DK:
+            vals = tl.load(v_base + n0 * s_vn + v_offs, mask=keep[:, None] & e_ok[None, :],
+                           other=0.0)
+            dphi = mma(to_operand(vals, dtype, EMULATE_BF16), ds_t,
+                       tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), FP32) + dz[None, :]
+            # A masked key contributed nothing, so its gradient is exactly 0.
+            dx = tl.where(keep[:, None], feature_map_backward(x, phi, dphi, MAP), 0.0)
+            tl.store(dk_base + n0 * s_xn + dk_offs, to_storage(dx, dk_ptr.dtype.element_ty,
+                                                               EMULATE_BF16),
+                     mask=row_ok[:, None] & d_ok[None, :])
+        if COMPUTE_DV:
+            # φ = 0 for a masked key, so its dv is exactly 0.
+            dv = mma(to_operand(phi, dtype, EMULATE_BF16), ds_tile,
+                     tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32), FP32)
+            tl.store(dv_base + n0 * s_yn + dv_offs, to_storage(dv, dv_ptr.dtype.element_ty,
+                                                               EMULATE_BF16),
+                     mask=row_ok[:, None] & t_ok[None, :])
+
+
+def _launch_options(config: plan.KernelConfig, dtype: torch.dtype) -> dict:
+    return dict(FP32=dtype == torch.float32, EMULATE_BF16=emulate_bf16(dtype),
+                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
+                    state: torch.Tensor, normaliser: torch.Tensor, dq: torch.Tensor,
+                    d_state: torch.Tensor, d_normaliser: torch.Tensor, budget_bytes: int) -> None:
+    """dq, and dS (B·H·D·Dv) and dz (B·H·D) into contiguous fp32 buffers."""
+    B, N, H, D = q.shape
+    Dv = do.shape[-1]
+    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
+    config = plan.kernel_config("dq", q.device, d_pad, dv_pad, q.element_size(), N)
+    block_dv = min(config.block_dv, dv_pad)
+    tiles = cdiv(Dv, block_dv)
+    state_numel = B * H * D * Dv
+    split = plan.sequence_split(N, B * H * tiles, config, q.device,
+                                partial_bytes=4 * (state_numel + B * H * D),
+                                budget_bytes=budget_bytes)
+    atomic = split.count > 1 and plan.atomic_reduce()
+    partials = None
+    if atomic:
+        d_state.zero_()
+        d_normaliser.zero_()
+        ds_dest, dz_dest, ds_stride, dz_stride = d_state, d_normaliser, 0, 0
+    elif split.count > 1:
+        partials = alloc.empty(split.count, state_numel + B * H * D, dtype=torch.float32,
+                               device=q.device)
+        ds_dest, dz_dest = partials, partials[:, state_numel:]
+        ds_stride = dz_stride = partials.stride(0)
+    else:
+        ds_dest, dz_dest, ds_stride, dz_stride = d_state, d_normaliser, 0, 0
+
+    args = (q, do, state, normaliser, dq, ds_dest, dz_dest, H, N, D, Dv, split.chunk, eps,
+            ds_stride, dz_stride)
+    strides = (*bnhd_strides(q), *bnhd_strides(do), *bnhd_strides(dq))
+    meta = dict(MAP=map_id(q_map), ATOMIC=atomic, D_PAD=d_pad, DV_PAD=dv_pad,
+                BLOCK_N=config.block_n, BLOCK_DV=block_dv, **_launch_options(config, q.dtype))
+    grid = (B * H, split.count)
+    launch(_dq_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DQ=True, **meta)
+    if tiles > 1:
+        launch(_dq_kernel, (*grid, tiles - 1), *args, 1, *strides, COMPUTE_DQ=False, **meta)
+    if partials is not None:
+        sum_splits(partials, d_state, d_normaliser)
+
+
+def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                  k_map: str, d_state: torch.Tensor, d_normaliser: torch.Tensor,
+                  dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """dk = φ'(k)ᵀ(dS v + dz) and dv = dSᵀ φ(k); 0 for masked keys."""
+    B, N, H, D = k.shape
+    Dv = v.shape[-1]
+    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
+    config = plan.kernel_config("dkdv", k.device, d_pad, dv_pad, k.element_size(), N)
+    block_dv = min(config.block_dv, dv_pad)
+    tiles = cdiv(Dv, block_dv)
+    split = plan.sequence_split(N, B * H * tiles, config, k.device)
+    mask, s_mb, s_mn = mask_args(key_mask)
+    args = (k, v, mask, d_state, d_normaliser, dk, dv, H, N, D, Dv, split.chunk)
+    strides = (*bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn, *bnhd_strides(dk),
+               *bnhd_strides(dv))
+    meta = dict(MAP=map_id(k_map), HAS_MASK=key_mask is not None, D_PAD=d_pad, DV_PAD=dv_pad,
+                BLOCK_N=config.block_n, BLOCK_DV=block_dv, **_launch_options(config, k.dtype))
+    grid = (B * H, split.count)
+    if config.fused:
+        # dk and the first dv tile in one pass over k and v; further dv tiles after it.
+        launch(_dkdv_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DK=True, COMPUTE_DV=True,
+               **meta)
+        if tiles > 1:
+            launch(_dkdv_kernel, (*grid, tiles - 1), *args, 1, *strides, COMPUTE_DK=False,
+                   COMPUTE_DV=True, **meta)
+    else:
+        # Separate passes hold one dS operand each (see KernelConfig.fused).
+        launch(_dkdv_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DK=True, COMPUTE_DV=False,
+               **meta)
+        launch(_dkdv_kernel, (*grid, tiles), *args, 0, *strides, COMPUTE_DK=False,
+               COMPUTE_DV=True, **meta)
+
+
+def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             key_mask: Optional[torch.Tensor], q_map: str, k_map: str, eps: float,
+             state: torch.Tensor, normaliser: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+             dv: torch.Tensor) -> None:
+    """Fills dq, dk, dv (KernelBackend.backward's contract, builtin maps)."""
+    check_state(state, normaliser, "backward")
+    B, _, H, D = q.shape
+    Dv = v.shape[-1]
+    # dS and dz in one fp32 buffer: the scratch the backward needs whatever the split.
+    grads = alloc.empty(B * H * D * (Dv + 1), dtype=torch.float32, device=q.device)
+    d_state, d_normaliser = grads[:B * H * D * Dv], grads[B * H * D * Dv:]
+    state_gradients(do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser,
+                    scratch_budget(q, k, v))
+    key_gradients(k, v, key_mask, k_map, d_state, d_normaliser, dk, dv)

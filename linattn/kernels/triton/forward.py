@@ -1,0 +1,196 @@
+"""Forward: S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j), then o_i = φ(q_i)ᵀS / (φ(q_i)ᵀz + eps).
+
+Two kernels, plus the split reduction between them when the sequence is split:
+
+* state kernel, grid (B·H, splits, Dv tiles): streams its chunk of k and v, applies φ to k as it
+  loads it, accumulates an fp32 partial S (D × Dv tile) on tensor cores and z beside it, and
+  writes the partial (or S and z themselves when there is one split; or atomically adds them, with
+  LINATTN_TRITON_ATOMIC_REDUCE=1).
+* output kernel, grid (B·H, splits, Dv tiles): loads the S tile and z of its head once, then
+  streams its chunk of q: φ(q), den = φ(q)ᵀz + eps (fp32, not on tensor cores), num = φ(q)ᵀS
+  and o = num / den in one pass. Neither φ(q) nor den is stored: the backward recomputes them.
+
+q, k, v and o are read and written through their (B, N, H, D) strides; nothing is copied.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ...ops import alloc
+from . import plan
+from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
+                     mask_args, mma, padded_dim, split_range, to_operand, to_storage)
+from .feature_maps import feature_map, map_id
+from .reduce import sum_splits
+
+
+@triton.jit
+def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
+                  H, N, D, DV, chunk, s_split_stride, z_split_stride,
+                  s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn,
+                  MAP: tl.constexpr, HAS_MASK: tl.constexpr, ATOMIC: tl.constexpr,
+                  D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  FP32: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    tile = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    dtype = k_ptr.dtype.element_ty
+    k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
+    v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + tile * BLOCK_DV * s_vd
+    if HAS_MASK:
+        m_base = mask_ptr + b.to(tl.int64) * s_mb
+    k_offs, d_ok = block_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD)
+    v_offs, e_ok = block_offsets(s_vn, s_vd, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
+    rows = tl.arange(0, BLOCK_N)
+    start, end = split_range(split, chunk, N)
+
+    acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
+    z_acc = tl.zeros((D_PAD,), dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        keep = rows < end - n0
+        if HAS_MASK:
+            flags = tl.load(m_base + (n0 + rows) * s_mn, mask=keep, other=0)
+            keep = keep & (flags != 0)
+        # Masked keys are never loaded, so inf or NaN in padding cannot reach S or z.
+        x = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :], other=0.0)
+        phi = tl.where(keep[:, None], feature_map(x.to(tl.float32), d_ok, MAP), 0.0)
+        vals = tl.load(v_base + n0 * s_vn + v_offs, mask=keep[:, None] & e_ok[None, :],
+                       other=0.0)
+        acc = mma(tl.trans(to_operand(phi, dtype, EMULATE_BF16)),
+                  to_operand(vals, dtype, EMULATE_BF16), acc, FP32)
+        z_acc += tl.sum(phi, axis=0)
+
+    d = tl.arange(0, D_PAD)
+    col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    s_offs = split * s_split_stride + bh * (D * DV) + d[:, None] * DV + col[None, :]
+    s_ok = (d < D)[:, None] & (col < DV)[None, :]
+    z_offs = split * z_split_stride + bh * D + d
+    z_ok = (d < D) & (tile == 0)  # every tile computes z; the first one writes it
+    if ATOMIC:
+        tl.atomic_add(s_ptr + s_offs, acc, mask=s_ok, sem="relaxed")
+        tl.atomic_add(z_ptr + z_offs, z_acc, mask=z_ok, sem="relaxed")
+    else:
+        tl.store(s_ptr + s_offs, acc, mask=s_ok)
+        tl.store(z_ptr + z_offs, z_acc, mask=z_ok)
+
+
+@triton.jit
+def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
+                   H, N, D, DV, chunk, eps,
+                   s_qb, s_qn, s_qh, s_qd, s_ob, s_on, s_oh, s_od,
+                   MAP: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, FP32: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    tile = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+    dtype = q_ptr.dtype.element_ty
+    q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    o_base = o_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + tile * BLOCK_DV * s_od
+    q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
+    o_offs, e_ok = block_offsets(s_on, s_od, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
+    rows = tl.arange(0, BLOCK_N)
+    start, end = split_range(split, chunk, N)
+
+    d = tl.arange(0, D_PAD)
+    col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    state = tl.load(s_ptr + bh * (D * DV) + d[:, None] * DV + col[None, :],
+                    mask=(d < D)[:, None] & (col < DV)[None, :], other=0.0)
+    state = to_operand(state, dtype, EMULATE_BF16)
+    z = tl.load(z_ptr + bh * D + d, mask=d < D, other=0.0)
+
+    for n0 in range(start, end, BLOCK_N):
+        row_ok = rows < end - n0
+        x = tl.load(q_base + n0 * s_qn + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        phi = feature_map(x.to(tl.float32), d_ok, MAP)
+        # den in fp32 from unrounded φ(q) and z: it is a sum of positive terms for the
+        # positive maps, and rounding it would bias every output of the row alike.
+        den = tl.sum(phi * z[None, :], axis=1) + eps
+        num = mma(to_operand(phi, dtype, EMULATE_BF16), state,
+                  tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32), FP32)
+        tl.store(o_base + n0 * s_on + o_offs,
+                 to_storage(num / den[:, None], o_ptr.dtype.element_ty, EMULATE_BF16),
+                 mask=row_ok[:, None] & e_ok[None, :])
+
+
+def scratch_budget(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes the partial states of one pass may take (plan.SCRATCH_FRACTION of q, k, v)."""
+    total = (q.numel() + k.numel() + v.numel()) * q.element_size()
+    return int(plan.SCRATCH_FRACTION * total)
+
+
+def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+                  k_map: str, state: torch.Tensor, normaliser: torch.Tensor,
+                  budget_bytes: int) -> None:
+    """state (B, H, D, Dv) <- Σ_j φ(k_j) v_jᵀ and normaliser (B, H, D) <- Σ_j φ(k_j), fp32."""
+    B, N, H, D = k.shape
+    Dv = v.shape[-1]
+    check_state(state, normaliser, "forward")
+    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
+    config = plan.kernel_config("state", k.device, d_pad, dv_pad, k.element_size(), N)
+    block_dv = min(config.block_dv, dv_pad)
+    tiles = cdiv(Dv, block_dv)
+    state_numel = B * H * D * Dv
+    split = plan.sequence_split(N, B * H * tiles, config, k.device,
+                                partial_bytes=4 * (state_numel + B * H * D),
+                                budget_bytes=budget_bytes)
+    atomic = split.count > 1 and plan.atomic_reduce()
+    partials = None
+    if atomic:
+        state.zero_()
+        normaliser.zero_()
+        s_dest, z_dest, s_stride, z_stride = state, normaliser, 0, 0
+    elif split.count > 1:
+        partials = alloc.empty(split.count, state_numel + B * H * D, dtype=torch.float32,
+                               device=k.device)
+        s_dest, z_dest = partials, partials[:, state_numel:]
+        s_stride = z_stride = partials.stride(0)
+    else:
+        s_dest, z_dest, s_stride, z_stride = state, normaliser, 0, 0
+
+    mask, s_mb, s_mn = mask_args(key_mask)
+    launch(
+        _state_kernel, (B * H, split.count, tiles),
+        k, v, mask, s_dest, z_dest, H, N, D, Dv, split.chunk, s_stride, z_stride,
+        *bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn,
+        MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=atomic, D_PAD=d_pad,
+        BLOCK_N=config.block_n, BLOCK_DV=block_dv, FP32=k.dtype == torch.float32,
+        EMULATE_BF16=emulate_bf16(k.dtype), num_warps=config.num_warps,
+        num_stages=config.num_stages)
+    if partials is not None:
+        sum_splits(partials, state.view(-1), normaliser.view(-1))
+
+
+def compute_output(q: torch.Tensor, q_map: str, eps: float, state: torch.Tensor,
+                   normaliser: torch.Tensor, o: torch.Tensor) -> None:
+    """o <- φ(q)ᵀ S / (φ(q)ᵀ z + eps) in o's dtype."""
+    B, N, H, D = q.shape
+    Dv = o.shape[-1]
+    check_state(state, normaliser, "forward")
+    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
+    config = plan.kernel_config("output", q.device, d_pad, dv_pad, q.element_size(), N)
+    block_dv = min(config.block_dv, dv_pad)
+    tiles = cdiv(Dv, block_dv)
+    split = plan.sequence_split(N, B * H * tiles, config, q.device)
+    launch(
+        _output_kernel, (B * H, split.count, tiles),
+        q, state, normaliser, o, H, N, D, Dv, split.chunk, eps,
+        *bnhd_strides(q), *bnhd_strides(o),
+        MAP=map_id(q_map), D_PAD=d_pad, BLOCK_N=config.block_n, BLOCK_DV=block_dv,
+        FP32=q.dtype == torch.float32, EMULATE_BF16=emulate_bf16(q.dtype),
+        num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
+            q_map: str, k_map: str, eps: float, o: torch.Tensor, state: torch.Tensor,
+            normaliser: torch.Tensor) -> None:
+    """Fills o, state and normaliser (KernelBackend.forward's contract, builtin maps)."""
+    compute_state(k, v, key_mask, k_map, state, normaliser, scratch_budget(q, k, v))
+    compute_output(q, q_map, eps, state, normaliser, o)

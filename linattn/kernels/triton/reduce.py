@@ -1,0 +1,44 @@
+"""Sum of per-split partial states, in a fixed order (deterministic).
+
+A reducing kernel split over the sequence writes its fp32 partials into one buffer of shape
+(splits, M): the first M_a elements of a row are one output (S, or dS) and the rest another (z, or
+dz), each in the contiguous (batch, head, ...) order of its destination. One launch sums the rows
+in split order and writes both outputs, so the result does not depend on scheduling.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, launch
+
+_BLOCK = 1024
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, n_splits, split_stride, a_ptr, n_a, b_ptr, n_total,
+                       BLOCK: tl.constexpr):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < n_total
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, n_splits):
+        acc += tl.load(part_ptr + s * split_stride + idx, mask=ok, other=0.0)
+    tl.store(a_ptr + idx, acc, mask=idx < n_a)
+    tl.store(b_ptr + (idx - n_a), acc, mask=ok & (idx >= n_a))
+
+
+def sum_splits(partials: torch.Tensor, out_a: torch.Tensor, out_b: torch.Tensor) -> None:
+    """out_a, out_b (contiguous fp32) <- column sums of `partials` (splits, numel(a) + numel(b))."""
+    for name, t in (("partials", partials), ("out_a", out_a), ("out_b", out_b)):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"sum_splits: {name} must be a contiguous float32 tensor, got "
+                             f"{t.dtype} with strides {tuple(t.stride())}")
+    n_a, n_total = out_a.numel(), out_a.numel() + out_b.numel()
+    if partials.dim() != 2 or partials.shape[1] != n_total:
+        raise ValueError(f"sum_splits: partials must be (splits, {n_total}), got "
+                         f"{tuple(partials.shape)}")
+    launch(
+        _sum_splits_kernel, (cdiv(n_total, _BLOCK),),
+        partials, partials.shape[0], partials.stride(0), out_a, n_a, out_b, n_total,
+        BLOCK=_BLOCK, num_warps=4)
