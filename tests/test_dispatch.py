@@ -62,3 +62,16 @@ def test_backend_rejects_inputs_it_has_no_kernel_for():
     q = torch.randn(1, 4, 1, 16, dtype=torch.float64)
     with pytest.raises(linattn.BackendUnavailableError, match="dtype float64 is not supported"):
         linattn.linear_attention(q, q, q, backend="triton")
+
+
+def test_auto_skips_a_backend_that_refuses_the_inputs(monkeypatch):
+    """auto passes over a kernel backend whose kernels refuse these inputs (here: a dtype),
+    warning once, rather than picking it and raising."""
+    monkeypatch.delenv("LINATTN_BACKEND", raising=False)
+    cpu = registry.KERNEL_BACKENDS["cpu"]
+    monkeypatch.setattr(cpu, "supported_dtypes", frozenset({torch.float32}))
+    monkeypatch.setattr(registry, "_warned_auto_reference", set())
+    q = torch.randn(1, 4, 1, 8, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="dtype float64 is not supported"):
+        out = linattn.linear_attention(q, q, q)
+    assert out.dtype == torch.float64

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -52,11 +53,17 @@ def _unusable_reason(name: str, device: torch.device) -> str | None:
     return backend.check_device(device)
 
 
-_warned_auto_reference: set[str] = set()
+_warned_auto_reference: set[tuple] = set()
 
 
-def resolve_backend(requested: str, device: torch.device) -> str:
-    """The concrete backend name for `requested` ("auto" or a name) on `device`."""
+def resolve_backend(requested: str, device: torch.device,
+                    why_inputs_unsupported: Callable[[KernelBackend], Optional[str]] = lambda b: None,
+                    ) -> str:
+    """The concrete backend name for `requested` ("auto" or a name) on `device`.
+
+    For "auto", `why_inputs_unsupported(backend)` (None, or the reason the backend's kernels do
+    not take these inputs: dtype, dims, feature map) rules out backends that would refuse them.
+    """
     if requested == "auto":
         requested = os.environ.get("LINATTN_BACKEND", "auto") or "auto"
         if requested != "auto" and requested not in BACKEND_NAMES:
@@ -67,11 +74,13 @@ def resolve_backend(requested: str, device: torch.device) -> str:
         for name in AUTO_ORDER.get(device.type, ()):
             why_not = _unusable_reason(name, device)
             if why_not is None:
+                why_not = why_inputs_unsupported(KERNEL_BACKENDS[name])
+            if why_not is None:
                 return name
             reasons.append(f"{name}: {why_not}")
-        # The reference is correct everywhere but slow: say so once per device type.
-        if device.type not in _warned_auto_reference:
-            _warned_auto_reference.add(device.type)
+        # The reference is correct everywhere but slow: say so once per device type and reason.
+        if (device.type, tuple(reasons)) not in _warned_auto_reference:
+            _warned_auto_reference.add((device.type, tuple(reasons)))
             detail = "; ".join(reasons) or f"no kernel backend handles device type {device.type!r}"
             warnings.warn(f"linattn: backend='auto' uses the slow float64 reference on "
                           f"{device.type} because no kernel backend can run ({detail})",

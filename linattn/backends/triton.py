@@ -90,7 +90,7 @@ class TritonBackend(KernelBackend):
         if reason is not None:
             return reason
         if HEDGEHOG in names:
-            return module.hedgehog_unsupported(head_dim, value_dim, feature_dim)
+            return module.hedgehog_unsupported(head_dim, value_dim, feature_dim, dtype)
         from ..kernels.triton.plan import unsupported_dims
         return unsupported_dims(head_dim, value_dim, dtype.itemsize)
 

@@ -53,25 +53,31 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
     q_map, k_map = _resolve_maps(feature_map)
     validate(q, k, v, layout=layout, eps=eps, key_padding_mask=key_padding_mask,
              q_map=q_map, k_map=k_map)
-    name = resolve_backend(backend, q.device)
     qb, kb, vb = (to_bnhd(t, layout) for t in (q, k, v))
+    # A map no kernel knows is applied here, in PyTorch (autograd differentiates it), and the
+    # kernels run with the identity map on its output. Documented in feature_maps/base.py.
+    kernel_q_map = q_map if q_map.kernel_name is not None else Identity()
+    kernel_k_map = k_map if k_map.kernel_name is not None else Identity()
+    feature_dim = q_map.output_dim(qb.shape[-1])
+    kernel_head_dim = qb.shape[-1] if q_map.kernel_name is not None else feature_dim
 
+    def why_unsupported(kernel) -> Optional[str]:
+        return kernel.unsupported(q.dtype, kernel_head_dim, vb.shape[-1], feature_dim,
+                                  (kernel_q_map.kernel_name, kernel_k_map.kernel_name))
+
+    name = resolve_backend(backend, q.device, why_unsupported)
     if name == REFERENCE:
         out = linear_attention_reference(qb, kb, vb, q_map, k_map, eps, key_padding_mask)
         return out if layout == "bnhd" else out.transpose(1, 2).contiguous()
 
-    # A map no kernel knows is applied here, in PyTorch (autograd differentiates it), and the
-    # kernels run with the identity map on its output. Documented in feature_maps/base.py.
-    if q_map.kernel_name is None:
-        qb, q_map = q_map(qb), Identity()
-    if k_map.kernel_name is None:
-        kb, k_map = k_map(kb), Identity()
-    kernel = get_kernel_backend(name)
-    why_not = kernel.unsupported(q.dtype, qb.shape[-1], vb.shape[-1],
-                                 q_map.output_dim(qb.shape[-1]),
-                                 (q_map.kernel_name, k_map.kernel_name))
+    why_not = why_unsupported(get_kernel_backend(name))
     if why_not is not None:
         raise BackendUnavailableError(f"backend={name!r} cannot run these inputs: {why_not}")
+    if q_map.kernel_name is None:
+        qb = q_map(qb)
+    if k_map.kernel_name is None:
+        kb = k_map(kb)
+    q_map, k_map = kernel_q_map, kernel_k_map
     out, _, _ = forward_op(qb, kb, vb, key_padding_mask, list(q_map.kernel_params()),
                            list(k_map.kernel_params()), q_map.kernel_name, k_map.kernel_name,
                            float(eps), layout == "bhnd", name)
