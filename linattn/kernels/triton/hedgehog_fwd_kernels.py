@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from .common import block_offsets, to_operand, to_storage
-from .hedgehog_math import (dot, hedgehog_features, load_state_halves, load_vector_halves,
-                            load_weight, output_scale, rows_ok, softmax_rows, store_state_half)
+from .hedgehog_math import (dot, hedgehog_features, load_scaled_state,
+                            load_weight, rows_ok, softmax_rows, store_state_half)
 
 
 @triton.jit
@@ -86,16 +86,10 @@ def hedgehog_output_kernel(
     h = bh % H
     f_ok = tl.arange(0, F_PAD) < F
     w = load_weight(w_ptr, h, D, F, s_wh, s_wd, s_wf, D_PAD, F_PAD, TOKEN, EMULATE_BF16)
-    s_a, s_c = load_state_halves(s_ptr + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh,
-                                 F, Dv, s_sf, s_sv, F_PAD, V_PAD)
-    z_a, z_c = load_vector_halves(z_ptr + b.to(tl.int64) * s_zb + h.to(tl.int64) * s_zh,
-                                  F, s_zf, F_PAD)
     # o = φᵀ(S/c) / (φᵀ(z/c) + eps/c): S/c is a safe operand in the input dtype.
-    scale = output_scale(z_a)
-    s_a = to_operand(s_a * scale, TOKEN, EMULATE_BF16)
-    s_c = to_operand(s_c * scale, TOKEN, EMULATE_BF16)
-    z_a *= scale
-    z_c *= scale
+    s_a, s_c, z_a, z_c, scale = load_scaled_state(
+        s_ptr, z_ptr, b, h, F, Dv, s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf,
+        F_PAD, V_PAD, TOKEN, EMULATE_BF16)
     eps_scaled = eps * scale
     q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
     o_offs, v_ok = block_offsets(s_on, s_ov, Dv, BLOCK_N, V_PAD)

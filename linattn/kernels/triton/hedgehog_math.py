@@ -158,3 +158,20 @@ def _sum_partials(part_ptr, out_ptr, numel, num_partials, block, BLOCK: tl.const
     for p in range(num_partials):
         acc += tl.load(part_ptr + p * numel + offs, mask=ok, other=0.0)
     tl.store(out_ptr + offs, to_storage(acc, out_ptr.dtype.element_ty, EMULATE_BF16), mask=ok)
+
+
+@triton.jit
+def load_scaled_state(s_ptr, z_ptr, b, h, F, Dv, s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf,
+                      F_PAD: tl.constexpr, V_PAD: tl.constexpr, TOKEN: tl.constexpr,
+                      EMULATE_BF16: tl.constexpr):
+    """The state halves of (b, h) as product operands, scaled by 1/c (output_scale): returns
+    (S_a/c, S_c/c) in the input dtype, (z_a/c, z_c/c) in fp32, and 1/c. The forward's output
+    pass and the backward's dq pass both read the state this way."""
+    s_a, s_c = load_state_halves(s_ptr + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh,
+                                 F, Dv, s_sf, s_sv, F_PAD, V_PAD)
+    z_a, z_c = load_vector_halves(z_ptr + b.to(tl.int64) * s_zb + h.to(tl.int64) * s_zh,
+                                  F, s_zf, F_PAD)
+    scale = output_scale(z_a)
+    s_a = to_operand(s_a * scale, TOKEN, EMULATE_BF16)
+    s_c = to_operand(s_c * scale, TOKEN, EMULATE_BF16)
+    return s_a, s_c, z_a * scale, z_c * scale, scale
