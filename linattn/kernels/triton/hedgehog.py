@@ -170,7 +170,7 @@ def _sum_partials(parts: Tensor, out: Tensor, parts_b: Optional[Tensor] = None,
                   out_b: Optional[Tensor] = None) -> None:
     """out = parts.sum(0) (and out_b = parts_b.sum(0)) in one deterministic launch."""
     if parts_b is None:
-        parts_b, out_b, numel_b = parts, out, 0  # placeholders that get no program
+        parts_b, out_b, numel_b = parts, out, 0  # unused second operand: no program reads it
     else:
         numel_b = out_b.numel()
     blocks_a = cdiv(out.numel(), _SUM_BLOCK)
