@@ -25,18 +25,6 @@
 namespace linattn {
 namespace {
 
-// Like forward.cpp's state parts: each part's dS, dz (and dW) partial is reduced afterwards.
-constexpr std::int64_t kMinReduceTokens = 512;
-
-// Sums the `parts` accumulators of `size` elements at acc + i·stride into the first.
-template <class T>
-void reduce_parts(T* acc, std::int64_t parts, std::int64_t stride, std::int64_t size) {
-  for (std::int64_t part = 1; part < parts; ++part) {
-    const T* p = acc + part * stride;
-    for (std::int64_t i = 0; i < size; ++i) acc[i] += p[i];
-  }
-}
-
 // Parameter gradients of a map: accumulators of tasks (b, h, part) live at
 // grads[((b·H + h)·parts + part)·size]; head h's gradient is their sum over b and part.
 template <class T>
@@ -66,7 +54,7 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
   const T eps = T(a.eps);
 
   // ---- 1. queries -----------------------------------------------------------------------------
-  const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinReduceTokens);
+  const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinReducedPartTokens);
   const std::int64_t slot = F * Dvp + Fp;  // dS [F][Dvp], then dz [Fp]
   Buffer<T> dstate(BH * q_parts * slot);
   const std::int64_t q_grad_size = q_map.param_grad_size();
@@ -145,7 +133,7 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
   store_param_grads(q_map, a.d_q_params, q_grads.data(), d, q_parts, threads);
 
   // ---- 2. keys --------------------------------------------------------------------------------
-  const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReduceTokens);
+  const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReducedPartTokens);
   const std::int64_t k_grad_size = k_map.param_grad_size();
   Buffer<T> k_grads(BH * k_parts * k_grad_size);
 

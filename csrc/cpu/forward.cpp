@@ -21,10 +21,6 @@
 namespace linattn {
 namespace {
 
-// A state part must be long enough that its F x Dv partial and the reduction are small next to
-// reading its tokens (512 tokens of k and v hold 1024/D times the elements of one partial when
-// F = D = Dv: 8x at D = 128).
-constexpr std::int64_t kMinStateTokens = 512;
 // Output parts need no reduction; they only have to amortise staging S.
 constexpr std::int64_t kMinOutputTokens = 128;
 
@@ -37,7 +33,7 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
   const T eps = T(a.eps);
 
   // ---- 1. state ---------------------------------------------------------------------------
-  const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinStateTokens);
+  const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReducedPartTokens);
   const std::int64_t slot = F * Dvp + Fp;  // one partial state: S [F][Dvp], then z [Fp]
   Buffer<T> partials(BH * k_parts * slot);
 
@@ -80,10 +76,7 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
 #pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, BH))) schedule(static)
   for (std::int64_t bh = 0; bh < BH; ++bh) {
     T* total = partials.data() + bh * k_parts * slot;
-    for (std::int64_t part = 1; part < k_parts; ++part) {
-      const T* p = total + part * slot;
-      for (std::int64_t i = 0; i < slot; ++i) total[i] += p[i];
-    }
+    reduce_parts(total, k_parts, slot, slot);
     write_matrix(a.state, bh / d.H, bh % d.H, total, Dvp);
     write_vector(a.normaliser, bh / d.H, bh % d.H, total + F * Dvp);
   }

@@ -11,6 +11,12 @@ namespace linattn {
 // loading and storing its register tile.
 constexpr int kBlock = 64;
 
+// The shortest part of a sequence whose pass ends in a reduction of per-part partials (S, z in
+// the forward; dS, dz, dW in the backward): its F x Dv partial and its share of the reduction
+// must be small next to reading its tokens (512 tokens of k and v hold 1024/D times the elements
+// of one partial when F = D = Dv: 8x at D = 128).
+constexpr std::int64_t kMinReducedPartTokens = 512;
+
 // The number of parts to cut each of `bh` sequences of `n` tokens into, so that the bh·parts
 // equal-sized tasks keep `threads` threads busy: the fewest parts whose last round of tasks
 // leaves at most 10% of the thread-time idle, each part at least `min_tokens` long. Fewer parts
@@ -41,6 +47,16 @@ inline void part_range(std::int64_t n, std::int64_t parts, std::int64_t part, st
   const std::int64_t base = n / parts, extra = n % parts;
   *begin = part * base + std::min(part, extra);
   *end = *begin + base + (part < extra ? 1 : 0);
+}
+
+// Sums the `parts` partials of `size` elements at acc + i·stride into the first, in part order,
+// so the result does not depend on which thread finished first.
+template <class T>
+void reduce_parts(T* acc, std::int64_t parts, std::int64_t stride, std::int64_t size) {
+  for (std::int64_t part = 1; part < parts; ++part) {
+    const T* p = acc + part * stride;
+    for (std::int64_t i = 0; i < size; ++i) acc[i] += p[i];
+  }
 }
 
 }  // namespace linattn
