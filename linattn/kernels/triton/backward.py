@@ -35,7 +35,7 @@ from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf1
                      mask_args, mma, padded_dim, split_range, to_operand, to_storage)
 from .feature_maps import feature_map, feature_map_backward, map_id
 from .forward import scratch_budget
-from .reduce import sum_splits
+from .reduce import split_targets
 
 
 @triton.jit
@@ -206,35 +206,20 @@ def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
     config = plan.kernel_config("dq", q.device, d_pad, dv_pad, q.element_size(), N)
     block_dv = min(config.block_dv, dv_pad)
     tiles = cdiv(Dv, block_dv)
-    state_numel = B * H * D * Dv
     split = plan.sequence_split(N, B * H * tiles, config, q.device,
-                                partial_bytes=4 * (state_numel + B * H * D),
+                                partial_bytes=4 * B * H * D * (Dv + 1),
                                 budget_bytes=budget_bytes)
-    atomic = split.count > 1 and plan.atomic_reduce()
-    partials = None
-    if atomic:
-        d_state.zero_()
-        d_normaliser.zero_()
-        ds_dest, dz_dest, ds_stride, dz_stride = d_state, d_normaliser, 0, 0
-    elif split.count > 1:
-        partials = alloc.empty(split.count, state_numel + B * H * D, dtype=torch.float32,
-                               device=q.device)
-        ds_dest, dz_dest = partials, partials[:, state_numel:]
-        ds_stride = dz_stride = partials.stride(0)
-    else:
-        ds_dest, dz_dest, ds_stride, dz_stride = d_state, d_normaliser, 0, 0
-
-    args = (q, do, state, normaliser, dq, ds_dest, dz_dest, H, N, D, Dv, split.chunk, eps,
-            ds_stride, dz_stride)
+    targets = split_targets(d_state, d_normaliser, split.count, plan.atomic_reduce())
+    args = (q, do, state, normaliser, dq, targets.matrix, targets.vector, H, N, D, Dv,
+            split.chunk, eps, targets.matrix_stride, targets.vector_stride)
     strides = (*bnhd_strides(q), *bnhd_strides(do), *bnhd_strides(dq))
-    meta = dict(MAP=map_id(q_map), ATOMIC=atomic, D_PAD=d_pad, DV_PAD=dv_pad,
+    meta = dict(MAP=map_id(q_map), ATOMIC=targets.atomic, D_PAD=d_pad, DV_PAD=dv_pad,
                 BLOCK_N=config.block_n, BLOCK_DV=block_dv, **_launch_options(config, q.dtype))
     grid = (B * H, split.count)
     launch(_dq_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DQ=True, **meta)
     if tiles > 1:
         launch(_dq_kernel, (*grid, tiles - 1), *args, 1, *strides, COMPUTE_DQ=False, **meta)
-    if partials is not None:
-        sum_splits(partials, d_state, d_normaliser)
+    targets.finish()
 
 
 def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],

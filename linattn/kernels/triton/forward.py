@@ -20,12 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ...ops import alloc
 from . import plan
 from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
                      mask_args, mma, padded_dim, split_range, to_operand, to_storage)
 from .feature_maps import feature_map, map_id
-from .reduce import sum_splits
+from .reduce import split_targets
 
 
 @triton.jit
@@ -137,35 +136,21 @@ def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
     config = plan.kernel_config("state", k.device, d_pad, dv_pad, k.element_size(), N)
     block_dv = min(config.block_dv, dv_pad)
     tiles = cdiv(Dv, block_dv)
-    state_numel = B * H * D * Dv
     split = plan.sequence_split(N, B * H * tiles, config, k.device,
-                                partial_bytes=4 * (state_numel + B * H * D),
+                                partial_bytes=4 * B * H * D * (Dv + 1),
                                 budget_bytes=budget_bytes)
-    atomic = split.count > 1 and plan.atomic_reduce()
-    partials = None
-    if atomic:
-        state.zero_()
-        normaliser.zero_()
-        s_dest, z_dest, s_stride, z_stride = state, normaliser, 0, 0
-    elif split.count > 1:
-        partials = alloc.empty(split.count, state_numel + B * H * D, dtype=torch.float32,
-                               device=k.device)
-        s_dest, z_dest = partials, partials[:, state_numel:]
-        s_stride = z_stride = partials.stride(0)
-    else:
-        s_dest, z_dest, s_stride, z_stride = state, normaliser, 0, 0
-
+    targets = split_targets(state, normaliser, split.count, plan.atomic_reduce())
     mask, s_mb, s_mn = mask_args(key_mask)
     launch(
         _state_kernel, (B * H, split.count, tiles),
-        k, v, mask, s_dest, z_dest, H, N, D, Dv, split.chunk, s_stride, z_stride,
+        k, v, mask, targets.matrix, targets.vector, H, N, D, Dv, split.chunk,
+        targets.matrix_stride, targets.vector_stride,
         *bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn,
-        MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=atomic, D_PAD=d_pad,
+        MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=targets.atomic, D_PAD=d_pad,
         BLOCK_N=config.block_n, BLOCK_DV=block_dv, FP32=k.dtype == torch.float32,
         EMULATE_BF16=emulate_bf16(k.dtype), num_warps=config.num_warps,
         num_stages=config.num_stages)
-    if partials is not None:
-        sum_splits(partials, state.view(-1), normaliser.view(-1))
+    targets.finish()
 
 
 def compute_output(q: torch.Tensor, q_map: str, eps: float, state: torch.Tensor,

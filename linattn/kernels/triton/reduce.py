@@ -7,10 +7,14 @@ in split order and writes both outputs, so the result does not depend on schedul
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
+from ...ops import alloc
 from .common import cdiv, launch
 
 _BLOCK = 1024
@@ -42,3 +46,38 @@ def sum_splits(partials: torch.Tensor, out_a: torch.Tensor, out_b: torch.Tensor)
         _sum_splits_kernel, (cdiv(n_total, _BLOCK),),
         partials, partials.shape[0], partials.stride(0), out_a, n_a, out_b, n_total,
         BLOCK=_BLOCK, num_warps=4)
+
+
+@dataclass
+class SplitTargets:
+    """Where a kernel reducing an fp32 (matrix, vector) pair over `splits` sequence splits
+    writes: the outputs themselves (one split, or atomics into zeroed outputs; split stride 0),
+    or rows of a partials buffer that finish() sums in split order."""
+    matrix: torch.Tensor
+    vector: torch.Tensor
+    matrix_stride: int
+    vector_stride: int
+    atomic: bool
+    partials: Optional[torch.Tensor]
+    out_matrix: torch.Tensor
+    out_vector: torch.Tensor
+
+    def finish(self) -> None:
+        if self.partials is not None:
+            sum_splits(self.partials, self.out_matrix.view(-1), self.out_vector.view(-1))
+
+
+def split_targets(out_matrix: torch.Tensor, out_vector: torch.Tensor, splits: int,
+                  atomic: bool) -> SplitTargets:
+    """Targets for a reduction of (out_matrix, out_vector) over `splits` splits; `atomic`
+    (honoured only when there is more than one split) trades determinism for no partials."""
+    atomic = atomic and splits > 1
+    if splits == 1 or atomic:
+        if atomic:
+            out_matrix.zero_()
+            out_vector.zero_()
+        return SplitTargets(out_matrix, out_vector, 0, 0, atomic, None, out_matrix, out_vector)
+    partials = alloc.empty(splits, out_matrix.numel() + out_vector.numel(), dtype=torch.float32,
+                           device=out_matrix.device)
+    return SplitTargets(partials, partials[:, out_matrix.numel():], partials.stride(0),
+                        partials.stride(0), False, partials, out_matrix, out_vector)
