@@ -30,15 +30,8 @@ TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, 
             rope_max_seq_len=16)
 STEPS = 4
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    # threads waiting on each other made these tests several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# Tiny models: one intra-op thread (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_config(root, name, **train):

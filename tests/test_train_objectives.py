@@ -18,15 +18,8 @@ from linattn.train.objectives import (adm_loss, adm_objective, adm_weight,
 
 DTYPE = torch.float64
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine OpenMP
-    # threads waiting on each other made these tests several times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+# Tiny models: one intra-op thread (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def gaussian_velocity(x, t, mu, s):
