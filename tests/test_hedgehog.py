@@ -374,7 +374,7 @@ def test_kernel_entry_points_name_bad_arguments(device):
         hedgehog_backward(o, q, k, v, None, w_q, w_k, EPS, state, normaliser,
                           torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dw,
                           torch.empty_like(w_k))
-    # Limits (hedgehog_plan.py): 128 for 16-bit inputs, 64 for fp32 inputs.
+    # Limits (kernels/triton/hedgehog/plan.py): 128 for 16-bit inputs, 64 for fp32 inputs.
     assert hedgehog_unsupported(128, 128, 256, torch.bfloat16) is None
     assert "feature_dim 512" in hedgehog_unsupported(128, 128, 1024, torch.bfloat16)
     assert "head_dim 128 exceeds 64" in hedgehog_unsupported(128, 64, 128, torch.float32)

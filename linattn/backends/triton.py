@@ -3,7 +3,7 @@ TRITON_INTERPRET=1, which is how CI checks them).
 
 Builtin maps (relu, elu, softmax, identity, any pair of them for q and k) run the kernels of
 linattn/kernels/triton/forward.py and backward.py. The Hedgehog map runs
-linattn/kernels/triton/hedgehog.py, and only as a pair (Hedgehog for both q and k): it is listed
+linattn/kernels/triton/hedgehog/, and only as a pair (Hedgehog for both q and k): it is listed
 in ``supported_maps`` when that module is present and imports.
 
 What the kernels take (``unsupported`` says so before any launch): float16, bfloat16 and float32

@@ -9,7 +9,7 @@ With num_i = Sᵀφ(q_i), den_i = zᵀφ(q_i) + eps, u_i = S do_i (so do_i·num_
     dx = dL Wᵀ                                  dW = Σ_tokens xᵀ dL
     (L = xW, a = softmax(L), c = softmax(−L); φ = [a, c])
 
-Three passes, each a loop over the blocks of one sequence split (hedgehog_fwd_kernels.py
+Three passes, each a loop over the blocks of one sequence split (forward_kernels.py
 explains splits and the 64-bit token offsets):
 
 1. query pass (splits, B·H): dq, the partial dW_q of its split, and two fp32 numbers per query,
@@ -25,8 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import block_offsets, to_operand, to_storage
-from .hedgehog_math import (dot, hedgehog_features, hedgehog_logits_grad, load_scaled_state,
+from ..common import block_offsets, to_operand, to_storage
+from .helpers import (dot, hedgehog_features, hedgehog_logits_grad, load_scaled_state,
                             load_state_halves,
                             load_vector_halves, load_weight, rows_ok, softmax_rows,
                             store_state_half)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import mma, to_operand, to_storage
+from ..common import mma, to_operand, to_storage
 
 
 @triton.jit

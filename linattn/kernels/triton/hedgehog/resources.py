@@ -1,9 +1,9 @@
 """Compile the Hedgehog kernels for a CUDA architecture without a GPU and report what each one
 needs: shared memory, registers and spills (from ptxas -v). This is how the limits and configs
-of hedgehog_plan.py were chosen and how a change to a kernel can be checked before it meets a
+of plan.py were chosen and how a change to a kernel can be checked before it meets a
 GPU: a program that needs more shared memory than the GPU has fails to launch.
 
-    python -m linattn.kernels.triton.hedgehog_resources [--dtype bfloat16] [--dim 128] [--arch 90]
+    python -m linattn.kernels.triton.hedgehog.resources [--dtype bfloat16] [--dim 128] [--arch 90]
 
 Integer arguments are specialised as Triton's JIT does for a contiguous (B, N, H, D) call of the
 Wan 1.3B shape (== 1: constant; multiple of 16: known divisible), so the code matches what a
@@ -22,10 +22,10 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from . import hedgehog_plan as plan
-from .hedgehog_bwd_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
+from . import plan
+from .backward_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
                                    hedgehog_state_grad_kernel)
-from .hedgehog_fwd_kernels import hedgehog_output_kernel, hedgehog_state_kernel
+from .forward_kernels import hedgehog_output_kernel, hedgehog_state_kernel
 
 #: Shared memory one program may use on sm_90 (H100/H200): 227 KB.
 SM90_SHARED_BYTES = 232448
@@ -57,7 +57,7 @@ def _argument_values(dim: int, block_n: int, batch: int = 1, seq: int = 32760,
 
 
 def compile_kernel(kind: str, dtype: torch.dtype, dim: int, arch: int = 90):
-    """(config, compiled kernel) of one kernel as hedgehog_plan configures it on a GPU."""
+    """(config, compiled kernel) of one kernel as plan.py configures it on a GPU."""
     kernel = _KERNELS[kind]
     type_name, token = _TRITON_TYPES[dtype]
     pad = max(16, triton.next_power_of_2(dim))
@@ -114,7 +114,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     why_not = plan.unsupported(dtype, args.dim, args.dim, 2 * args.dim)
     if why_not is not None:
-        print(f"note: hedgehog_plan rejects this size ({why_not}); compiling anyway")
+        print(f"note: plan.unsupported rejects this size ({why_not}); compiling anyway")
     for kind in _KERNELS:
         cfg, compiled = compile_kernel(kind, dtype, args.dim, args.arch)
         shared = compiled.metadata.shared

@@ -2,7 +2,7 @@
 kernel, and how far to split the sequence.
 
 Limits and configs come from compiling every kernel for sm_90 (H100) with ptxas, which needs no
-GPU: ``python -m linattn.kernels.triton.hedgehog_resources`` prints shared memory, registers and
+GPU: ``python -m linattn.kernels.triton.hedgehog.resources`` prints shared memory, registers and
 spills per kernel and config. An H100 gives a program at most 227 KB of shared memory; each
 kernel keeps W (D × F) and, in the output and backward kernels, a (2F, Dv) state as product
 operands for its whole loop, so the footprint grows with D·F + F·Dv, not with N. Measured
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .common import cdiv, padded_dim
+from ..common import cdiv, padded_dim
 
 KINDS = ("state", "output", "query_grad", "state_grad", "key_grad")
 #: Largest D, F and Dv (after padding to a power of two) per input dtype (module docstring).
@@ -40,7 +40,7 @@ MIN_BLOCKS_PER_SPLIT = 4
 PROGRAMS_PER_SM = 2
 
 # (16-bit inputs, largest padded dim) -> kind -> (block_n, num_warps). Every entry fits in
-# shared memory on sm_90 with at most ~100 bytes of register spills (hedgehog_resources.py).
+# shared memory on sm_90 with at most ~100 bytes of register spills (resources.py).
 _GPU_CONFIGS = {
     (True, 64): dict.fromkeys(KINDS, (64, 8)),
     (True, 128): dict(state=(64, 8), output=(32, 8), query_grad=(32, 8), state_grad=(32, 8),

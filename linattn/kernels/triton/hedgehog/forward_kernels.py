@@ -3,7 +3,7 @@
 loaded once, multiplied by W on the tensor cores and put through both softmaxes in place.
 
 Grids. The sequence is cut into `splits` contiguous ranges of BLOCK_N-token blocks so that
-B·H·splits programs fill the GPU (hedgehog_plan.py picks them); each program loops over its
+B·H·splits programs fill the GPU (plan.py picks them); each program loops over its
 blocks. The state kernel's partial (S, z) of each split go to a scratch slab that
 sum_partials_kernel adds up in split order, so results do not depend on scheduling. The state
 kernel also splits by half: program (half, split, b·h) accumulates only the F rows of S that
@@ -20,8 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import block_offsets, to_operand, to_storage
-from .hedgehog_math import (dot, hedgehog_features, load_scaled_state,
+from ..common import block_offsets, to_operand, to_storage
+from .helpers import (dot, hedgehog_features, load_scaled_state,
                             load_weight, rows_ok, softmax_rows, store_state_half)
 
 

@@ -13,7 +13,7 @@ by the op):
 Inputs are float16, bfloat16 or float32; w_q, w_k are (H, D, F) in float32 or the input dtype,
 multiplied in the input dtype (as Hedgehog.apply does). state (B, H, 2F, Dv) and normaliser
 (B, H, 2F) are float32; dw_q, dw_k are written in their own dtype. D, F and Dv go up to 128
-(64 for float32 inputs): hedgehog_plan.py says why.
+(64 for float32 inputs): plan.py says why.
 
 Launches. Forward: state kernel, [sum of split partials], output kernel. Backward: query pass,
 [sum of dW_q], state-gradient pass, [sum of dS, dz], key pass, [sum of dW_k]; a sum is launched
@@ -35,13 +35,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ...ops import alloc
-from . import hedgehog_plan as plan
-from .common import cdiv, mask_args, padded_dim
-from .hedgehog_bwd_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
+from ....ops import alloc
+from . import plan
+from ..common import cdiv, mask_args, padded_dim
+from .backward_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
                                    hedgehog_state_grad_kernel)
-from .hedgehog_fwd_kernels import hedgehog_output_kernel, hedgehog_state_kernel
-from .hedgehog_math import sum_partials_kernel
+from .forward_kernels import hedgehog_output_kernel, hedgehog_state_kernel
+from .helpers import sum_partials_kernel
 
 _TOKEN_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _SUM_BLOCK = 1024
