@@ -124,8 +124,11 @@ class CMakeBuild(build_ext):
 
 
 # The DiT layer (linattn.train, linattn's diffusers integration): diffusers is pinned because the
-# integration patches the attention dispatch of its video transformers.
-TRAIN_REQUIRES = ["diffusers==0.42.1", "transformers>=5", "sentencepiece", "matplotlib"]
+# integration patches the attention dispatch of its video transformers. accelerate: diffusers'
+# from_pretrained refuses to load a model that keeps modules in float32 (Wan) without it
+# ("low_cpu_mem_usage cannot be False ..."), so train's model.pretrained needs it.
+TRAIN_REQUIRES = ["diffusers==0.42.1", "transformers>=5", "sentencepiece", "matplotlib",
+                  "accelerate>=1.1"]
 
 setup(
     name="linattn",

@@ -228,3 +228,77 @@ def test_prompts_are_encoded_as_wan_pipeline_does(tmp_path):
     cond = build_conditioning(cfg, torch.device("cpu"))
     torch.testing.assert_close(cond.embeds, ours)
     torch.testing.assert_close(cond.negative, ours[2:3])
+
+
+def test_guided_data_store_both_branches_and_old_data_is_refused(tmp_path, teacher,
+                                                                 conditioning):
+    """With guidance the shards hold the unconditional velocity too, and the batches carry
+    what the student's guided velocity needs; a v1 folder gets an error saying to regenerate."""
+    import json
+
+    spec = make_spec(conditioning, guidance_scale=4.0)
+    generate_teacher_data(teacher, str(tmp_path), spec, conditioning, progress=False)
+    ds = TeacherDataset(str(tmp_path))
+    batch = ds.batch([0, 4])
+    assert ds.guided and ds.guidance_scale == 4.0
+    assert batch["velocity_uncond"].shape == batch["velocity"].shape
+    torch.testing.assert_close(batch["negative_cond"], conditioning.negative.expand(2, -1, -1))
+    with torch.no_grad():
+        u_u = teacher(hidden_states=batch["x_t"], timestep=batch["t"] * 1000,
+                      encoder_hidden_states=batch["negative_cond"], return_dict=False)[0]
+    torch.testing.assert_close(batch["velocity_uncond"], u_u, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ds.negative_conditioning([7]), conditioning.negative)
+    # Unguided data carry neither.
+    plain = str(tmp_path / "plain")
+    generate_teacher_data(teacher, plain, make_spec(conditioning), conditioning, progress=False)
+    assert {"velocity_uncond", "negative_cond"}.isdisjoint(TeacherDataset(plain).batch([0]))
+
+    manifest_path = os.path.join(str(tmp_path), "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest["version"] = 1
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    with pytest.raises(ValueError, match="format v1, this linattn reads v2.*regenerate"):
+        TeacherDataset(str(tmp_path))
+
+
+def test_unipc_sampler_is_wan_pipelines_own(tmp_path, teacher, conditioning):
+    """data.sampler "unipc" samples exactly as WanPipeline does with its default scheduler
+    (the pipeline run here on latents, with guidance), and its points are what is stored."""
+    from diffusers import WanPipeline
+
+    from linattn.train.flow import make_scheduler, teacher_sample
+
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, *LATENT, generator=gen)
+    cond, neg = torch.randn(2, 2, 5, 32, generator=gen)
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, transformer=teacher, vae=None,
+                       scheduler=make_scheduler("unipc", 4, 3.0))
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt_embeds=cond, negative_prompt_embeds=neg, latents=noise.clone(),
+                  num_inference_steps=4, guidance_scale=4.0, output_type="latent",
+                  num_frames=5, height=32, width=32).frames
+    points = []
+    ours = teacher_sample(FlowModel(teacher), noise, cond, sampler="unipc", num_steps=4,
+                          shift=3.0, negative_cond=neg, guidance_scale=4.0,
+                          on_point=points.append)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    euler = teacher_sample(FlowModel(teacher), noise, cond, sampler="euler", num_steps=4,
+                           shift=3.0, negative_cond=neg, guidance_scale=4.0)
+    assert (euler - theirs).abs().max() > 1e-3  # the samplers differ: the choice matters
+    unipc_sigmas = flow_sigmas(4, 3.0, sampler="unipc")
+    assert [p.t for p in points] == pytest.approx(unipc_sigmas[:-1].tolist())
+    assert not torch.allclose(unipc_sigmas, flow_sigmas(4, 3.0))
+
+    spec = make_spec(conditioning, sampler="unipc", num_steps=4)
+    generate_teacher_data(teacher, str(tmp_path), spec, conditioning, progress=False)
+    ds = TeacherDataset(str(tmp_path))
+    torch.testing.assert_close(ds.sigmas, unipc_sigmas)
+    traj = 3
+    final = teacher_sample(FlowModel(teacher), trajectory_noise(spec.seed, traj, LATENT)[None],
+                           conditioning.embeds[traj % 3][None], sampler="unipc", num_steps=4,
+                           shift=3.0)
+    torch.testing.assert_close(ds.samples([traj]), final, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sampler: expected one of"):
+        flow_sigmas(4, 3.0, sampler="dpm")

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``step-NNNNNNNN`` under output.dir/checkpoints holding:
 
-* ``state/``: model (gates included) and optimiser, written with torch.distributed.checkpoint
-  from get_state_dict, so each FSDP2 rank writes its own shards and a checkpoint loads under a
+* ``state/``: model (gates included) and optimiser, and any further trained model with its
+  optimiser (ADM's trained fake score), written with torch.distributed.checkpoint from
+  get_state_dict, so each FSDP2 rank writes its own shards and a checkpoint loads under a
   different number of processes too;
 * ``rng/rank-R.pt``: every random generator of rank R (Python, NumPy, torch CPU, CUDA);
 * ``trainer_state.json``: the step, the data position, α and the gate values at that step.
@@ -62,18 +63,31 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+Pairs = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+
+
+def _states(model: nn.Module, optimizer: torch.optim.Optimizer,
+            extra: Optional[Pairs]) -> dict:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    for name, (m, o) in (extra or {}).items():
+        state[f"{name}_model"], state[f"{name}_optim"] = get_state_dict(m, o)
+    return state
+
+
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict, ctx: DistContext, keep: int) -> str:
-    """Write the checkpoint of ``step`` (every rank calls this); return its folder."""
+                    trainer_state: dict, ctx: DistContext, keep: int,
+                    extra: Optional[Pairs] = None) -> str:
+    """Write the checkpoint of ``step`` (every rank calls this); return its folder.
+    ``extra``: further (model, optimiser) pairs by name, saved beside the student's."""
     final = checkpoint_dir(root, step)
     partial = final + ".partial"
     if ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     ctx.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd},
-             checkpoint_id=os.path.join(partial, "state"), no_dist=not ctx.distributed)
+    dcp.save(_states(model, optimizer, extra), checkpoint_id=os.path.join(partial, "state"),
+             no_dist=not ctx.distributed)
     torch.save(rng_state(ctx.device), os.path.join(partial, "rng", f"rank-{ctx.rank}.pt"))
     ctx.barrier()
     if ctx.is_main:
@@ -94,7 +108,7 @@ def _prune(root: str, keep: int) -> None:
 
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    ctx: DistContext) -> dict:
+                    ctx: DistContext, extra: Optional[Pairs] = None) -> dict:
     """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state."""
     state_file = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state_file):
@@ -102,11 +116,13 @@ def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimize
                                 f"trainer_state.json)")
     with open(state_file) as f:
         trainer_state = json.load(f)
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
+    state = _states(model, optimizer, extra)
     dcp.load(state, checkpoint_id=os.path.join(path, "state"), no_dist=not ctx.distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])
+    for name, (m, o) in (extra or {}).items():
+        set_state_dict(m, o, model_state_dict=state[f"{name}_model"],
+                       optim_state_dict=state[f"{name}_optim"])
     rng_file = os.path.join(path, "rng", f"rank-{ctx.rank}.pt")
     if trainer_state.get("world_size") == ctx.world_size and os.path.isfile(rng_file):
         set_rng_state(torch.load(rng_file, weights_only=False), ctx.device)

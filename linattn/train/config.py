@@ -19,7 +19,9 @@ from typing import Any, Optional, Union
 import yaml
 
 OBJECTIVES = ("adm", "velocity_mse")
-ADM_WEIGHTINGS = ("clip", "normalize")
+ADM_WEIGHTINGS = ("dmd", "clip", "normalize")
+FAKE_SCORES = ("student", "trained")
+SAMPLERS = ("euler", "unipc")
 MODES = ("hybrid", "linear")
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 PRECISIONS = ("bf16", "no")
@@ -33,7 +35,9 @@ SELECTIONS = ("exact", "round")
 class ModelConfig:
     """The frozen teacher: a diffusers transformer, loaded or built from a config."""
 
-    pretrained: Optional[str] = None        # hub id or local folder (a pipeline or a model)
+    # Hub id or local folder (a pipeline or a model), read with diffusers' from_pretrained; it
+    # needs `accelerate` (in the [train] extra) for models that keep modules in float32 (Wan).
+    pretrained: Optional[str] = None
     subfolder: Optional[str] = "transformer"  # inside `pretrained`; null for a bare model folder
     revision: Optional[str] = None
     class_name: str = "WanTransformer3DModel"  # a diffusers model class
@@ -62,9 +66,15 @@ class DataConfig:
     num_trajectories: int = 64
     trajectories_per_shard: int = 4
     num_steps: int = 50                     # teacher sampler steps = points per trajectory
-    shift: float = 3.0                      # FlowMatchEulerDiscreteScheduler shift
+    # The teacher's sampler (linattn.train.flow): "euler" (FlowMatchEulerDiscreteScheduler) or
+    # "unipc" (UniPCMultistepScheduler as WanPipeline configures it, Wan's own default).
+    sampler: str = "euler"
+    shift: float = 3.0                      # the scheduler's shift (flow_shift for "unipc")
     num_train_timesteps: int = 1000         # model timestep = t * num_train_timesteps
-    guidance_scale: float = 1.0             # classifier-free guidance of the teacher sampler
+    # Classifier-free guidance of the teacher sampler (1 = none). With guidance the data hold
+    # both branches' velocities, the student trains its guided velocity (both branches) and the
+    # evaluation samples with the same guidance.
+    guidance_scale: float = 1.0
     generation_batch_size: int = 1          # trajectories sampled together
     store_dtype: str = "bfloat16"
     seed: int = 0
@@ -96,9 +106,21 @@ class TrainSection:
     final_selection: str = "exact"          # "exact": the n_linear lowest gates; "round": r < 0.5
     alpha_start: float = 20.0
     alpha_end: float = 2.0
-    adm_weighting: str = "normalize"        # "normalize": g / mean|g| per sample;
-                                            # "clip": weight (1 - t) / max(t, adm_t_min)
+    # ADM's push g (linattn.train.objectives): "dmd": DMD's normaliser, the score difference
+    # over the size of the teacher's clean-sample correction (does not vanish, so the push
+    # shrinks as the student converges); "clip": the exact weight (1 - t) / max(t, adm_t_min);
+    # "normalize": g / mean|g| per sample (full-size pushes at any fidelity; drifts).
+    adm_weighting: str = "dmd"
     adm_t_min: float = 0.05
+    # λ_v of the velocity anchor λ_v · ‖û(x_t') − u_teacher(x_t')‖² at the stored points, added
+    # to ADM (0: the paper's ADM alone).
+    adm_velocity_weight: float = 0.0
+    # ADM's fake score: "student" (the student's own velocity, the paper's construction) or
+    # "trained" (a separately trained score model, a float32 copy of the teacher trained on the
+    # student's samples: the paper's ablated variant; costs a model copy and its optimiser).
+    adm_fake_score: str = "student"
+    fake_score_lr: Optional[float] = None   # its learning rate (default: lr)
+    fake_score_updates: int = 1             # its optimiser steps per student step
     trainable: Union[str, list] = "all"     # "all" or parameter-name substrings
     mixed_precision: str = "bf16"           # "bf16" autocast or "no"
     gradient_checkpointing: bool = True
@@ -174,6 +196,7 @@ class TrainConfig:
         for name in ("num_trajectories", "trajectories_per_shard", "num_steps",
                      "num_train_timesteps", "generation_batch_size", "max_sequence_length"):
             _positive(f"data.{name}", getattr(d, name))
+        _one_of("data.sampler", d.sampler, SAMPLERS)
         if d.shift <= 0:
             raise ValueError(f"data.shift: must be > 0, got {d.shift}")
         if d.guidance_scale < 1.0:
@@ -197,6 +220,16 @@ class TrainConfig:
 
         _one_of("train.objective", t.objective, OBJECTIVES)
         _one_of("train.adm_weighting", t.adm_weighting, ADM_WEIGHTINGS)
+        _one_of("train.adm_fake_score", t.adm_fake_score, FAKE_SCORES)
+        if t.adm_velocity_weight < 0:
+            raise ValueError(f"train.adm_velocity_weight: must be >= 0, got "
+                             f"{t.adm_velocity_weight}")
+        if t.fake_score_lr is not None and t.fake_score_lr <= 0:
+            raise ValueError(f"train.fake_score_lr: must be > 0 or null, got {t.fake_score_lr}")
+        _positive("train.fake_score_updates", t.fake_score_updates)
+        if t.objective != "adm" and (t.adm_fake_score != "student" or t.adm_velocity_weight):
+            raise ValueError("train.adm_fake_score and train.adm_velocity_weight: ADM options, "
+                             f"but train.objective is {t.objective!r}")
         _one_of("train.mixed_precision", t.mixed_precision, PRECISIONS)
         _one_of("train.strategy", t.strategy, STRATEGIES)
         _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)

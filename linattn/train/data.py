@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .conditioning import PROMPT_KEY
+from .conditioning import NEGATIVE_KEY, PROMPT_KEY
 from .teacher_data import CONDITIONING, DataSpec, missing_shards, read_manifest, shard_name
 
 
@@ -45,6 +45,20 @@ class TeacherDataset:
         counts = [f.get_slice("t").get_shape()[0] for f in self._files]
         self._starts = np.cumsum([0] + counts).tolist()
         self._cond = safe_open(os.path.join(data_dir, CONDITIONING), "pt")
+        if self.spec.guided and NEGATIVE_KEY not in self._cond.keys():
+            raise ValueError(f"data.dir: {data_dir!r} was generated with guidance "
+                             f"{self.spec.guidance_scale} but its {CONDITIONING} has no "
+                             f"{NEGATIVE_KEY!r}")
+
+    @property
+    def guided(self) -> bool:
+        """Whether the teacher sampled with classifier-free guidance (the batches then carry
+        negative_cond and velocity_uncond)."""
+        return self.spec.guided
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.spec.guidance_scale
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -56,20 +70,31 @@ class TeacherDataset:
         return shard, index - self._starts[shard]
 
     def batch(self, indices: Sequence[int]) -> dict[str, Tensor]:
-        """x_t, velocity (B, C, F, H, W) float32; t, t_next (B,) float32; cond (B, L, D)."""
-        rows: dict[str, list[Tensor]] = {"x_t": [], "velocity": [], "t": [], "t_next": [],
-                                          "cond_index": []}
+        """x_t, velocity (B, C, F, H, W) float32; t, t_next (B,) float32; cond (B, L, D);
+        with guidance also velocity_uncond (B, C, F, H, W) and negative_cond (B, L, D)."""
+        keys = ["x_t", "velocity", "t", "t_next", "cond_index"]
+        if self.guided:
+            keys.append("velocity_uncond")
+        rows: dict[str, list[Tensor]] = {k: [] for k in keys}
         for index in indices:
             shard, row = self._locate(int(index))
             f = self._files[shard]
             for key in rows:
                 rows[key].append(f.get_slice(key)[row:row + 1])
         out = {k: torch.cat(v) for k, v in rows.items()}
-        for key in ("x_t", "velocity"):
-            out[key] = out[key].float()
-        prompts = self._cond.get_slice(PROMPT_KEY)
-        out["cond"] = torch.cat([prompts[int(i):int(i) + 1] for i in out["cond_index"]]).float()
+        for key in ("x_t", "velocity", "velocity_uncond"):
+            if key in out:
+                out[key] = out[key].float()
+        out["cond"] = self._rows(PROMPT_KEY, out["cond_index"].tolist())
+        if self.guided:
+            out["negative_cond"] = self._rows(NEGATIVE_KEY, out["cond_index"].tolist())
         return out
+
+    def _rows(self, key: str, rows: Sequence[int]) -> Tensor:
+        """Rows i mod P of a (P, L, D) conditioning tensor (P = 1: the same row for all)."""
+        table = self._cond.get_slice(key)
+        count = table.get_shape()[0]
+        return torch.cat([table[int(i) % count:int(i) % count + 1] for i in rows]).float()
 
     def samples(self, trajectories: Sequence[int]) -> Tensor:
         """The teacher's final samples of the given trajectories: (n, C, F, H, W) float32."""
@@ -85,10 +110,15 @@ class TeacherDataset:
     def conditioning(self, trajectories: Sequence[int]) -> Tensor:
         """(n, L, D) float32 conditioning of trajectory numbers (row i mod P), including
         numbers past the generated ones (held-out evaluation noise)."""
-        prompts = self._cond.get_slice(PROMPT_KEY)
-        num_prompts = prompts.get_shape()[0]
-        return torch.cat([prompts[i % num_prompts:i % num_prompts + 1] for i in trajectories]
-                         ).float()
+        return self._rows(PROMPT_KEY, trajectories)
+
+    def negative_conditioning(self, trajectories: Sequence[int]) -> Tensor:
+        """(n, L, D) float32 negative conditioning of trajectory numbers (guided data only)."""
+        if not self.guided:
+            raise ValueError("negative_conditioning: this teacher data was sampled without "
+                             "guidance (guidance_scale 1)")
+        num_prompts = self._cond.get_slice(PROMPT_KEY).get_shape()[0]
+        return self._rows(NEGATIVE_KEY, [i % num_prompts for i in trajectories])
 
 
 class BatchSchedule:

@@ -1,14 +1,26 @@
 """Rectified-flow conventions shared by data generation, training and evaluation.
 
-The convention is method.md §4's, which is also diffusers' FlowMatchEulerDiscreteScheduler's:
+The convention is method.md §4's, which is also diffusers' flow-matching schedulers':
 x_t = (1 − t) x_0 + t ε with t = 1 pure noise, the network predicts the velocity u = ε − x_0,
 and one Euler step from t to t' is x_{t'} = x_t + (t' − t) u.
 
 Timestep scaling: diffusers' flow transformers (Wan, HunyuanVideo, ...) were trained with the
-timestep t · num_train_timesteps (num_train_timesteps = 1000), which is what
-FlowMatchEulerDiscreteScheduler.timesteps holds and WanPipeline passes as ``timestep``. Here t
-is always the continuous sigma in [0, 1]; FlowModel alone multiplies it by
-num_train_timesteps, right where the transformer is called.
+timestep t · num_train_timesteps (num_train_timesteps = 1000), which is what the schedulers'
+``timesteps`` hold and the pipelines pass as ``timestep``. Here t is always the continuous sigma
+in [0, 1]; FlowModel alone multiplies it by num_train_timesteps, right where the transformer is
+called.
+
+The teacher's sampler (``data.sampler``), the one its trajectories are stored from and the
+evaluation samples with:
+
+* "euler": diffusers' FlowMatchEulerDiscreteScheduler (first-order Euler on its shifted sigma
+  grid), the scheduler of HunyuanVideo's, LTX's and Mochi's pipelines. The student's ADM step is
+  an Euler step on the same grid.
+* "unipc": UniPCMultistepScheduler configured as WanPipeline's own scheduler (Wan 2.1's
+  scheduler_config.json: flow_prediction, flow sigmas with flow_shift = data.shift, order 2,
+  bh2, final sigma 0), stepped by diffusers' own code, and the transformer queried at the
+  scheduler's integer timesteps exactly as WanPipeline does. Its grid is UniPC's
+  (linspace(1, 1/1000) shifted), not the Euler scheduler's.
 """
 from __future__ import annotations
 
@@ -17,21 +29,38 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+SAMPLERS = ("euler", "unipc")
 
-def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000) -> Tensor:
-    """The teacher sampler's t grid: (num_steps + 1,) float32, from 1 down to a final 0.
 
-    Taken from diffusers' FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(), so the
-    teacher samples with exactly the schedule its pipeline uses (Wan: shift 3.0 at 480p, 5.0
-    at 720p).
-    """
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
+def make_scheduler(sampler: str, num_steps: int, shift: float,
+                   num_train_timesteps: int = 1000):
+    """The diffusers scheduler of ``sampler`` (module docstring), with its timesteps set."""
     if num_steps < 1:
         raise ValueError(f"num_steps: must be >= 1, got {num_steps}")
-    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps,
-                                                shift=shift)
+    if sampler == "euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps,
+                                                    shift=shift)
+    elif sampler == "unipc":
+        from diffusers import UniPCMultistepScheduler
+
+        # WanPipeline's scheduler (Wan-AI/Wan2.1-T2V-*-Diffusers scheduler_config.json).
+        scheduler = UniPCMultistepScheduler(
+            num_train_timesteps=num_train_timesteps, prediction_type="flow_prediction",
+            use_flow_sigmas=True, flow_shift=shift, solver_order=2, solver_type="bh2",
+            predict_x0=True, lower_order_final=True, final_sigmas_type="zero")
+    else:
+        raise ValueError(f"sampler: expected one of {list(SAMPLERS)}, got {sampler!r}")
     scheduler.set_timesteps(num_steps, device="cpu")
+    return scheduler
+
+
+def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000,
+                sampler: str = "euler") -> Tensor:
+    """The sampler's t grid: (num_steps + 1,) float32, from (about) 1 down to a final 0, as the
+    diffusers scheduler of ``sampler`` computes it (Wan: shift 3.0 at 480p, 5.0 at 720p)."""
+    scheduler = make_scheduler(sampler, num_steps, shift, num_train_timesteps)
     return scheduler.sigmas.to(torch.float32).clone()
 
 
@@ -62,10 +91,13 @@ class FlowModel:
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype most of the parameters have: a bf16 Wan keeps some modules (its time embedder,
+    norms, scale_shift_table, registered first) in float32, and its input layer is bf16."""
+    counts: dict[torch.dtype, int] = {}
     for p in module.parameters():
         if p.is_floating_point():
-            return p.dtype
-    return torch.float32
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
 
 
 class TrajectoryPoint(NamedTuple):
@@ -73,42 +105,95 @@ class TrajectoryPoint(NamedTuple):
     t: float
     t_next: float
     velocity: Tensor   # (B, ...) float32 conditional velocity u(x_t, t, cond)
+    velocity_uncond: Optional[Tensor] = None  # (B, ...) unconditional velocity (guidance only)
+
+
+def branch_velocities(model, x: Tensor, t: Tensor, cond: Tensor,
+                      negative_cond: Tensor) -> tuple[Tensor, Tensor]:
+    """(conditional, unconditional) velocity, both branches in one forward of 2B samples."""
+    if negative_cond is None:
+        raise ValueError("negative_cond: guidance_scale > 1 needs negative conditioning")
+    if negative_cond.shape[0] != x.shape[0]:
+        negative_cond = negative_cond.expand(x.shape[0], *negative_cond.shape[1:])
+    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, negative_cond]))
+    u_cond, u_uncond = both.chunk(2)
+    return u_cond, u_uncond
+
+
+def combine_guidance(u_cond: Tensor, u_uncond: Tensor, guidance_scale: float) -> Tensor:
+    """Classifier-free guidance: u_uncond + s · (u_cond − u_uncond)."""
+    return u_uncond + guidance_scale * (u_cond - u_uncond)
 
 
 def guided_velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Tensor,
                     negative_cond: Optional[Tensor],
-                    guidance_scale: float) -> tuple[Tensor, Tensor]:
-    """(velocity the sampler steps with, conditional velocity).
+                    guidance_scale: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(velocity the sampler steps with, conditional velocity, unconditional velocity).
 
-    With guidance_scale == 1 both are u(x, t, cond). Otherwise classifier-free guidance:
-    u_uncond + s · (u_cond − u_uncond), conditional and unconditional halves in one forward.
+    With guidance_scale == 1 the first two are u(x, t, cond) and the third is None. Otherwise
+    classifier-free guidance, conditional and unconditional halves in one forward.
     """
     if guidance_scale == 1.0:
         u = model(x, t, cond)
-        return u, u
-    if negative_cond is None:
-        raise ValueError("negative_cond: guidance_scale > 1 needs negative conditioning")
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, negative_cond]))
-    u_cond, u_uncond = both.chunk(2)
-    return u_uncond + guidance_scale * (u_cond - u_uncond), u_cond
+        return u, u, None
+    u_cond, u_uncond = branch_velocities(model, x, t, cond, negative_cond)
+    return combine_guidance(u_cond, u_uncond, guidance_scale), u_cond, u_uncond
 
 
 @torch.no_grad()
 def euler_sample(model: FlowModel, noise: Tensor, cond: Tensor, sigmas: Tensor, *,
                  negative_cond: Optional[Tensor] = None, guidance_scale: float = 1.0,
                  on_point: Optional[Callable[[TrajectoryPoint], None]] = None) -> Tensor:
-    """Run the teacher's Euler sampler from ``noise`` at sigmas[0]; return the sample at
-    sigmas[-1] (float32).
+    """Run the Euler sampler from ``noise`` at sigmas[0]; return the sample at sigmas[-1]
+    (float32).
 
-    ``on_point`` sees every trajectory point (x_t, t, t_next, conditional velocity) before the
-    step is taken; data generation stores them. The state is float32 whatever the model's dtype.
+    ``on_point`` sees every trajectory point (x_t, t, t_next, conditional and, with guidance,
+    unconditional velocity) before the step is taken; data generation stores them. The state
+    is float32 whatever the model's dtype.
     """
     x = noise.to(torch.float32)
     for i in range(len(sigmas) - 1):
         t, t_next = float(sigmas[i]), float(sigmas[i + 1])
         t_vec = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
-        step_u, cond_u = guided_velocity(model, x, t_vec, cond, negative_cond, guidance_scale)
+        step_u, cond_u, uncond_u = guided_velocity(model, x, t_vec, cond, negative_cond,
+                                                   guidance_scale)
         if on_point is not None:
-            on_point(TrajectoryPoint(x, t, t_next, cond_u))
+            on_point(TrajectoryPoint(x, t, t_next, cond_u, uncond_u))
         x = x + (t_next - t) * step_u
     return x
+
+
+@torch.no_grad()
+def scheduler_sample(model: FlowModel, noise: Tensor, cond: Tensor, scheduler, *,
+                     negative_cond: Optional[Tensor] = None, guidance_scale: float = 1.0,
+                     on_point: Optional[Callable[[TrajectoryPoint], None]] = None) -> Tensor:
+    """Sample as a diffusers pipeline does: the model is queried at scheduler.timesteps[i]
+    (divided by the model's num_train_timesteps, so FlowModel passes exactly that timestep)
+    and scheduler.step() advances the state. Points are reported with t = sigmas[i], the
+    state's noise level. The scheduler must be freshly set (it keeps multistep history)."""
+    x = noise.to(torch.float32)
+    sigmas = scheduler.sigmas
+    for i, timestep in enumerate(scheduler.timesteps):
+        t_vec = torch.full((x.shape[0],), float(timestep) / model.num_train_timesteps,
+                           device=x.device, dtype=torch.float32)
+        step_u, cond_u, uncond_u = guided_velocity(model, x, t_vec, cond, negative_cond,
+                                                   guidance_scale)
+        if on_point is not None:
+            on_point(TrajectoryPoint(x, float(sigmas[i]), float(sigmas[i + 1]), cond_u,
+                                     uncond_u))
+        x = scheduler.step(step_u, timestep, x, return_dict=False)[0].to(torch.float32)
+    return x
+
+
+def teacher_sample(model: FlowModel, noise: Tensor, cond: Tensor, *, sampler: str,
+                   num_steps: int, shift: float, negative_cond: Optional[Tensor] = None,
+                   guidance_scale: float = 1.0,
+                   on_point: Optional[Callable[[TrajectoryPoint], None]] = None) -> Tensor:
+    """Sample with ``sampler`` ("euler" or "unipc", module docstring) over ``num_steps``."""
+    scheduler = make_scheduler(sampler, num_steps, shift, model.num_train_timesteps)
+    if sampler == "euler":
+        return euler_sample(model, noise, cond, scheduler.sigmas.to(torch.float32),
+                            negative_cond=negative_cond, guidance_scale=guidance_scale,
+                            on_point=on_point)
+    return scheduler_sample(model, noise, cond, scheduler, negative_cond=negative_cond,
+                            guidance_scale=guidance_scale, on_point=on_point)

@@ -2,8 +2,8 @@
 
 Trajectory i starts from noise drawn with its own seed (derived from (seed, i), so the data
 do not depend on how generation was split or interrupted), uses conditioning row i mod P, and
-runs the teacher's Euler sampler over the FlowMatchEulerDiscreteScheduler sigmas. Every point
-(x_t, t, t_next, teacher velocity) is stored.
+runs the teacher's sampler (data.sampler: "euler", or "unipc" as WanPipeline; linattn.train.flow).
+Every point (x_t, t, t_next, teacher velocities) is stored.
 
 On disk, a folder holds:
 
@@ -13,8 +13,14 @@ On disk, a folder holds:
 * ``shard-NNNNN.safetensors``: trajectories [k·n, (k+1)·n), trajectory-major, with
   x_t, velocity (num_points, C, F, H, W) in the store dtype; t, t_next (num_points,) float32;
   trajectory, cond_index (num_points,) int64; sample (n, C, F, H, W), each trajectory's final
-  sample. The velocity is the conditional one, u(x_t, t, cond), the quantity the student
-  predicts; with guidance the sampler steps with the guided velocity.
+  sample. ``velocity`` is the conditional velocity u(x_t, t, cond). With guidance (scale w > 1)
+  the sampler steps with the guided velocity u_uncond + w (u_cond − u_uncond), and the shard
+  also holds ``velocity_uncond`` (the teacher's unconditional branch), so that both branches
+  of the student can be trained and the guided velocity is known at every point.
+
+Format versions: v2 (this one) added the sampler to the spec and velocity_uncond to guided
+shards. A v1 folder is refused with an error saying to regenerate it: its guided data lack the
+unconditional branch, and silently training the conditional branch only is what v2 fixes.
 
 A shard is written to a temporary name and renamed when complete, so an interrupted run
 leaves only whole shards and a rerun generates just the missing ones. Under torch.distributed,
@@ -36,10 +42,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .conditioning import Conditioning, read_prompts
-from .flow import FlowModel, TrajectoryPoint, euler_sample, flow_sigmas
+from .flow import FlowModel, TrajectoryPoint, flow_sigmas, teacher_sample
 
 FORMAT = "linattn-teacher-data"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 CONDITIONING = "conditioning.safetensors"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -59,6 +65,7 @@ class DataSpec:
     store_dtype: str
     seed: int
     conditioning_id: str  # identifies the conditioning: conditioning_digest() or source_id()
+    sampler: str = "euler"  # linattn.train.flow.SAMPLERS
 
     @property
     def num_shards(self) -> int:
@@ -77,7 +84,15 @@ class DataSpec:
                    latent_shape=tuple(data_config.latent_shape),
                    guidance_scale=float(data_config.guidance_scale),
                    store_dtype=data_config.store_dtype, seed=data_config.seed,
-                   conditioning_id=source_id(data_config))
+                   conditioning_id=source_id(data_config), sampler=data_config.sampler)
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale != 1.0
+
+    @property
+    def sigmas(self) -> Tensor:
+        return flow_sigmas(self.num_steps, self.shift, self.num_train_timesteps, self.sampler)
 
 
 def source_id(data_config) -> str:
@@ -130,8 +145,15 @@ def read_manifest(data_dir: str) -> Optional[dict]:
         return None
     with open(path) as f:
         manifest = json.load(f)
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise ValueError(f"data.dir: {path!r} is not a {FORMAT} v{VERSION} manifest")
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"data.dir: {path!r} is not a {FORMAT} manifest")
+    version = manifest.get("version")
+    if version != VERSION:
+        why = (" (v1 stored the conditional velocity only: guided data lack the unconditional "
+               "branch that training and evaluation with guidance need)" if version == 1 else "")
+        raise ValueError(f"data.dir: {data_dir!r} holds teacher data in format v{version}, this "
+                         f"linattn reads v{VERSION}{why}; regenerate it (delete the folder or "
+                         f"set another data.dir)")
     return manifest
 
 
@@ -159,8 +181,7 @@ def prepare_data_dir(data_dir: str, spec: DataSpec,
         raise ValueError("conditioning: guidance_scale > 1 needs negative conditioning")
     conditioning.save(os.path.join(data_dir, CONDITIONING))
     manifest = {"format": FORMAT, "version": VERSION, "spec": wanted,
-                "sigmas": flow_sigmas(spec.num_steps, spec.shift,
-                                      spec.num_train_timesteps).tolist(),
+                "sigmas": spec.sigmas.tolist(),
                 "shards": [shard_name(k) for k in range(spec.num_shards)]}
     tmp = os.path.join(data_dir, MANIFEST + ".tmp")
     with open(tmp, "w") as f:
@@ -184,7 +205,6 @@ def generate_shard(teacher: FlowModel, spec: DataSpec, conditioning: Conditionin
                    *, device: torch.device, batch_size: int = 1,
                    progress: Optional[tqdm] = None) -> dict[str, Tensor]:
     """Sample the shard's trajectories with the teacher; return the tensors it stores."""
-    sigmas = flow_sigmas(spec.num_steps, spec.shift, spec.num_train_timesteps)
     store = DTYPES[spec.store_dtype]
     trajectories = list(spec.shard_trajectories(shard))
     per_traj: dict[int, list[TrajectoryPoint]] = {}
@@ -197,14 +217,18 @@ def generate_shard(teacher: FlowModel, spec: DataSpec, conditioning: Conditionin
 
         def keep(p: TrajectoryPoint) -> None:
             # Moved off the device as soon as produced: a video trajectory does not fit twice.
+            uncond = None if p.velocity_uncond is None else p.velocity_uncond.to("cpu", store)
             points.append(TrajectoryPoint(p.x_t.to("cpu", store), p.t, p.t_next,
-                                          p.velocity.to("cpu", store)))
+                                          p.velocity.to("cpu", store), uncond))
 
-        final = euler_sample(teacher, noise.to(device), cond.to(device), sigmas,
-                             negative_cond=None if negative is None else negative.to(device),
-                             guidance_scale=spec.guidance_scale, on_point=keep)
+        final = teacher_sample(teacher, noise.to(device), cond.to(device),
+                               sampler=spec.sampler, num_steps=spec.num_steps, shift=spec.shift,
+                               negative_cond=None if negative is None else negative.to(device),
+                               guidance_scale=spec.guidance_scale, on_point=keep)
         for j, traj in enumerate(group):
-            per_traj[traj] = [TrajectoryPoint(p.x_t[j], p.t, p.t_next, p.velocity[j])
+            per_traj[traj] = [TrajectoryPoint(p.x_t[j], p.t, p.t_next, p.velocity[j],
+                                              None if p.velocity_uncond is None
+                                              else p.velocity_uncond[j])
                               for p in points]
             samples[traj] = final[j].to("cpu", store)
         if progress is not None:
@@ -212,7 +236,7 @@ def generate_shard(teacher: FlowModel, spec: DataSpec, conditioning: Conditionin
 
     rows = [(traj, p) for traj in trajectories for p in per_traj[traj]]
     P = conditioning.embeds.shape[0]
-    return {
+    out = {
         "x_t": torch.stack([p.x_t for _, p in rows]).contiguous(),
         "velocity": torch.stack([p.velocity for _, p in rows]).contiguous(),
         "t": torch.tensor([p.t for _, p in rows], dtype=torch.float32),
@@ -221,6 +245,9 @@ def generate_shard(teacher: FlowModel, spec: DataSpec, conditioning: Conditionin
         "cond_index": torch.tensor([traj % P for traj, _ in rows], dtype=torch.int64),
         "sample": torch.stack([samples[traj] for traj in trajectories]).contiguous(),
     }
+    if spec.guided:
+        out["velocity_uncond"] = torch.stack([p.velocity_uncond for _, p in rows]).contiguous()
+    return out
 
 
 def write_shard(data_dir: str, shard: int, tensors: dict[str, Tensor]) -> None:

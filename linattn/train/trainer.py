@@ -15,13 +15,14 @@ bf16 autocast and gradient checkpointing of the transformer blocks.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
 import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,12 +34,13 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import TrainConfig, load_config
 from .data import BatchSchedule, TeacherDataset
-from .evaluate import relative_mse, rounded_gates
-from .flow import FlowModel, euler_sample, flow_sigmas
+from .evaluate import EvalMetric, EvalSet, rel_mse_metric, rounded_gates, run_metrics
+from .flow import FlowModel
 from .metrics import MetricsLog, plot_gates
 from .models import (DTYPES, freeze, layer_names, dit_api, load_transformer, make_student,
                      set_trainable, student_gates)
-from .objectives import adm_objective, velocity_mse_objective
+from .objectives import (adm_objective, fake_score_loss, student_samples,
+                         velocity_mse_objective)
 from .selection import apply_final_selection_
 from .generate import ensure_teacher_data
 from .teacher_data import trajectory_noise
@@ -56,7 +58,8 @@ class TrainResult:
 
 def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
           teacher: Optional[nn.Module] = None, stop_at_step: Optional[int] = None,
-          progress: bool = True) -> TrainResult:
+          progress: bool = True,
+          eval_metrics: Optional[Sequence[EvalMetric]] = None) -> TrainResult:
     """Generate the teacher data if needed, train, finalize and save; the Python form of
     ``linattn train CONFIG``.
 
@@ -69,9 +72,11 @@ def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
         stop_at_step: stop once this many steps are done, without a checkpoint or finalize, as
             a preempted job would (resume continues from the last checkpoint).
         progress: show progress bars (rank 0).
+        eval_metrics: functions (student samples, EvalSet) -> {name: value} logged as
+            eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse.
     """
     cfg = load_config(config, overrides)
-    trainer = Trainer(cfg, teacher=teacher, progress=progress)
+    trainer = Trainer(cfg, teacher=teacher, progress=progress, eval_metrics=eval_metrics)
     try:
         return trainer.run(stop_at_step=stop_at_step)
     finally:
@@ -80,9 +85,11 @@ def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
 
 class Trainer:
     def __init__(self, config: TrainConfig, *, teacher: Optional[nn.Module] = None,
-                 progress: bool = True):
+                 progress: bool = True,
+                 eval_metrics: Optional[Sequence[EvalMetric]] = None):
         self.cfg = config
         self.progress = progress
+        self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
         self.ctx = D.setup(config.train.device)
         self.strategy = D.resolve_strategy(config.train.strategy, self.ctx.world_size)
         tc, oc = config.train, config.output
@@ -114,6 +121,12 @@ class Trainer:
 
         self.dataset = self._prepare_data()
 
+        # ADM's trained fake score (train.adm_fake_score "trained"): a float32 copy of the
+        # teacher, as DMD initialises its fake score, trained on the student's samples.
+        fake = None
+        if tc.objective == "adm" and tc.adm_fake_score == "trained":
+            fake = copy.deepcopy(student_source).float().to(self.ctx.device).train()
+            set_trainable(fake, tc.trainable, [])
         # Student: a float32 converted copy, its gates, what trains, checkpointing, wrapper.
         student = make_student(student_source, config.convert).to(self.ctx.device)
         del student_source
@@ -126,6 +139,8 @@ class Trainer:
                                  f"enable_gradient_checkpointing() (not a diffusers model); set "
                                  f"it to false")
             student.enable_gradient_checkpointing()
+            if fake is not None:
+                fake.enable_gradient_checkpointing()
         self.student = student
         self.module = D.wrap(student, self.strategy, self.ctx, ignored_params=self.gates)
         D.shard_frozen(self.teacher_module, self.strategy)
@@ -134,6 +149,18 @@ class Trainer:
         self.teacher = FlowModel(self.teacher_module, num_t)
         self.student_fn = FlowModel(self.module, num_t, input_dtype=torch.float32)
         self.student_eval = FlowModel(D.unwrap(self.module), num_t, input_dtype=torch.float32)
+        self.guidance_scale = self.dataset.guidance_scale
+
+        self.fake_module = self.fake_fn = self.fake_eval = self.fake_optimizer = None
+        if fake is not None:
+            self.fake_module = D.wrap(fake, self.strategy, self.ctx)
+            self.fake_fn = FlowModel(self.fake_module, num_t, input_dtype=torch.float32)
+            self.fake_eval = FlowModel(D.unwrap(self.fake_module), num_t,
+                                       input_dtype=torch.float32)
+            self.fake_params = [p for p in fake.parameters() if p.requires_grad]
+            self.fake_optimizer = torch.optim.AdamW(
+                self.fake_params, lr=tc.fake_score_lr or tc.lr, betas=tuple(tc.betas),
+                eps=tc.adam_eps, weight_decay=tc.weight_decay)
 
         gate_ids = {id(g) for g in self.gates}
         model_params = [p for p in student.parameters()
@@ -200,7 +227,8 @@ class Trainer:
                              f"another output.dir or remove them")
         path = D.broadcast_object(path, self.ctx)
         if path is not None:
-            state = ckpt.load_checkpoint(path, self.module, self.optimizer, self.ctx)
+            state = ckpt.load_checkpoint(path, self.module, self.optimizer, self.ctx,
+                                         extra=self._extra_states())
             self._check_resumable(state, path)
             self.step = state["step"]
             if self.ctx.is_main:
@@ -254,11 +282,14 @@ class Trainer:
                  if transfer else None)
 
         indices = self.schedule.rank_indices(self.step, self.ctx.rank)
+        micro_batches = [indices[i * self.micro_batch:(i + 1) * self.micro_batch]
+                         for i in range(self.accumulation)]
+        sums: dict[str, float] = {}
+        if self.fake_module is not None:
+            sums["fake_score_loss"] = self._fake_score_step(micro_batches)
         objective_sum = torch.zeros((), device=self.ctx.device)
-        gap_sum = 0.0
         extras = {}
-        for i in range(self.accumulation):
-            micro = indices[i * self.micro_batch:(i + 1) * self.micro_batch]
+        for i, micro in enumerate(micro_batches):
             batch = self._to_device(self.dataset.batch(micro))
             last = i == self.accumulation - 1
             with D.maybe_no_sync(self.module, self.strategy, sync=last):
@@ -272,23 +303,23 @@ class Trainer:
                     extras = {"l_con": float(l_con.detach()), "l_reg": float(l_reg.detach())}
                 loss.backward()
             objective_sum += objective.detach()
-            gap_sum += info["velocity_gap"]
+            for key, value in info.items():
+                sums[key] = sums.get(key, 0.0) + value / self.accumulation
 
         if self.strategy == "fsdp":
             D.all_reduce_grads(self.gates, self.ctx)
         grad_norm = None
         if tc.max_grad_norm is not None and self.model_params:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, tc.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                              else grad_norm)
+            grad_norm = _clip(self.model_params, tc.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if transfer:
             transfer.clamp_gates_(self.student)
 
-        # The logged objective is the global batch's: every rank's mean, averaged.
-        stats = torch.stack([objective_sum / self.accumulation,
-                             torch.tensor(gap_sum / self.accumulation, device=self.ctx.device)])
+        # The logged values are the global batch's: every rank's mean, averaged.
+        names = sorted(sums)
+        stats = torch.tensor([float(objective_sum) / self.accumulation,
+                              *(sums[k] for k in names)], device=self.ctx.device)
         if self.ctx.distributed:
             torch.distributed.all_reduce(stats)
             stats /= self.ctx.world_size
@@ -297,7 +328,7 @@ class Trainer:
         elapsed = time.perf_counter() - start
         objective_value = float(stats[0])
         record = {"step": self.step + 1, "objective": objective_value,
-                  "velocity_gap": float(stats[1]), "lr": tc.lr * scale}
+                  **{k: float(v) for k, v in zip(names, stats[1:])}, "lr": tc.lr * scale}
         if transfer:
             record.update(extras, alpha=alpha)
             record["loss"] = objective_value + tc.transfer_lambda * (extras["l_con"] +
@@ -311,13 +342,39 @@ class Trainer:
                       world_size=self.ctx.world_size)
         return record
 
+    def _fake_score_step(self, micro_batches: list) -> float:
+        """train.fake_score_updates optimiser steps of the trained fake score on the current
+        student's samples of this step's batch; returns the mean fake-score loss."""
+        tc = self.cfg.train
+        total = 0.0
+        for _ in range(tc.fake_score_updates):
+            for i, micro in enumerate(micro_batches):
+                batch = self._to_device(self.dataset.batch(micro))
+                last = i == len(micro_batches) - 1
+                with D.maybe_no_sync(self.fake_module, self.strategy, sync=last):
+                    with self._autocast():
+                        x_hat = student_samples(self.student_eval, batch,
+                                                guidance_scale=self.guidance_scale)
+                        loss = fake_score_loss(self.fake_fn, x_hat, batch["t_next"],
+                                               batch["cond"])
+                    (loss / len(micro_batches)).backward()
+                total += float(loss.detach()) / len(micro_batches)
+            if tc.max_grad_norm is not None:
+                _clip(self.fake_params, tc.max_grad_norm)
+            self.fake_optimizer.step()
+            self.fake_optimizer.zero_grad(set_to_none=True)
+        return total / tc.fake_score_updates
+
     def _objective(self, batch: dict):
         tc = self.cfg.train
         if tc.objective == "adm":
             return adm_objective(self.student_fn, self.teacher, batch,
                                  weighting=tc.adm_weighting, t_min=tc.adm_t_min,
+                                 velocity_weight=tc.adm_velocity_weight,
+                                 guidance_scale=self.guidance_scale, fake_score=self.fake_eval,
                                  student_no_grad=self.student_eval)
-        return velocity_mse_objective(self.student_fn, batch)
+        return velocity_mse_objective(self.student_fn, batch,
+                                      guidance_scale=self.guidance_scale)
 
     def _gate_record(self) -> dict:
         if not self.gates:
@@ -329,39 +386,54 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
+    def eval_set(self) -> EvalSet:
+        """The held-out evaluation set, with the teacher's samples (built once per run)."""
+        if self._eval_cache is None:
+            oc, spec = self.cfg.output, self.dataset.spec
+            # Held-out noise: trajectory numbers after the generated ones were never trained on.
+            ids = list(range(spec.num_trajectories,
+                             spec.num_trajectories + oc.eval_num_samples))
+            noise = torch.stack([trajectory_noise(spec.seed, i, spec.latent_shape) for i in ids])
+            device = self.ctx.device
+            negative = (self.dataset.negative_conditioning(ids).to(device)
+                        if self.dataset.guided else None)
+            eval_set = EvalSet(noise=noise.to(device),
+                               cond=self.dataset.conditioning(ids).to(device),
+                               negative_cond=negative, guidance_scale=spec.guidance_scale,
+                               sampler=spec.sampler, num_steps=oc.eval_num_steps or spec.num_steps,
+                               shift=spec.shift, trajectories=ids)
+            with torch.no_grad(), self._autocast():
+                eval_set.teacher_samples = eval_set.sample(self.teacher)
+            self._eval_cache = eval_set
+        return self._eval_cache
+
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """rel_mse of student samples vs teacher samples from held-out noise (every rank runs
-        it: under FSDP2 a forward needs all ranks). With gates, also of the rounded model."""
-        oc = self.cfg.output
-        spec = self.dataset.spec
-        if self._eval_cache is None:
-            # Held-out noise: trajectory numbers after the generated ones were never trained on.
-            ids = range(spec.num_trajectories, spec.num_trajectories + oc.eval_num_samples)
-            noise = torch.stack([trajectory_noise(spec.seed, i, spec.latent_shape) for i in ids])
-            cond = self.dataset.conditioning(list(ids))
-            num_steps = oc.eval_num_steps or spec.num_steps
-            sigmas = flow_sigmas(num_steps, spec.shift, spec.num_train_timesteps)
-            noise, cond = noise.to(self.ctx.device), cond.to(self.ctx.device)
-            with self._autocast():
-                reference = euler_sample(self.teacher, noise, cond, sigmas)
-            self._eval_cache = (noise, cond, sigmas, reference)
-        noise, cond, sigmas, reference = self._eval_cache
+        """Every eval metric (default rel_mse) of student samples against the teacher's from
+        held-out noise, with the data's sampler and guidance (every rank runs it: under FSDP2
+        a forward needs all ranks). With gates, also of the rounded model (suffix _rounded)."""
+        eval_set = self.eval_set()
         was_training = self.student.training
         self.student.eval()
         try:
             with self._autocast():
-                out = {"eval_rel_mse": relative_mse(
-                    euler_sample(self.student_eval, noise, cond, sigmas), reference)}
+                out = run_metrics(self.eval_metrics, eval_set.sample(self.student_eval),
+                                  eval_set)
                 if self.gates:
                     with rounded_gates(self.gates):
-                        out["eval_rel_mse_rounded"] = relative_mse(
-                            euler_sample(self.student_eval, noise, cond, sigmas), reference)
+                        out.update(run_metrics(self.eval_metrics,
+                                               eval_set.sample(self.student_eval), eval_set,
+                                               suffix="_rounded"))
         finally:
             self.student.train(was_training)
         return out
 
     # ------------------------------------------------------------------ checkpoints, end
+
+    def _extra_states(self) -> Optional[dict]:
+        if self.fake_module is None:
+            return None
+        return {"fake_score": (self.fake_module, self.fake_optimizer)}
 
     def save_checkpoint(self) -> str:
         tc = self.cfg.train
@@ -373,7 +445,8 @@ class Trainer:
             state["alpha_next"] = dit_api("transfer").alpha_at(
                 self.step, tc.steps, tc.alpha_start, tc.alpha_end)
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.module, self.optimizer,
-                                    state, self.ctx, self.cfg.output.keep_checkpoints)
+                                    state, self.ctx, self.cfg.output.keep_checkpoints,
+                                    extra=self._extra_states())
         if self.ctx.is_main:
             self.plot()
         return path
@@ -431,6 +504,11 @@ def save_model(model: nn.Module, directory: str) -> None:
 
     os.makedirs(directory, exist_ok=True)
     save_safetensors(model, os.path.join(directory, "model.safetensors"))
+
+
+def _clip(params: list, max_norm: float) -> float:
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def _seed_everything(seed: int) -> None:
