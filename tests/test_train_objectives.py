@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from linattn.train.objectives import (adm_loss, adm_objective, adm_weight,
-                                      velocity_mse_objective)
+from linattn.train.objectives import (adm_loss, adm_objective, adm_push, adm_weight, diffuse,
+                                      fake_score_loss, velocity_mse_objective)
 
 DTYPE = torch.float64
 
@@ -96,7 +96,7 @@ def test_step_along_adm_update_lowers_kl(toy):
     assert kl(theta + 0.1 * grad) > before       # ... and ascent raises it: the sign matters
 
 
-@pytest.mark.parametrize("weighting", ["clip", "normalize"])
+@pytest.mark.parametrize("weighting", ["dmd", "clip", "normalize"])
 def test_full_adm_objective_step_lowers_kl(toy, weighting):
     """adm_objective as the trainer runs it: the student takes one Euler step, with gradient,
     from teacher trajectory points at t' to t; a few SGD steps along it lower KL(q_t ‖ p_t)."""
@@ -112,7 +112,7 @@ def test_full_adm_objective_step_lowers_kl(toy, weighting):
         return gaussian_velocity(x, tt, mu_p, s_p)
 
     start = kl(theta.detach())
-    lr = 2.0 if weighting == "clip" else 0.5  # "normalize" makes g O(1) per sample
+    lr = 2.0 if weighting == "clip" else 0.5  # "dmd" and "normalize" make g O(|u_T − u_S|)
     for _ in range(5):
         x0 = mu_p + s_p * torch.randn(n, mu_p.numel(), generator=gen, dtype=DTYPE)
         x_prev = (1 - t_prev) * x0 + t_prev * torch.randn(n, mu_p.numel(), generator=gen,
@@ -184,3 +184,149 @@ def test_velocity_mse_gradient():
     torch.testing.assert_close(theta.grad, want.detach())
     residual = batch["x_t"] * theta.detach() - batch["velocity"]
     assert math.isclose(float(loss.detach()), float(residual.square().mean()), rel_tol=1e-12)
+
+
+def test_dmd_push_is_the_clean_prediction_difference_over_a_non_vanishing_normaliser():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4, 6, generator=gen, dtype=DTYPE)
+    u_t, u_s = torch.randn(2, 3, 4, 6, generator=gen, dtype=DTYPE)
+    t = torch.tensor([0.0, 0.3, 0.9], dtype=DTYPE)
+    g = adm_push(u_t, u_s, t, weighting="dmd")
+    x0_real, x0_fake = x - t[:, None, None] * u_t, x - t[:, None, None] * u_s
+    norm = (x - x0_real).abs().flatten(1).mean(1)[:, None, None]
+    torch.testing.assert_close(g[1:], ((x0_fake - x0_real) / norm)[1:])
+    assert torch.equal(g[0], torch.zeros_like(g[0]))  # t = 0: both predictions are x itself
+    # As the student nears the teacher the push shrinks with its error (the normaliser does
+    # not); "normalize" keeps full size whatever the error.
+    for scale in (1e-1, 1e-3):
+        near = u_t + scale * (u_s - u_t)
+        torch.testing.assert_close(adm_push(u_t, near, t, weighting="dmd"), scale * g)
+        per_sample = adm_push(u_t, near, t, weighting="normalize").abs().flatten(1).mean(1)
+        torch.testing.assert_close(per_sample, torch.ones(3, dtype=DTYPE), rtol=1e-4, atol=0)
+
+
+def test_logged_push_falls_as_the_student_nears_the_teacher(toy):
+    """adm_objective's adm_push (= 2 x the surrogate's value) and velocity_error fall with the
+    student's distance to the teacher under "dmd"; under "normalize" the push does not."""
+    gen, mu_p, s_p, _ = toy
+    n, t_prev, t = 2000, 0.6, 0.45
+    x0 = mu_p + s_p * torch.randn(n, mu_p.numel(), generator=gen, dtype=DTYPE)
+    x_prev = (1 - t_prev) * x0 + t_prev * torch.randn(n, mu_p.numel(), generator=gen,
+                                                       dtype=DTYPE)
+    tt = torch.full((n,), t_prev, dtype=DTYPE)
+    batch = {"x_t": x_prev, "t": tt, "t_next": torch.full((n,), t, dtype=DTYPE), "cond": None,
+             "velocity": gaussian_velocity(x_prev, tt, mu_p, s_p)}
+
+    def teacher(x, tt, cond):
+        return gaussian_velocity(x, tt, mu_p, s_p)
+
+    logged = {"dmd": [], "normalize": []}
+    for offset in (0.3, 0.03, 0.003):
+        def student(x, tt, cond):
+            return gaussian_velocity(x, tt, mu_p + offset, s_p * (1 + offset))
+
+        for weighting in logged:
+            loss, info = adm_objective(student, teacher, batch, weighting=weighting)
+            assert info["adm_push"] == pytest.approx(2 * float(loss))
+            logged[weighting].append((info["adm_push"], info["velocity_error"]))
+    pushes = [p for p, _ in logged["dmd"]]
+    errors = [e for _, e in logged["dmd"]]
+    assert pushes[1] < 0.02 * pushes[0] and pushes[2] < 0.02 * pushes[1]  # ~ error squared
+    assert errors[1] < 0.02 * errors[0] and errors[2] < 0.02 * errors[1]
+    assert min(p for p, _ in logged["normalize"]) > 0.5  # full-size pushes at any distance
+
+
+def test_velocity_anchor_adds_its_gradient(toy):
+    gen, mu_p, s_p, theta = toy
+    n = 64
+    x = torch.randn(n, mu_p.numel(), generator=gen, dtype=DTYPE)
+    tt = torch.full((n,), 0.6, dtype=DTYPE)
+    batch = {"x_t": x, "t": tt, "t_next": torch.full((n,), 0.45, dtype=DTYPE), "cond": None,
+             "velocity": gaussian_velocity(x, tt, mu_p, s_p)}
+    theta = theta.clone().requires_grad_(True)
+
+    def student(x, t, cond):
+        return gaussian_velocity(x, t, theta[0], theta[1].exp())
+
+    def teacher(x, t, cond):
+        return gaussian_velocity(x, t, mu_p, s_p)
+
+    def grad(**kw):
+        loss, info = adm_objective(student, teacher, batch, **kw)
+        return torch.autograd.grad(loss, theta)[0], info
+
+    plain, info = grad()
+    anchored, _ = grad(velocity_weight=0.5)
+    mse, _ = velocity_mse_objective(student, batch)
+    assert info["velocity_error"] == pytest.approx(float(mse))
+    torch.testing.assert_close(anchored - plain, 0.5 * torch.autograd.grad(mse, theta)[0])
+    with pytest.raises(ValueError, match="velocity_weight > 0 needs"):
+        adm_objective(student, teacher, {k: v for k, v in batch.items() if k != "velocity"},
+                      velocity_weight=0.5)
+
+
+def test_guided_objectives_train_both_branches():
+    """With guidance the ADM step and scores use the guided velocity u_u + w (u_c − u_u), and
+    the velocity terms pin each branch to the teacher's."""
+    gen = torch.Generator().manual_seed(3)
+    B, D, w = 6, 5, 4.0
+    cond, negative = torch.randn(2, B, 1, generator=gen, dtype=DTYPE)
+    weights = torch.randn(2, D, generator=gen, dtype=DTYPE)
+    theta = torch.zeros(2, D, dtype=DTYPE, requires_grad=True)
+
+    def model(params):
+        # velocity = x * (params[0] + c * params[1]) with c the (scalar) conditioning
+        return lambda x, t, c: x * (params[0] + c.reshape(-1, 1) * params[1])
+
+    teacher, student = model(weights), model(weights + theta)
+    x = torch.randn(B, D, generator=gen, dtype=DTYPE)
+    t = torch.full((B,), 0.7, dtype=DTYPE)
+    batch = {"x_t": x, "t": t, "t_next": torch.full((B,), 0.5, dtype=DTYPE), "cond": cond,
+             "negative_cond": negative, "velocity": teacher(x, t, cond),
+             "velocity_uncond": teacher(x, t, negative)}
+    with torch.no_grad():
+        theta[1].fill_(0.3)  # the student errs in the conditional dependence only
+    loss, info = velocity_mse_objective(student, batch, guidance_scale=w)
+    e_c = (student(x, t, cond) - batch["velocity"]).square().mean()
+    e_u = (student(x, t, negative) - batch["velocity_uncond"]).square().mean()
+    assert float(loss) == pytest.approx(0.5 * float(e_c + e_u))
+
+    # ADM: x̂ is a step of the guided velocity, and g compares guided velocities at x̂.
+    loss, info = adm_objective(student, teacher, batch, weighting="clip", guidance_scale=w)
+    guided = lambda f, x, tt: f(x, tt, negative) + w * (f(x, tt, cond) - f(x, tt, negative))  # noqa: E731
+    x_hat = x + (0.5 - 0.7) * guided(student, x, t)
+    t_next = batch["t_next"]
+    gap = guided(teacher, x_hat, t_next) - guided(student, x_hat, t_next)
+    assert info["velocity_gap"] == pytest.approx(float(gap.square().mean()))
+    with pytest.raises(ValueError, match="velocity_uncond"):
+        adm_objective(student, teacher, {k: v for k, v in batch.items()
+                                         if k != "velocity_uncond"}, guidance_scale=w)
+
+
+def test_fake_score_loss_is_minimised_by_the_marginal_velocity(toy):
+    """Diffusing samples of q_t = N((1 − t) μ, (1 − t)² s² + t²) forward to s gives q's own
+    rectified-flow marginal at s, so the fake-score loss is lower for q's analytic velocity than
+    for a wrong Gaussian's, and its gradient at q's velocity is ~0."""
+    gen, mu_p, s_p, _ = toy
+    n, t = 200_000, 0.3
+    D = mu_p.numel()
+    x_t = (1 - t) * (mu_p + s_p * torch.randn(n, D, generator=gen, dtype=DTYPE)) \
+        + t * torch.randn(n, D, generator=gen, dtype=DTYPE)
+    tt = torch.full((n,), t, dtype=DTYPE)
+    # diffuse() keeps the rectified-flow marginal: variance (1 − s)² s_p² + s².
+    s_vec = torch.full((n,), 0.8, dtype=DTYPE)
+    x_s, _ = diffuse(x_t, tt, s_vec, torch.randn(n, D, generator=gen, dtype=DTYPE))
+    torch.testing.assert_close(x_s.var(0), 0.04 * s_p ** 2 + 0.64, rtol=0.02, atol=0)
+
+    shift = torch.zeros(D, dtype=DTYPE, requires_grad=True)
+
+    def fake(mu):
+        return lambda x, s, c: gaussian_velocity(x, s, mu + shift, s_p)
+
+    gen_state = torch.Generator().manual_seed(9)
+    right = fake_score_loss(fake(mu_p), x_t, tt, None, generator=gen_state)
+    (grad,) = torch.autograd.grad(right, shift)
+    gen_state = torch.Generator().manual_seed(9)
+    wrong = fake_score_loss(fake(mu_p + 0.5), x_t, tt, None, generator=gen_state)
+    assert float(wrong) > float(right) + 0.01
+    assert grad.abs().max() < 3e-3
