@@ -56,6 +56,10 @@ def test_yaml_and_toml_give_the_same_config(tmp_path):
     assert a.data.dir == "data" and a.output.dir == "runs/wan"
     assert a.model.pretrained == "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
     assert a.train.objective == "adm" and a.train.alpha_start == 20.0
+    # The ADM defaults chosen by measurement (tests/test_train_stability.py).
+    assert (a.train.adm_weighting, a.train.adm_velocity_weight, a.train.adm_fake_score) == \
+        ("dmd", 1.0, "student")
+    assert a.data.sampler == "euler"
 
 
 def test_overrides(tmp_path):
@@ -82,6 +86,14 @@ def test_overrides(tmp_path):
     ({"data": {"guidance_scale": 0.5}}, "data.guidance_scale"),
     ({"output": {"dir": None}}, "output.dir: required"),
     ({"model": {"config": {"num_layers": 2}}}, "not both"),
+    ({"data": {"sampler": "ddim"}}, "data.sampler: expected one of"),
+    ({"train": {"adm_weighting": "exact"}}, "train.adm_weighting: expected one of"),
+    ({"train": {"adm_fake_score": "dmd"}}, "train.adm_fake_score: expected one of"),
+    ({"train": {"adm_velocity_weight": -1}}, "train.adm_velocity_weight"),
+    ({"train": {"fake_score_updates": 0}}, "train.fake_score_updates"),
+    ({"train": {"fake_score_lr": 0}}, "train.fake_score_lr"),
+    ({"train": {"objective": "velocity_mse", "adm_fake_score": "trained"}},
+     "train.adm_fake_score: an ADM option"),
 ])
 def test_errors_name_the_field(edit, message):
     base = {"model": {"pretrained": "x"}, "convert": {"mode": "hybrid", "n_linear": 2},
