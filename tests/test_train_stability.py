@@ -17,10 +17,12 @@
    the missing diagonal (0.006 after 3000 steps; λ_v = 0.01 still wandered to 2-16).
 
 2. The shipped random tiny config (linattn/train/configs/tiny_wan_cpu.yaml), on fast settings
-   (2 layers, 4 tokens, all linear). On the config as shipped (4 layers, 8 tokens) 800 steps
-   instead of 80 took sample rel-MSE from 2.4e-4 (step 50) to 0.25 under "dmd" alone and 0.18
-   under "normalize"; "dmd" + λ_v = 0.1 drifted later (2.4e-4 at 250 -> 2.0e-2 at 750);
-   "dmd" + λ_v = 1 (the default) stayed at 2.0-3.2e-4, as velocity MSE (2.1e-4).
+   (2 layers, 4 tokens, all linear). There, without the anchor, 800 steps took the sample
+   rel-MSE from 4.1e-4 (step 80) to 0.115 ("dmd") and from 4.9e-4 to 0.156 ("normalize"): the
+   test below fails for both. On the config as shipped (4 layers, 8 tokens, gates) 800 steps
+   instead of 80 took it from 2.4e-4 (step 50) to 0.25 under "dmd" alone and 0.18 under
+   "normalize"; "dmd" + λ_v = 0.1 drifted later (2.4e-4 at 250 -> 2.0e-2 at 750); "dmd" +
+   λ_v = 1 (the default) stayed at 2.0-3.2e-4, as velocity MSE (2.1e-4).
 """
 import os
 
@@ -130,18 +132,31 @@ TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "linattn", "train", 
                            "tiny_wan_cpu.yaml")
 
 
-def test_default_adm_stays_put_on_the_tiny_config(tmp_path):
-    """10x the tiny config's 80 steps with the default ADM: the sample rel-MSE against the
-    teacher never leaves a small multiple of its value after the config's own 80 steps."""
-    result = train(TINY_CONFIG, progress=False, overrides=[
+def assert_stays_put(config, tmp_path, overrides, *, default_steps, factor=10, evals=10,
+                     tolerance=3.0, floor=1e-4):
+    """Train ``config`` for factor x default_steps with its ADM settings; the sample rel-MSE
+    against the teacher at every evaluation from default_steps on stays within tolerance x
+    its value at default_steps (+ floor), and the logged push does not grow. A config change
+    is all another teacher needs (the trained toy: its config and fast overrides)."""
+    steps = factor * default_steps
+    result = train(config, progress=False, overrides=[
         f"data.dir={tmp_path / 'data'}", f"output.dir={tmp_path / 'run'}",
+        f"train.steps={steps}", f"output.eval_every={steps // evals}",
+        f"output.checkpoint_every={steps}", *overrides])
+    records = read_metrics(result.metrics_path)
+    rel = {r["step"]: r["eval_rel_mse"] for r in records if "eval_rel_mse" in r}
+    assert default_steps in rel and steps in rel, sorted(rel)
+    later = {s: v for s, v in rel.items() if s >= default_steps}
+    assert max(later.values()) <= tolerance * rel[default_steps] + floor, rel
+    pushes = [r["adm_push"] for r in records if "adm_push" in r]
+    window = len(pushes) // factor
+    assert max(pushes[-window:]) < 10 * max(pushes[:window]) + 1e-6  # the push does not grow
+    return rel
+
+
+def test_default_adm_stays_put_on_the_tiny_config(tmp_path):
+    """10x the tiny config's 80 steps with the default ADM, on fast settings (2 layers,
+    4 tokens, every layer linear)."""
+    assert_stays_put(TINY_CONFIG, tmp_path, default_steps=80, overrides=[
         "model.config.num_layers=2", "data.latent_shape=[4,1,4,4]", "data.num_trajectories=8",
-        "convert.mode=linear", "convert.n_linear=null",
-        "train.steps=800", "output.eval_every=80", "output.eval_num_samples=2",
-        "output.checkpoint_every=800"])
-    records = [r for r in read_metrics(result.metrics_path) if "eval_rel_mse" in r]
-    rel = {r["step"]: r["eval_rel_mse"] for r in records}
-    assert sorted(rel) == list(range(0, 801, 80))
-    assert max(rel[s] for s in rel if s >= 80) <= 3 * rel[80] + 1e-4, rel
-    pushes = [r["adm_push"] for r in read_metrics(result.metrics_path) if "adm_push" in r]
-    assert max(pushes[-80:]) < 10 * max(pushes[:80]) + 1e-6  # the logged push does not grow
+        "convert.mode=linear", "convert.n_linear=null", "output.eval_num_samples=2"])
