@@ -126,14 +126,14 @@ TUNE_MAP = "softmax"
 
 def run_kind(kind: str, p: Problem) -> None:
     """Calls the host function that launches the kernel of `kind` (plus its reductions)."""
-    budget = tforward.scratch_budget(p.q, p.k, p.v)
+    qkv_size = tforward.qkv_bytes(p.q, p.k, p.v)
     if kind == "state":
-        tforward.compute_state(p.k, p.v, p.mask, TUNE_MAP, p.state, p.normaliser, budget)
+        tforward.compute_state(p.k, p.v, p.mask, TUNE_MAP, p.state, p.normaliser, qkv_size)
     elif kind == "output":
         tforward.compute_output(p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.o)
     elif kind == "dq":
         tbackward.state_gradients(p.do, p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.dq,
-                                  p.d_state, p.d_normaliser, budget)
+                                  p.d_state, p.d_normaliser, qkv_size)
     elif kind == "dkdv":
         tbackward.key_gradients(p.k, p.v, p.mask, TUNE_MAP, p.d_state, p.d_normaliser, p.dk,
                                 p.dv)

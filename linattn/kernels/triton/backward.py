@@ -19,7 +19,7 @@ k, z; nothing per token is stored between the two kernels.
   holds a single dS operand, which 3xTF32 fp32 dots need to fit in shared memory).
 
 Scratch: dS and dz (B·H·D·(Dv + 1) fp32) and, when split, one partial of them per split, capped
-by plan.SCRATCH_FRACTION; no per-block partials.
+by plan.scratch_budget; no per-block partials.
 """
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ import triton.language as tl
 
 from ...ops import alloc
 from . import plan
-from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
-                     mask_args, mma, padded_dim, split_range, to_operand, to_storage)
+from .common import (block_offsets, bnhd_strides, check_state, emulate_bf16, launch, mask_args,
+                     mma, split_range, to_operand, to_storage)
 from .feature_maps import feature_map, feature_map_backward, map_id
-from .forward import scratch_budget
+from .forward import qkv_bytes
 from .reduce import split_targets
 
 
@@ -198,27 +198,24 @@ def _launch_options(config: plan.KernelConfig, dtype: torch.dtype) -> dict:
 
 def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
                     state: torch.Tensor, normaliser: torch.Tensor, dq: torch.Tensor,
-                    d_state: torch.Tensor, d_normaliser: torch.Tensor, budget_bytes: int) -> None:
-    """dq, and dS (B·H·D·Dv) and dz (B·H·D) into contiguous fp32 buffers."""
+                    d_state: torch.Tensor, d_normaliser: torch.Tensor, qkv_size: int) -> None:
+    """dq, and dS (B·H·D·Dv) and dz (B·H·D) into contiguous fp32 buffers. qkv_size: bytes of
+    q, k and v (the scratch budget's reference)."""
     B, N, H, D = q.shape
     Dv = do.shape[-1]
-    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
-    config = plan.kernel_config("dq", q.device, d_pad, dv_pad, q.element_size(), N)
-    block_dv = min(config.block_dv, dv_pad)
-    tiles = cdiv(Dv, block_dv)
-    split = plan.sequence_split(N, B * H * tiles, config, q.device,
-                                partial_bytes=4 * B * H * D * (Dv + 1),
-                                budget_bytes=budget_bytes)
-    targets = split_targets(d_state, d_normaliser, split.count, plan.atomic_reduce())
+    p = plan.plan_kernel("dq", q.device, N, B * H, D, Dv, q.element_size(), reduces=True,
+                         qkv_bytes=qkv_size)
+    targets = split_targets(d_state, d_normaliser, p.split.count, plan.atomic_reduce())
     args = (q, do, state, normaliser, dq, targets.matrix, targets.vector, H, N, D, Dv,
-            split.chunk, eps, targets.matrix_stride, targets.vector_stride)
+            p.split.chunk, eps, targets.matrix_stride, targets.vector_stride)
     strides = (*bnhd_strides(q), *bnhd_strides(do), *bnhd_strides(dq))
-    meta = dict(MAP=map_id(q_map), ATOMIC=targets.atomic, D_PAD=d_pad, DV_PAD=dv_pad,
-                BLOCK_N=config.block_n, BLOCK_DV=block_dv, **_launch_options(config, q.dtype))
-    grid = (B * H, split.count)
+    meta = dict(MAP=map_id(q_map), ATOMIC=targets.atomic, D_PAD=p.d_pad, DV_PAD=p.dv_pad,
+                BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
+                **_launch_options(p.config, q.dtype))
+    grid = (B * H, p.split.count)
     launch(_dq_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DQ=True, **meta)
-    if tiles > 1:
-        launch(_dq_kernel, (*grid, tiles - 1), *args, 1, *strides, COMPUTE_DQ=False, **meta)
+    if p.tiles > 1:
+        launch(_dq_kernel, (*grid, p.tiles - 1), *args, 1, *strides, COMPUTE_DQ=False, **meta)
     targets.finish()
 
 
@@ -228,19 +225,17 @@ def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
     """dk = φ'(k)ᵀ(dS v + dz) and dv = dSᵀ φ(k); 0 for masked keys."""
     B, N, H, D = k.shape
     Dv = v.shape[-1]
-    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
-    config = plan.kernel_config("dkdv", k.device, d_pad, dv_pad, k.element_size(), N)
-    block_dv = min(config.block_dv, dv_pad)
-    tiles = cdiv(Dv, block_dv)
-    split = plan.sequence_split(N, B * H * tiles, config, k.device)
+    p = plan.plan_kernel("dkdv", k.device, N, B * H, D, Dv, k.element_size())
+    tiles = p.tiles
     mask, s_mb, s_mn = mask_args(key_mask)
-    args = (k, v, mask, d_state, d_normaliser, dk, dv, H, N, D, Dv, split.chunk)
+    args = (k, v, mask, d_state, d_normaliser, dk, dv, H, N, D, Dv, p.split.chunk)
     strides = (*bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn, *bnhd_strides(dk),
                *bnhd_strides(dv))
-    meta = dict(MAP=map_id(k_map), HAS_MASK=key_mask is not None, D_PAD=d_pad, DV_PAD=dv_pad,
-                BLOCK_N=config.block_n, BLOCK_DV=block_dv, **_launch_options(config, k.dtype))
-    grid = (B * H, split.count)
-    if config.fused:
+    meta = dict(MAP=map_id(k_map), HAS_MASK=key_mask is not None, D_PAD=p.d_pad,
+                DV_PAD=p.dv_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
+                **_launch_options(p.config, k.dtype))
+    grid = (B * H, p.split.count)
+    if p.config.fused:
         # dk and the first dv tile in one pass over k and v; further dv tiles after it.
         launch(_dkdv_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DK=True, COMPUTE_DV=True,
                **meta)
@@ -267,5 +262,5 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     grads = alloc.empty(B * H * D * (Dv + 1), dtype=torch.float32, device=q.device)
     d_state, d_normaliser = grads[:B * H * D * Dv], grads[B * H * D * Dv:]
     state_gradients(do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser,
-                    scratch_budget(q, k, v))
+                    qkv_bytes(q, k, v))
     key_gradients(k, v, key_mask, k_map, d_state, d_normaliser, dk, dv)

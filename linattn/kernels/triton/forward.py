@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 
 from . import plan
-from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
-                     mask_args, mma, padded_dim, split_range, to_operand, to_storage)
+from .common import (block_offsets, bnhd_strides, check_state, emulate_bf16, launch, mask_args,
+                     mma, split_range, to_operand, to_storage)
 from .feature_maps import feature_map, map_id
 from .reduce import split_targets
 
@@ -119,37 +119,33 @@ def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
                  mask=row_ok[:, None] & e_ok[None, :])
 
 
-def scratch_budget(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
-    """Bytes the partial states of one pass may take (plan.SCRATCH_FRACTION of q, k, v)."""
-    total = (q.numel() + k.numel() + v.numel()) * q.element_size()
-    return int(plan.SCRATCH_FRACTION * total)
+def qkv_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes of q, k and v: what a reducing pass's scratch budget is measured against
+    (plan.scratch_budget)."""
+    return (q.numel() + k.numel() + v.numel()) * q.element_size()
 
 
 def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
                   k_map: str, state: torch.Tensor, normaliser: torch.Tensor,
-                  budget_bytes: int) -> None:
-    """state (B, H, D, Dv) <- Σ_j φ(k_j) v_jᵀ and normaliser (B, H, D) <- Σ_j φ(k_j), fp32."""
+                  qkv_size: int) -> None:
+    """state (B, H, D, Dv) <- Σ_j φ(k_j) v_jᵀ and normaliser (B, H, D) <- Σ_j φ(k_j), fp32.
+    qkv_size: bytes of q, k and v (the scratch budget's reference)."""
     B, N, H, D = k.shape
     Dv = v.shape[-1]
     check_state(state, normaliser, "forward")
-    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
-    config = plan.kernel_config("state", k.device, d_pad, dv_pad, k.element_size(), N)
-    block_dv = min(config.block_dv, dv_pad)
-    tiles = cdiv(Dv, block_dv)
-    split = plan.sequence_split(N, B * H * tiles, config, k.device,
-                                partial_bytes=4 * B * H * D * (Dv + 1),
-                                budget_bytes=budget_bytes)
-    targets = split_targets(state, normaliser, split.count, plan.atomic_reduce())
+    p = plan.plan_kernel("state", k.device, N, B * H, D, Dv, k.element_size(), reduces=True,
+                         qkv_bytes=qkv_size)
+    targets = split_targets(state, normaliser, p.split.count, plan.atomic_reduce())
     mask, s_mb, s_mn = mask_args(key_mask)
     launch(
-        _state_kernel, (B * H, split.count, tiles),
-        k, v, mask, targets.matrix, targets.vector, H, N, D, Dv, split.chunk,
+        _state_kernel, (B * H, p.split.count, p.tiles),
+        k, v, mask, targets.matrix, targets.vector, H, N, D, Dv, p.split.chunk,
         targets.matrix_stride, targets.vector_stride,
         *bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn,
-        MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=targets.atomic, D_PAD=d_pad,
-        BLOCK_N=config.block_n, BLOCK_DV=block_dv, FP32=k.dtype == torch.float32,
-        EMULATE_BF16=emulate_bf16(k.dtype), num_warps=config.num_warps,
-        num_stages=config.num_stages)
+        MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=targets.atomic,
+        D_PAD=p.d_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
+        FP32=k.dtype == torch.float32, EMULATE_BF16=emulate_bf16(k.dtype),
+        num_warps=p.config.num_warps, num_stages=p.config.num_stages)
     targets.finish()
 
 
@@ -159,23 +155,19 @@ def compute_output(q: torch.Tensor, q_map: str, eps: float, state: torch.Tensor,
     B, N, H, D = q.shape
     Dv = o.shape[-1]
     check_state(state, normaliser, "forward")
-    d_pad, dv_pad = padded_dim(D), padded_dim(Dv)
-    config = plan.kernel_config("output", q.device, d_pad, dv_pad, q.element_size(), N)
-    block_dv = min(config.block_dv, dv_pad)
-    tiles = cdiv(Dv, block_dv)
-    split = plan.sequence_split(N, B * H * tiles, config, q.device)
+    p = plan.plan_kernel("output", q.device, N, B * H, D, Dv, q.element_size())
     launch(
-        _output_kernel, (B * H, split.count, tiles),
-        q, state, normaliser, o, H, N, D, Dv, split.chunk, eps,
+        _output_kernel, (B * H, p.split.count, p.tiles),
+        q, state, normaliser, o, H, N, D, Dv, p.split.chunk, eps,
         *bnhd_strides(q), *bnhd_strides(o),
-        MAP=map_id(q_map), D_PAD=d_pad, BLOCK_N=config.block_n, BLOCK_DV=block_dv,
+        MAP=map_id(q_map), D_PAD=p.d_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
         FP32=q.dtype == torch.float32, EMULATE_BF16=emulate_bf16(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=p.config.num_warps, num_stages=p.config.num_stages)
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
             q_map: str, k_map: str, eps: float, o: torch.Tensor, state: torch.Tensor,
             normaliser: torch.Tensor) -> None:
     """Fills o, state and normaliser (KernelBackend.forward's contract, builtin maps)."""
-    compute_state(k, v, key_mask, k_map, state, normaliser, scratch_budget(q, k, v))
+    compute_state(k, v, key_mask, k_map, state, normaliser, qkv_bytes(q, k, v))
     compute_output(q, q_map, eps, state, normaliser, o)

@@ -7,10 +7,18 @@ a new shape family compiles each of its kernels once.
 
 Sequence splits. A program owns one (batch, head), one Dv tile and one contiguous chunk of the
 sequence. With B·H·tiles programs alone a video DiT leaves most SMs idle (Wan 1.3B: B·H = 12 on
-132 SMs), so the sequence is split until the grid has about programs_per_sm programs per SM.
-Kernels that reduce over the sequence (S, z forward; dS, dz backward) then write one fp32
-partial per split, summed in a fixed order by reduce.py (deterministic); their split count is
-also capped so the partials stay within SCRATCH_FRACTION of the bytes of q, k and v.
+132 SMs), so the sequence is split until the grid fills whole waves of the resident-program
+capacity (SMs × programs_per_sm; split_count's timings model picks how many waves). Kernels
+that reduce over the sequence (S, z forward; dS, dz backward) then write one fp32 partial per
+split, summed in a fixed order by reduce.py (deterministic); their split count is also capped
+so the partials stay within SCRATCH_FRACTION of the bytes of q, k and v, or SCRATCH_FLOOR_BYTES
+for short sequences.
+
+Per-call cost. A call's plan depends only on its sizes, dtype and device, so plan_kernel caches
+it and the tuning table is read once: planning a launch is a dictionary lookup. Nothing here
+reads tensor values or synchronises with the device, and every size it produces (grids, scratch
+buffers) follows from shapes alone, which is what lets a CUDA graph capture the forward and
+backward. DeviceInfo is queried once per device.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import contextlib
 import functools
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import torch
 import triton
@@ -39,11 +47,24 @@ MAX_STATE_ELEMENTS_FP32 = 16384
 #: fp32 accumulator elements per program (D_PAD × block_dv): 64 registers a thread at 8 warps.
 ACC_ELEMENTS = 16384
 #: Partial states may take at most this share of the bytes of q, k and v (the issue's bound on
-#: the backward's peak extra memory is 5%; the reduced dS, dz take the rest).
+#: the backward's peak extra memory is 5%; the reduced dS, dz take the rest) ...
 SCRATCH_FRACTION = 0.04
+#: ... or this many bytes, whichever is more. Relative to the tensors alone, the cap starved
+#: short sequences: at (2, 4096, 12, 64) bf16 4% of q, k, v is 0.75 MB, one split of S and z
+#: (B·H·D·(Dv+1) fp32) 0.4 MB, so the state kernel got 1 split where the SMs want about 11;
+#: 16 MiB is nothing beside any GPU's memory and covers whole waves for such shapes.
+SCRATCH_FLOOR_BYTES = 16 << 20
 #: A split must own at least this many blocks, so its loop pipelines loads and the fixed cost of
 #: a program (loading S, writing its partial) stays small beside its streaming work.
 MIN_BLOCKS_PER_SPLIT = 4
+#: The fixed cost of one program in split_count's timings model, in blocks streamed: loading
+#: or writing one fp32 state tile is about one to two blocks of q/k/v traffic (D = 128: a
+#: 64 KiB tile against 32 KiB a block), plus the program's start. An estimate from byte
+#: counts, not a measurement (benchmarks/RESULTS.md, "Open for the GPU").
+PROGRAM_OVERHEAD_BLOCKS = 2
+#: split_count looks at grids of up to this many waves; more only shrink the rounding loss
+#: further while each wave adds PROGRAM_OVERHEAD_BLOCKS.
+MAX_PLANNED_WAVES = 8
 #: The interpreter runs programs one after another; a nominal SM count still makes long test
 #: sequences take the split-and-reduce path.
 INTERPRETER_SM_COUNT = 8
@@ -51,7 +72,9 @@ INTERPRETER_SM_COUNT = 8
 INTERPRETER_BLOCKS = 4
 INTERPRETER_MAX_BLOCK = 1024
 #: Set to 1: partial states are added with fp32 atomics into zeroed S, z (or dS, dz) instead of
-#: summed in split order by a second launch: one launch fewer, but not bitwise reproducible.
+#: written to a partials buffer and summed in split order by reduce.py. It saves the partials'
+#: memory, not launches: zero-filling the two outputs takes two fill launches where the ordered
+#: sum takes one (reduce.split_targets). And it is not bitwise reproducible.
 ATOMIC_ENV = "LINATTN_TRITON_ATOMIC_REDUCE"
 
 
@@ -126,23 +149,66 @@ def heuristic_config(arch: str, kind: str, d_pad: int, dv_pad: int, itemsize: in
     return KernelConfig(block_n, block_dv, num_warps, num_stages, programs_per_sm, fused)
 
 
-def arch_key(device: torch.device) -> str:
-    if device.type == "cpu" and interpreting():
-        return "interpreter"
-    major, minor = torch.cuda.get_device_capability(device)
-    return f"sm{major}{minor}"
+class DeviceInfo(NamedTuple):
+    """What planning needs to know about a device: its architecture key (tuned_configs.py) and
+    how many SMs share the grid. A NamedTuple, so the per-call plan caches hash it cheaply."""
+    arch: str
+    sm_count: int
+
+    @classmethod
+    def from_properties(cls, properties) -> "DeviceInfo":
+        """From torch.cuda.get_device_properties(...) or any object with its major, minor and
+        multi_processor_count (tests and benchmarks describe an sm_90 GPU this way)."""
+        return cls(f"sm{properties.major}{properties.minor}", properties.multi_processor_count)
+
+
+#: Planning of the interpreter: programs run one after another, but a nominal SM count still
+#: makes long test sequences take the split-and-reduce path.
+INTERPRETER = DeviceInfo("interpreter", INTERPRETER_SM_COUNT)
+
+_assumed_device: Optional[DeviceInfo] = None
+
+
+@contextlib.contextmanager
+def assume_device(info: DeviceInfo) -> Iterator[None]:
+    """Within the block, plan every launch for `info` whatever device the tensors are on.
+
+    For measuring and testing the planning of a GPU this machine does not have: with launches
+    stubbed (common.capture_launches) and meta tensors, the host path runs exactly as it would
+    for that GPU, kernels aside."""
+    global _assumed_device
+    previous, _assumed_device = _assumed_device, info
+    try:
+        yield
+    finally:
+        _assumed_device = previous
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_device_info(index: int) -> DeviceInfo:
+    # Queried once per device: get_device_properties costs microseconds, and the answer never
+    # changes within a process.
+    return DeviceInfo.from_properties(torch.cuda.get_device_properties(index))
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if _assumed_device is not None:
+        return _assumed_device
+    if device.type == "cuda":
+        return _cuda_device_info(device.index if device.index is not None
+                                 else torch.cuda.current_device())
+    if device.type == "cpu" and interpreting():
+        return INTERPRETER
+    raise ValueError(f"the Triton kernels plan launches for CUDA devices (or the interpreter), "
+                     f"got {device}")
+
+
+def arch_key(device: torch.device) -> str:
+    return device_info(device).arch
 
 
 def sm_count(device: torch.device) -> int:
-    if device.type == "cpu" and interpreting():
-        return INTERPRETER_SM_COUNT
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_sm_count(index)
+    return device_info(device).sm_count
 
 
 _forced_splits: Optional[int] = None
@@ -174,8 +240,16 @@ def kernel_config(kind: str, device: torch.device, d_pad: int, dv_pad: int, item
     """The config of one kernel: forced (tests, tuning), else the table, else the heuristic."""
     if kind in _forced_configs:
         return _forced_configs[kind]
-    from .tuned_configs import TABLE
-    arch = arch_key(device)
+    info = device_info(device)
+    # Only the interpreter's blocks depend on the sequence length (heuristic_config).
+    return _table_or_heuristic(info.arch, kind, d_pad, dv_pad, itemsize,
+                               n_tokens if info.arch == INTERPRETER.arch else 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _table_or_heuristic(arch: str, kind: str, d_pad: int, dv_pad: int, itemsize: int,
+                        n_tokens: int) -> KernelConfig:
+    from .tuned_configs import TABLE  # a large literal: read on first use, not at import
     entry = TABLE.get((arch, kind, d_pad, dv_pad, itemsize))
     if entry is not None:
         return KernelConfig(*entry)
@@ -192,6 +266,47 @@ class Split:
     chunk: int   # tokens per program, a multiple of block_n (the last one may own fewer)
 
 
+def scratch_budget(qkv_bytes: int) -> int:
+    """Bytes the partial states of one pass may take: SCRATCH_FRACTION of q, k and v, but at
+    least SCRATCH_FLOOR_BYTES (short sequences would otherwise get too few splits to fill the
+    GPU for the sake of a few megabytes)."""
+    return max(int(SCRATCH_FRACTION * qkv_bytes), SCRATCH_FLOOR_BYTES)
+
+
+def split_count(blocks: int, programs_per_split: int, slots: int, max_count: int) -> int:
+    """How many splits of a sequence of `blocks` token blocks, when each split adds
+    `programs_per_split` programs and `slots` programs are resident at once (SMs × programs per
+    SM), with at most `max_count` splits (block and scratch limits).
+
+    A grid of P programs on `slots` slots runs in ceil(P / slots) waves, and a wave lasts as long
+    as its longest program. So the candidates are, for w = 1, 2, ... waves, the largest count
+    whose programs fit in w waves (w = 1: the largest count that does not exceed the resident
+    capacity; where programs_per_split divides w·slots, exactly w whole waves); the timings
+    model below picks among them:
+
+        time(c) = waves(c) · (ceil(blocks / c) + PROGRAM_OVERHEAD_BLOCKS)
+
+    in units of one program streaming one block. Ties go to the smaller count (less scratch,
+    and one split means no reduction launch). A count like cdiv(slots, programs_per_split),
+    which the old rule took, can leave a tail wave of a few programs (HunyuanVideo, B·H = 24 on
+    132 SMs: 144 programs, a second wave of 12) and is never better than one of these.
+    """
+    max_count = max(1, min(max_count, blocks))
+
+    def time(count: int) -> int:
+        waves = cdiv(count * programs_per_split, slots)
+        return waves * (cdiv(blocks, count) + PROGRAM_OVERHEAD_BLOCKS)
+
+    best, best_time = 1, time(1)
+    for waves in range(1, MAX_PLANNED_WAVES + 1):
+        count = min(max_count, waves * slots // programs_per_split)
+        if count > best and time(count) < best_time:
+            best, best_time = count, time(count)
+        if count >= max_count:
+            break
+    return best
+
+
 def sequence_split(n_tokens: int, programs_per_split: int, config: KernelConfig,
                    device: torch.device, partial_bytes: int = 0, budget_bytes: int = 0) -> Split:
     """How many programs share the sequence of one (batch, head, tile).
@@ -204,12 +319,60 @@ def sequence_split(n_tokens: int, programs_per_split: int, config: KernelConfig,
     if _forced_splits is not None:
         count = max(1, min(_forced_splits, blocks))
     else:
-        target = sm_count(device) * config.programs_per_sm
-        count = cdiv(target, programs_per_split)
-        count = min(count, max(1, blocks // MIN_BLOCKS_PER_SPLIT))
-        if partial_bytes and count > 1:
-            count = min(count, max(1, budget_bytes // partial_bytes))
-        count = max(1, count)
+        info = device_info(device)
+        max_count = max(1, blocks // MIN_BLOCKS_PER_SPLIT)
+        if partial_bytes:
+            max_count = min(max_count, max(1, budget_bytes // partial_bytes))
+        count = split_count(blocks, programs_per_split, info.sm_count * config.programs_per_sm,
+                            max_count)
     chunk = cdiv(blocks, count) * config.block_n
     # Recount so that no program is left with an empty chunk.
     return Split(cdiv(n_tokens, chunk), chunk)
+
+
+class KernelPlan(NamedTuple):
+    """Everything about one launch that follows from the sizes alone."""
+    config: KernelConfig
+    d_pad: int
+    dv_pad: int
+    block_dv: int
+    tiles: int     # Dv tiles: programs per (batch, head, split)
+    split: Split
+
+
+def plan_kernel(kind: str, device: torch.device, n_tokens: int, batch_heads: int, head_dim: int,
+                value_dim: int, itemsize: int, reduces: bool = False,
+                qkv_bytes: int = 0) -> KernelPlan:
+    """The plan of one kernel launch. `reduces`: the kernel writes one fp32 partial of a
+    (D, Dv) matrix and a D vector per (batch, head) and split (S, z or dS, dz), so its split
+    count is capped by the scratch budget of q, k and v's `qkv_bytes`.
+
+    A pure function of its arguments and the device's DeviceInfo, so it is cached: planning a
+    call is a dictionary lookup (forced plans, for tests and tuning, are not cached)."""
+    if _forced_splits is not None or _forced_configs:
+        return _plan_kernel(kind, device, n_tokens, batch_heads, head_dim, value_dim, itemsize,
+                            reduces, qkv_bytes)
+    return _cached_plan(kind, device_info(device), device, n_tokens, batch_heads, head_dim,
+                        value_dim, itemsize, reduces, qkv_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_plan(kind, _info: DeviceInfo, device, *args) -> KernelPlan:
+    # _info is part of the key only: a plan made under assume_device is not one for the device.
+    return _plan_kernel(kind, device, *args)
+
+
+def _plan_kernel(kind: str, device: torch.device, n_tokens: int, batch_heads: int,
+                 head_dim: int, value_dim: int, itemsize: int, reduces: bool,
+                 qkv_bytes: int) -> KernelPlan:
+    d_pad, dv_pad = padded_dim(head_dim), padded_dim(value_dim)
+    config = kernel_config(kind, device, d_pad, dv_pad, itemsize, n_tokens)
+    block_dv = min(config.block_dv, dv_pad)
+    tiles = cdiv(value_dim, block_dv)
+    if reduces:
+        split = sequence_split(n_tokens, batch_heads * tiles, config, device,
+                               partial_bytes=4 * batch_heads * head_dim * (value_dim + 1),
+                               budget_bytes=scratch_budget(qkv_bytes))
+    else:
+        split = sequence_split(n_tokens, batch_heads * tiles, config, device)
+    return KernelPlan(config, d_pad, dv_pad, block_dv, tiles, split)

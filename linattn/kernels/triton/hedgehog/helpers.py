@@ -5,8 +5,9 @@ block of tokens, its vector-Jacobian product, the product they all use, and the 
 Precision rule of every Hedgehog kernel (FlashAttention's, which rounds P and dS to bf16 before
 its products): blocks are loaded in the input dtype, elementwise work (softmax, its gradient,
 den, 1/den) is fp32, and every product ``dot`` rounds both operands to the input dtype and
-accumulates in fp32, so bf16/fp16 inputs run on bf16/fp16 tensor cores and fp32 inputs multiply
-exactly (input_precision="ieee"). States S, z, dS, dz are accumulated and stored in fp32; where
+accumulates in fp32, so bf16/fp16 inputs run on bf16/fp16 tensor cores and fp32 inputs on tf32
+tensor cores as 3xTF32 (common.mma: each operand split into two tf32 parts, fp32-accurate
+products). States S, z, dS, dz are accumulated and stored in fp32; where
 one is a product operand it is rounded like any other operand, after S has been divided by the
 number of kept keys (see output_scale) so that it cannot overflow fp16. The other rounded
 operands (do/den, dS, dL) stay within fp16's range unless den = φ(q)ᵀz + eps itself is tiny

@@ -19,9 +19,9 @@ Launches. Forward: state kernel, [sum of split partials], output kernel. Backwar
 [sum of dW_q], state-gradient pass, [sum of dS, dz], key pass, [sum of dW_k]; a sum is launched
 only where a quantity was split over several programs. Scratch comes from
 linattn.ops.alloc.empty (NaN-filled under the tests, so an unwritten partial shows up) and is
-bounded by the split count, not by N: at most SCRATCH_FRACTION (5%) of the bytes of q, k, v per
-reduction, freed before the next one, plus 8 bytes per query and head in the backward (1% of
-q, k, v in bf16 at D = 128).
+bounded by the split count, not by N: at most plan.scratch_budget per reduction (5% of the bytes
+of q, k, v, or 16 MiB for short sequences), freed before the next one, plus 8 bytes per query and
+head in the backward (1% of q, k, v in bf16 at D = 128).
 
 ``block_n`` and ``num_splits`` are keyword-only overrides for tests and benchmarks.
 """
@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ....ops import alloc
 from . import plan
-from ..common import cdiv, mask_args, padded_dim
+from ..common import cdiv, launch, mask_args, padded_dim
 from .backward_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
                                    hedgehog_state_grad_kernel)
 from .forward_kernels import hedgehog_output_kernel, hedgehog_state_kernel
@@ -162,8 +162,13 @@ class _Launcher:
         """(num_blocks, splits, blocks_per_split) for a pass over seq_len tokens."""
         num_blocks = cdiv(seq_len, cfg.block_n)
         splits, per_split = plan.splits(num_blocks, programs_per_split, self.device,
-                                        self.num_splits, slab_bytes, budget_bytes)
+                                        self.num_splits, cfg.programs_per_sm, slab_bytes,
+                                        budget_bytes)
         return num_blocks, splits, per_split
+
+
+def _nbytes(*tensors: Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _sum_partials(parts: Tensor, out: Tensor, parts_b: Optional[Tensor] = None,
@@ -175,9 +180,9 @@ def _sum_partials(parts: Tensor, out: Tensor, parts_b: Optional[Tensor] = None,
         numel_b = out_b.numel()
     blocks_a = cdiv(out.numel(), _SUM_BLOCK)
     grid = (blocks_a + cdiv(numel_b, _SUM_BLOCK),)
-    sum_partials_kernel[grid](parts, out, out.numel(), parts_b, out_b, numel_b, parts.shape[0],
-                              blocks_a, BLOCK=_SUM_BLOCK, A_EMULATE_BF16=_emulates_bf16(out.dtype),
-                              B_EMULATE_BF16=_emulates_bf16(out_b.dtype))
+    launch(sum_partials_kernel, grid, parts, out, out.numel(), parts_b, out_b, numel_b,
+           parts.shape[0], blocks_a, BLOCK=_SUM_BLOCK, A_EMULATE_BF16=_emulates_bf16(out.dtype),
+           B_EMULATE_BF16=_emulates_bf16(out_b.dtype))
 
 
 def _state_target(splits: int, n: _Sizes, out: Tensor, out_sum: Tensor) -> tuple[Tensor, Tensor]:
@@ -214,9 +219,10 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
     cfg = run.config("state")
     num_blocks, splits, per_split = run.splits(
         n.Nk, cfg, 2 * n.B * n.H, slab_bytes=state.nbytes + normaliser.nbytes,
-        budget_bytes=plan.scratch_budget(q, k, v))
+        budget_bytes=plan.scratch_budget(_nbytes(q, k, v)))
     s_part, z_part = _state_target(splits, n, state, normaliser)
-    hedgehog_state_kernel[(2, splits, n.B * n.H)](
+    launch(
+        hedgehog_state_kernel, (2, splits, n.B * n.H),
         k, v, mask, w_k, s_part, z_part, n.Nk, n.H, n.D, n.F, n.Dv, num_blocks, per_split,
         *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(), *s_part.stride(), *z_part.stride(),
         HAS_MASK=key_mask is not None, **run.flags(cfg))
@@ -226,7 +232,8 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
 
     cfg = run.config("output")
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H)
-    hedgehog_output_kernel[(splits, n.B * n.H)](
+    launch(
+        hedgehog_output_kernel, (splits, n.B * n.H),
         q, w_q, state, normaliser, o, float(eps), n.Nq, n.H, n.D, n.F, n.Dv, num_blocks,
         per_split, *q.stride(), *w_q.stride(), *state.stride(), *normaliser.stride(),
         *o.stride(), **run.flags(cfg))
@@ -252,7 +259,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
             _fail(name, f"expected a floating-point tensor, got {grad.dtype}")
         _check_contiguous(name, grad)
     run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
-    budget = plan.scratch_budget(q, k, v)
+    budget = plan.scratch_budget(_nbytes(q, k, v))
     weight_slab = n.B * n.H * n.D * n.F * 4
 
     # Pass 1: dq, dW_q, and 1/den, dden of every query (B, H, 2, Nq) for pass 2.
@@ -260,7 +267,8 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H, weight_slab, budget)
     per_query = alloc.empty(n.B, n.H, 2, n.Nq, dtype=torch.float32, device=q.device)
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_q)
-    hedgehog_query_grad_kernel[(splits, n.B * n.H)](
+    launch(
+        hedgehog_query_grad_kernel, (splits, n.B * n.H),
         q, do, w_q, state, normaliser, dq, dw_part, per_query, float(eps), n.Nq, n.H, n.D, n.F,
         n.Dv, num_blocks, per_split, *q.stride(), *do.stride(), *w_q.stride(), *state.stride(),
         *normaliser.stride(), *dq.stride(), *dw_strides, *per_query.stride()[:3],
@@ -276,7 +284,8 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, 2 * n.B * n.H,
                                                d_state.nbytes + d_norm.nbytes, budget)
     ds_part, dz_part = _state_target(splits, n, d_state, d_norm)
-    hedgehog_state_grad_kernel[(2, splits, n.B * n.H)](
+    launch(
+        hedgehog_state_grad_kernel, (2, splits, n.B * n.H),
         q, do, w_q, per_query, ds_part, dz_part, n.Nq, n.H, n.D, n.F, n.Dv, num_blocks,
         per_split, *q.stride(), *do.stride(), *w_q.stride(), *per_query.stride()[:3],
         *ds_part.stride(), *dz_part.stride(), **run.flags(cfg))
@@ -290,7 +299,8 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     mask, s_mb, s_mn = mask_args(key_mask)
     num_blocks, splits, per_split = run.splits(n.Nk, cfg, n.B * n.H, weight_slab, budget)
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_k)
-    hedgehog_key_grad_kernel[(splits, n.B * n.H)](
+    launch(
+        hedgehog_key_grad_kernel, (splits, n.B * n.H),
         k, v, mask, w_k, d_state, d_norm, dk, dv, dw_part, n.Nk, n.H, n.D, n.F, n.Dv,
         num_blocks, per_split, *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(),
         *d_state.stride(), *d_norm.stride(), *dk.stride(), *dv.stride(), *dw_strides,
