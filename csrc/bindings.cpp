@@ -1,8 +1,10 @@
 // The Python module linattn._C.
 //
-// It does not compile against torch: Python describes each tensor as a View (data pointer,
-// dtype code, shape, strides in elements), so one build works with every torch version.
-// linattn/backends/cpu.py builds the views; the callers keep the tensors alive during a call.
+// It does not compile against torch: Python describes each tensor by its data pointer, dtype
+// code, shape and strides in elements, so one build works with every torch version. A tensor
+// argument is either a View or the plain tuple (data_ptr, dtype, shape, strides): the tuple is
+// what linattn/backends/cpu.py passes, because building a pybind11 View object per tensor cost
+// more host time than a small call's kernels. The callers keep the tensors alive during a call.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -15,15 +17,6 @@
 #include "cpu/linear_attention.h"
 #include "cpu/simd.h"
 #include "cpu/view.h"
-
-#ifndef LINATTN_HAS_CUDA_KERNELS
-#define LINATTN_HAS_CUDA_KERNELS 0
-#endif
-
-#if LINATTN_HAS_CUDA_KERNELS
-// Defined by the CUDA sources (csrc/cuda/*.cu) when CMake compiled them: adds their functions.
-void register_cuda_kernels(pybind11::module_& m);
-#endif
 
 namespace py = pybind11;
 using namespace pybind11::literals;
@@ -56,6 +49,34 @@ linattn::View make_view(std::uintptr_t data_ptr, linattn::DType dtype,
     throw std::invalid_argument("View: null data pointer for a non-empty tensor");
   }
   return view;
+}
+
+// A tensor argument: a View, or the tuple (data_ptr, DType, shape, strides). `what` names the
+// argument in the error message.
+linattn::View as_view(py::handle arg, const char* what) {
+  if (py::isinstance<py::tuple>(arg)) {
+    const auto t = py::reinterpret_borrow<py::tuple>(arg);
+    if (t.size() != 4) {
+      throw std::invalid_argument(std::string(what) + ": expected a View or a tuple (data_ptr, "
+                                  "dtype, shape, strides), got a tuple of " +
+                                  std::to_string(t.size()));
+    }
+    return make_view(t[0].cast<std::uintptr_t>(), t[1].cast<linattn::DType>(),
+                     t[2].cast<std::vector<std::int64_t>>(),
+                     t[3].cast<std::vector<std::int64_t>>());
+  }
+  return arg.cast<linattn::View>();
+}
+
+std::optional<linattn::View> as_optional_view(py::handle arg, const char* what) {
+  if (arg.is_none()) return std::nullopt;
+  return as_view(arg, what);
+}
+
+std::vector<linattn::View> as_views(py::handle arg, const char* what) {
+  std::vector<linattn::View> views;
+  for (py::handle item : arg) views.push_back(as_view(item, what));
+  return views;
 }
 
 std::string view_repr(const linattn::View& v) {
@@ -114,46 +135,50 @@ PYBIND11_MODULE(_C, m) {
       })
       .def("__repr__", &view_repr);
 
+  // Arguments are converted with the GIL held; the kernels run without it.
   m.def(
       "cpu_forward",
-      [](const linattn::View& q, const linattn::View& k, const linattn::View& v,
-         std::optional<linattn::View> key_mask, const std::string& q_map,
-         const std::vector<linattn::View>& q_params, const std::string& k_map,
-         const std::vector<linattn::View>& k_params, double eps, const linattn::View& o,
-         const linattn::View& state, const linattn::View& normaliser, int num_threads) {
-        linattn::ForwardArgs args{q, k, v, key_mask, {q_map, q_params}, {k_map, k_params},
-                                  eps, o, state, normaliser, num_threads};
+      [](py::handle q, py::handle k, py::handle v, py::handle key_mask, const std::string& q_map,
+         py::handle q_params, const std::string& k_map, py::handle k_params, double eps,
+         py::handle o, py::handle state, py::handle normaliser, int num_threads) {
+        linattn::ForwardArgs args{as_view(q, "q"), as_view(k, "k"), as_view(v, "v"),
+                                  as_optional_view(key_mask, "key_mask"),
+                                  {q_map, as_views(q_params, "q_params")},
+                                  {k_map, as_views(k_params, "k_params")}, eps,
+                                  as_view(o, "o"), as_view(state, "state"),
+                                  as_view(normaliser, "normaliser"), num_threads};
+        py::gil_scoped_release release;
         linattn::cpu_forward(args);
       },
       "q"_a, "k"_a, "v"_a, "key_mask"_a, "q_map"_a, "q_params"_a, "k_map"_a, "k_params"_a,
       "eps"_a, "o"_a, "state"_a, "normaliser"_a, "num_threads"_a,
-      py::call_guard<py::gil_scoped_release>(),
       "Fills o (B, Nq, H, Dv), state S (B, H, D', Dv) and normaliser z (B, H, D').");
 
   m.def(
       "cpu_backward",
-      [](const linattn::View& grad_out, const linattn::View& q, const linattn::View& k,
-         const linattn::View& v, std::optional<linattn::View> key_mask, const std::string& q_map,
-         const std::vector<linattn::View>& q_params, const std::string& k_map,
-         const std::vector<linattn::View>& k_params, double eps, const linattn::View& state,
-         const linattn::View& normaliser, const linattn::View& dq, const linattn::View& dk,
-         const linattn::View& dv, const std::vector<linattn::View>& d_q_params,
-         const std::vector<linattn::View>& d_k_params, int num_threads) {
-        linattn::BackwardArgs args{grad_out, q, k, v, key_mask, {q_map, q_params},
-                                   {k_map, k_params}, eps, state, normaliser, dq, dk, dv,
-                                   d_q_params, d_k_params, num_threads};
+      [](py::handle grad_out, py::handle q, py::handle k, py::handle v, py::handle key_mask,
+         const std::string& q_map, py::handle q_params, const std::string& k_map,
+         py::handle k_params, double eps, py::handle state, py::handle normaliser,
+         py::handle dq, py::handle dk, py::handle dv, py::handle d_q_params,
+         py::handle d_k_params, int num_threads) {
+        linattn::BackwardArgs args{as_view(grad_out, "grad_out"), as_view(q, "q"),
+                                   as_view(k, "k"), as_view(v, "v"),
+                                   as_optional_view(key_mask, "key_mask"),
+                                   {q_map, as_views(q_params, "q_params")},
+                                   {k_map, as_views(k_params, "k_params")}, eps,
+                                   as_view(state, "state"), as_view(normaliser, "normaliser"),
+                                   as_view(dq, "dq"), as_view(dk, "dk"), as_view(dv, "dv"),
+                                   as_views(d_q_params, "d_q_params"),
+                                   as_views(d_k_params, "d_k_params"), num_threads};
+        py::gil_scoped_release release;
         linattn::cpu_backward(args);
       },
       "grad_out"_a, "q"_a, "k"_a, "v"_a, "key_mask"_a, "q_map"_a, "q_params"_a, "k_map"_a,
       "k_params"_a, "eps"_a, "state"_a, "normaliser"_a, "dq"_a, "dk"_a, "dv"_a, "d_q_params"_a,
-      "d_k_params"_a, "num_threads"_a, py::call_guard<py::gil_scoped_release>(),
+      "d_k_params"_a, "num_threads"_a,
       "Fills dq, dk, dv and the maps' parameter gradients from grad_out and forward's S, z.");
 
   m.def("cpu_feature_maps", &linattn::fused_feature_maps,
         "Names of the feature maps the CPU kernels fuse.");
   m.def("build_info", &build_info, "How this module was compiled.");
-  m.attr("has_cuda_kernels") = bool(LINATTN_HAS_CUDA_KERNELS);
-#if LINATTN_HAS_CUDA_KERNELS
-  register_cuda_kernels(m);
-#endif
 }

@@ -13,13 +13,23 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from linattn.ops import alloc  # noqa: E402  (after TRITON_INTERPRET is decided)
+from linattn.backends import clear_cache  # noqa: E402  (after TRITON_INTERPRET is decided)
+from linattn.ops import alloc  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
 def _poison_outputs():
     with alloc.poison_outputs(True):
         yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend_choices():
+    """Tests pretend a backend is missing or refuses a dtype (monkeypatch): the op's cached
+    backend choices (linattn.backends.choose_backend) must not outlive such a test."""
+    clear_cache()
+    yield
+    clear_cache()
 
 
 @pytest.fixture

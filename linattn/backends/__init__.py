@@ -1,12 +1,18 @@
 """The backend registry: which implementations exist, which can run here, and why not.
 
 "reference" is plain PyTorch in float64 (linattn/ops/reference.py) and runs everywhere. The
-kernel backends ("cpu": native C++ in csrc/cpu; "triton": linattn/kernels/triton; "cuda":
-CUDA C++ in csrc/cuda) implement linattn.backends.base.KernelBackend.
+kernel backends ("cpu": native C++ in csrc/cpu; "triton": linattn/kernels/triton) implement
+linattn.backends.base.KernelBackend.
 
 backend="auto" picks, for the tensors' device, the first available of AUTO_ORDER; the
 environment variable LINATTN_BACKEND overrides "auto". An explicitly requested backend that
 cannot run raises BackendUnavailableError saying why; nothing falls back silently.
+
+choose_backend is what the op calls: resolve_backend plus the kernels' check of the inputs
+(dtype, dims, maps), cached, since the answer depends only on (request, device, dtype, dims,
+map names). Availability is taken to be fixed for the life of the process (a module that
+failed to import stays failed; a GPU does not appear); clear_cache() forgets every answer, for
+tests that pretend otherwise.
 """
 from __future__ import annotations
 
@@ -19,13 +25,12 @@ import torch
 
 from .base import Availability, BackendUnavailableError, KernelBackend, MapCall
 from .cpu import CpuBackend
-from .cuda import CudaBackend
 from .triton import TritonBackend
 
 REFERENCE = "reference"
-KERNEL_BACKENDS: dict[str, KernelBackend] = {
-    b.name: b for b in (CpuBackend(), TritonBackend(), CudaBackend())}
-AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+KERNEL_BACKENDS: dict[str, KernelBackend] = {b.name: b for b in (CpuBackend(), TritonBackend())}
+AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpu",)}
+ENV_VARIABLE = "LINATTN_BACKEND"
 BACKEND_NAMES = (REFERENCE, *KERNEL_BACKENDS)
 
 
@@ -58,14 +63,14 @@ _warned_auto_reference: set[tuple] = set()
 
 def resolve_backend(requested: str, device: torch.device,
                     why_inputs_unsupported: Callable[[KernelBackend], Optional[str]] = lambda b: None,
-                    ) -> str:
+                    stacklevel: int = 3) -> str:
     """The concrete backend name for `requested` ("auto" or a name) on `device`.
 
     For "auto", `why_inputs_unsupported(backend)` (None, or the reason the backend's kernels do
     not take these inputs: dtype, dims, feature map) rules out backends that would refuse them.
     """
     if requested == "auto":
-        requested = os.environ.get("LINATTN_BACKEND", "auto") or "auto"
+        requested = os.environ.get(ENV_VARIABLE, "auto") or "auto"
         if requested != "auto" and requested not in BACKEND_NAMES:
             raise ValueError(f"LINATTN_BACKEND={requested!r} is not a backend; expected one of "
                              f"{list(BACKEND_NAMES)} or 'auto'")
@@ -84,7 +89,7 @@ def resolve_backend(requested: str, device: torch.device,
             detail = "; ".join(reasons) or f"no kernel backend handles device type {device.type!r}"
             warnings.warn(f"linattn: backend='auto' uses the slow float64 reference on "
                           f"{device.type} because no kernel backend can run ({detail})",
-                          RuntimeWarning, stacklevel=3)
+                          RuntimeWarning, stacklevel=stacklevel)
         return REFERENCE
     if requested == REFERENCE:
         return REFERENCE
@@ -101,5 +106,52 @@ def get_kernel_backend(name: str) -> KernelBackend:
     return KERNEL_BACKENDS[name]
 
 
-__all__ = ["backends", "BackendInfo", "resolve_backend", "get_kernel_backend", "KernelBackend",
-           "MapCall", "Availability", "BackendUnavailableError", "REFERENCE", "BACKEND_NAMES"]
+_chosen: dict[tuple, str] = {}
+
+
+def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                   value_dim: int, feature_dim: int, map_names: tuple[str, str],
+                   cached: bool = True) -> str:
+    """The backend that runs a call: resolve_backend(requested, device), which for "auto" also
+    passes over kernels that refuse the inputs, then, for a kernel backend asked for by name,
+    its refusal as a BackendUnavailableError. head_dim is the width the kernels receive (the
+    map's output width where the op applies an unfused map itself).
+
+    Answers are cached per (request, LINATTN_BACKEND, device, dtype, dims, map names); errors
+    are not (they are raised again, with their message, on every call). cached=False (what a
+    traced call uses: dims may be symbolic there) always resolves afresh."""
+    key = None
+    if cached:
+        env = os.environ.get(ENV_VARIABLE) if requested == "auto" else None
+        key = (requested, env, device, dtype, head_dim, value_dim, feature_dim, map_names)
+        name = _chosen.get(key)
+        if name is not None:
+            return name
+
+    def why_unsupported(kernel: KernelBackend) -> Optional[str]:
+        return kernel.unsupported(dtype, head_dim, value_dim, feature_dim, map_names)
+
+    # stacklevel: the warning points at the caller of linear_attention.
+    name = resolve_backend(requested, device, why_unsupported, stacklevel=4)
+    if name != REFERENCE:
+        why_not = why_unsupported(KERNEL_BACKENDS[name])
+        if why_not is not None:
+            raise BackendUnavailableError(f"backend={name!r} cannot run these inputs: {why_not}")
+    if key is not None:
+        if len(_chosen) >= _CACHE_LIMIT:  # a process cycling through endless shapes
+            _chosen.clear()
+        _chosen[key] = name
+    return name
+
+
+_CACHE_LIMIT = 4096
+
+
+def clear_cache() -> None:
+    """Forget every cached choose_backend answer (after changing what a backend can run)."""
+    _chosen.clear()
+
+
+__all__ = ["backends", "BackendInfo", "resolve_backend", "choose_backend", "clear_cache",
+           "get_kernel_backend", "KernelBackend", "MapCall", "Availability",
+           "BackendUnavailableError", "REFERENCE", "BACKEND_NAMES"]

@@ -1,8 +1,9 @@
 """The native CPU backend: C++ kernels in csrc/cpu, reached through linattn._C.
 
-The module does not link against torch: each tensor crosses as a ``_C.View`` (data pointer,
-dtype code, shape, strides in elements), and the kernels read any strides, so inputs are never
-copied. The tensors stay referenced here for the whole call, which is what keeps the pointers
+The module does not link against torch: each tensor crosses as a plain tuple (data pointer,
+dtype code, shape, strides in elements; csrc/bindings.cpp also takes ``_C.View`` objects, but
+building one per tensor costs several times more), and the kernels read any strides, so inputs
+are never copied. The tensors stay referenced here for the whole call, which is what keeps the pointers
 valid. The kernels use torch's thread count (torch.get_num_threads()).
 """
 from __future__ import annotations
@@ -17,11 +18,14 @@ from .base import Availability, KernelBackend, MapCall
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64", torch.bool: "bool"}
+# The binding's dtype codes, looked up once (an attribute lookup on the enum per tensor costs
+# as much as the rest of the view).
+_DTYPE_CODES = {} if native is None else {
+    dtype: getattr(native.DType, name) for dtype, name in _DTYPE_NAMES.items()}
 
 
-def _view(t: Tensor):
-    return native.View(t.data_ptr(), getattr(native.DType, _DTYPE_NAMES[t.dtype]),
-                       list(t.shape), list(t.stride()))
+def _view(t: Tensor) -> tuple:
+    return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
 
 
 def _views(ts: Sequence[Tensor]) -> list:

@@ -36,6 +36,15 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor
     return out
 
 
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """Like t: its shape, dtype, device and (for a dense t) its memory order. Cheaper than
+    empty() by about a microsecond, which matters per call of a small op."""
+    out = torch.empty_like(t)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
 def empty_bnhd(batch: int, seq: int, heads: int, dim: int, *, bhnd: bool, dtype: torch.dtype,
                device: torch.device) -> torch.Tensor:
     """A (B, N, H, D)-indexed tensor whose memory is laid out (B, H, N, D) when `bhnd`."""

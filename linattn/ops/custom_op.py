@@ -1,11 +1,16 @@
-"""The op as torch.library custom ops: forward, backward, their fake (shape) functions and the
-autograd formula that joins them. torch.compile sees two opaque ops with known output shapes,
-so a model that calls linear_attention compiles with fullgraph=True.
+"""The op as torch.library custom ops, for tracing: forward, backward, their fake (shape)
+functions and the autograd formula that joins them. torch.compile sees two opaque ops with
+known output shapes, so a model that calls linear_attention compiles with fullgraph=True, and
+with dynamic=True the fake functions keep B and N symbolic.
+
+Eager calls do not come here: a custom op's dispatch and its autograd wrappers cost more host
+time than the kernels of a small call (autograd.py runs the same functions directly).
 
 Arguments are plain tensors, lists of tensors and scalars (which is what a custom op accepts):
 feature maps travel as their kernel name plus their parameter tensors (base.py of
-linattn.feature_maps). q, k, v are (B, N, H, D)-indexed views; `bhnd` says which memory layout
-the outputs are allocated in, so a (B, H, N, D) caller gets its layout back without a copy.
+linattn.feature_maps), the scalars in execute.Settings' order. q, k, v are (B, N, H, D)-indexed
+views; `bhnd` says which memory layout the outputs are allocated in, so a (B, H, N, D) caller gets
+its layout back without a copy.
 """
 from __future__ import annotations
 
@@ -14,36 +19,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..backends import MapCall, get_kernel_backend
 from ..feature_maps import map_width
-from . import alloc
-
-
-def state_dtype(dtype: torch.dtype) -> torch.dtype:
-    """S and z are kept in float32 (float64 for float64 inputs), whatever the input dtype."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _allocate_forward(q: Tensor, v: Tensor, q_map: str, q_params: list[Tensor], bhnd: bool):
-    B, Nq, H, D = q.shape
-    Dv = v.shape[-1]
-    F = map_width(q_map, q_params, D)
-    sdt = state_dtype(q.dtype)
-    o = alloc.empty_bnhd(B, Nq, H, Dv, bhnd=bhnd, dtype=q.dtype, device=q.device)
-    state = alloc.empty(B, H, F, Dv, dtype=sdt, device=q.device)
-    normaliser = alloc.empty(B, H, F, dtype=sdt, device=q.device)
-    return o, state, normaliser
+from .execute import Settings, run_backward, run_forward, state_dtype
 
 
 @torch.library.custom_op("linattn::forward", mutates_args=())
 def forward_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                q_params: list[Tensor], k_params: list[Tensor], q_map: str, k_map: str,
                eps: float, bhnd: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    o, state, normaliser = _allocate_forward(q, v, q_map, q_params, bhnd)
-    get_kernel_backend(backend).forward(
-        q, k, v, key_mask, MapCall(q_map, tuple(q_params)), MapCall(k_map, tuple(k_params)),
-        eps, o, state, normaliser)
-    return o, state, normaliser
+    return run_forward(q, k, v, key_mask, q_params, k_params,
+                       Settings(q_map, k_map, eps, bhnd, backend))
 
 
 @forward_op.register_fake
@@ -56,40 +41,23 @@ def _forward_fake(q, k, v, key_mask, q_params, k_params, q_map, k_map, eps, bhnd
     return o, q.new_empty(B, H, F, Dv, dtype=sdt), q.new_empty(B, H, F, dtype=sdt)
 
 
-def _allocate_grads(q: Tensor, k: Tensor, v: Tensor, q_params, k_params, bhnd: bool):
-    def like(t: Tensor) -> Tensor:
-        B, N, H, D = t.shape
-        return alloc.empty_bnhd(B, N, H, D, bhnd=bhnd, dtype=t.dtype, device=t.device)
-
-    def like_param(p: Tensor) -> Tensor:
-        return alloc.empty(*p.shape, dtype=p.dtype, device=p.device)
-
-    return (like(q), like(k), like(v), [like_param(p) for p in q_params],
-            [like_param(p) for p in k_params])
-
-
 @torch.library.custom_op("linattn::backward", mutates_args=())
 def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_params: list[Tensor], k_params: list[Tensor], q_map: str, k_map: str,
                 eps: float, state: Tensor, normaliser: Tensor, bhnd: bool,
                 backend: str) -> list[Tensor]:
     """[dq, dk, dv, *d_q_params, *d_k_params]."""
-    dq, dk, dv, dqp, dkp = _allocate_grads(q, k, v, q_params, k_params, bhnd)
-    get_kernel_backend(backend).backward(
-        do, q, k, v, key_mask, MapCall(q_map, tuple(q_params)), MapCall(k_map, tuple(k_params)),
-        eps, state, normaliser, dq, dk, dv, dqp, dkp)
+    dq, dk, dv, dqp, dkp = run_backward(do, q, k, v, key_mask, q_params, k_params, state,
+                                        normaliser, Settings(q_map, k_map, eps, bhnd, backend))
     return [dq, dk, dv, *dqp, *dkp]
 
 
 @backward_op.register_fake
 def _backward_fake(do, q, k, v, key_mask, q_params, k_params, q_map, k_map, eps, state,
                    normaliser, bhnd, backend):
-    def like(t: Tensor) -> Tensor:
-        B, N, H, D = t.shape
-        return t.new_empty(B, H, N, D).permute(0, 2, 1, 3) if bhnd else t.new_empty(B, N, H, D)
-
-    return [like(q), like(k), like(v), *[torch.empty_like(p) for p in q_params],
-            *[torch.empty_like(p) for p in k_params]]
+    # Gradients are laid out like the inputs, as execute.run_backward allocates them.
+    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            *[torch.empty_like(p) for p in q_params], *[torch.empty_like(p) for p in k_params]]
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,4 +1,11 @@
-"""The public op: linattn.linear_attention."""
+"""The public op: linattn.linear_attention.
+
+Per call, on the host: resolve the feature maps (builtin names map to shared instances, not a new
+module per call), validate (validation.py: comparisons only), choose the backend (cached per
+dtype, dims, maps and device: linattn.backends.choose_backend), then either the float64
+reference or the kernels (autograd.py: directly in eager mode, through the custom ops when
+traced). Keyword arguments that reach the kernels travel in execute.Settings.
+"""
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
@@ -7,13 +14,24 @@ import torch
 from torch import Tensor
 
 from .. import feature_maps
-from ..backends import REFERENCE, BackendUnavailableError, get_kernel_backend, resolve_backend
-from ..feature_maps import FeatureMap, Identity
-from .custom_op import forward_op
+from ..backends import REFERENCE, choose_backend
+from ..feature_maps import BUILTIN_MAPS, FeatureMap
+from .autograd import apply_kernels
+from .execute import Settings
 from .reference import linear_attention_reference
-from .validation import to_bnhd, validate
+from .validation import validate
 
 FeatureMapArg = Union[str, FeatureMap, Sequence[Union[str, FeatureMap]]]
+
+# The builtin maps hold no state: one instance per name serves every call.
+_BUILTIN_INSTANCES = {name: cls() for name, cls in BUILTIN_MAPS.items()}
+_IDENTITY = _BUILTIN_INSTANCES["identity"]
+
+
+def _resolve_map(spec, argument: str) -> FeatureMap:
+    if isinstance(spec, str) and spec in _BUILTIN_INSTANCES:
+        return _BUILTIN_INSTANCES[spec]
+    return feature_maps.resolve(spec, argument)  # a module, or an error naming the argument
 
 
 def _resolve_maps(feature_map: FeatureMapArg) -> tuple[FeatureMap, FeatureMap]:
@@ -21,10 +39,19 @@ def _resolve_maps(feature_map: FeatureMapArg) -> tuple[FeatureMap, FeatureMap]:
         if len(feature_map) != 2:
             raise ValueError(f"feature_map: a sequence must be (map for q, map for k), "
                              f"got {len(feature_map)} entries")
-        return (feature_maps.resolve(feature_map[0], "feature_map[0] (for q)"),
-                feature_maps.resolve(feature_map[1], "feature_map[1] (for k)"))
-    fmap = feature_maps.resolve(feature_map)
+        return (_resolve_map(feature_map[0], "feature_map[0] (for q)"),
+                _resolve_map(feature_map[1], "feature_map[1] (for k)"))
+    fmap = _resolve_map(feature_map, "feature_map")
     return fmap, fmap
+
+
+def _without_masked_keys(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """k with masked keys set to 0, before a map the kernels do not know is applied to it in
+    PyTorch: φ of whatever padding holds (inf, NaN) would otherwise reach the map's parameter
+    gradients through autograd (0 · NaN), though the kernels never read masked φ(k)."""
+    if key_padding_mask is None:
+        return k
+    return torch.where(key_padding_mask[:, :, None, None], k, 0.0)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMapArg = "relu",
@@ -42,43 +69,44 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
             (map for q, map for k).
         eps: added to the denominator; must be > 0.
         layout: "bnhd" or "bhnd"; read in place (strides), never copied.
-        key_padding_mask: (B, Nk) bool, True = keep; masked keys add nothing to S and z.
+        key_padding_mask: (B, Nk) bool, True = keep. Masked keys contribute nothing: whatever
+            they hold (inf and NaN included) never reaches the output, and their gradients
+            (dk, dv) are exactly 0. A batch row whose keys are all masked returns exactly 0
+            for every query (S = 0, z = 0, so o = 0 / eps), and its queries' gradients are
+            exactly 0 too. The same on every backend.
         backend: "auto" (fastest available for the device; LINATTN_BACKEND overrides),
-            "reference" (float64 PyTorch oracle), "cpu", "triton", "cuda".
+            "reference" (float64 PyTorch oracle), "cpu", "triton".
 
     Returns:
         (B, Nq, H, Dv) (or (B, H, Nq, Dv)) in q's dtype. Differentiable in q, k, v and the
         feature maps' parameters on every backend.
     """
     q_map, k_map = _resolve_maps(feature_map)
-    validate(q, k, v, layout=layout, eps=eps, key_padding_mask=key_padding_mask,
-             q_map=q_map, k_map=k_map)
-    qb, kb, vb = (to_bnhd(t, layout) for t in (q, k, v))
+    _, _, _, _, D, Dv, F = validate(q, k, v, layout=layout, eps=eps,
+                                    key_padding_mask=key_padding_mask, q_map=q_map, k_map=k_map)
+    bhnd = layout == "bhnd"
+    if bhnd:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     # A map no kernel knows is applied here, in PyTorch (autograd differentiates it), and the
     # kernels run with the identity map on its output. Documented in feature_maps/base.py.
-    kernel_q_map = q_map if q_map.kernel_name is not None else Identity()
-    kernel_k_map = k_map if k_map.kernel_name is not None else Identity()
-    feature_dim = q_map.output_dim(qb.shape[-1])
-    kernel_head_dim = qb.shape[-1] if q_map.kernel_name is not None else feature_dim
-
-    def why_unsupported(kernel) -> Optional[str]:
-        return kernel.unsupported(q.dtype, kernel_head_dim, vb.shape[-1], feature_dim,
-                                  (kernel_q_map.kernel_name, kernel_k_map.kernel_name))
-
-    name = resolve_backend(backend, q.device, why_unsupported)
+    q_fused, k_fused = q_map.kernel_name is not None, k_map.kernel_name is not None
+    compiling = torch.compiler.is_compiling()
+    if compiling:
+        # Traced with dynamic shapes, the dims are symbolic: the backend choice specialises
+        # on the head dims (the kernels do anyway), never on B or N.
+        D, Dv, F = int(D), int(Dv), int(F)
+    map_names = (q_map.kernel_name if q_fused else "identity",
+                 k_map.kernel_name if k_fused else "identity")
+    name = choose_backend(backend, q.device, q.dtype, D if q_fused else F, Dv, F, map_names,
+                          cached=not compiling)
     if name == REFERENCE:
-        out = linear_attention_reference(qb, kb, vb, q_map, k_map, eps, key_padding_mask)
-        return out if layout == "bnhd" else out.transpose(1, 2).contiguous()
+        out = linear_attention_reference(q, k, v, q_map, k_map, eps, key_padding_mask)
+        return out.transpose(1, 2).contiguous() if bhnd else out
 
-    why_not = why_unsupported(get_kernel_backend(name))
-    if why_not is not None:
-        raise BackendUnavailableError(f"backend={name!r} cannot run these inputs: {why_not}")
-    if q_map.kernel_name is None:
-        qb = q_map(qb)
-    if k_map.kernel_name is None:
-        kb = k_map(kb)
-    q_map, k_map = kernel_q_map, kernel_k_map
-    out, _, _ = forward_op(qb, kb, vb, key_padding_mask, list(q_map.kernel_params()),
-                           list(k_map.kernel_params()), q_map.kernel_name, k_map.kernel_name,
-                           float(eps), layout == "bhnd", name)
-    return out if layout == "bnhd" else out.transpose(1, 2)
+    if not q_fused:
+        q, q_map = q_map(q), _IDENTITY
+    if not k_fused:
+        k, k_map = k_map(_without_masked_keys(k, key_padding_mask)), _IDENTITY
+    out = apply_kernels(q, k, v, key_padding_mask, q_map.kernel_params(), k_map.kernel_params(),
+                        Settings(map_names[0], map_names[1], float(eps), bhnd, name))
+    return out.transpose(1, 2) if bhnd else out

@@ -1,9 +1,17 @@
-"""Input checks, done once at the public boundary, with messages that name the argument."""
+"""Input checks, done once at the public boundary, with messages that name the argument.
+
+Cheap by construction: each check is a comparison of values Python already holds (ranks,
+sizes, dtypes, devices), and a message is only formatted once a check has failed. What depends
+only on (dtype, dims, map names, device), which backend runs and whether its kernels take the
+inputs, is cached by linattn.backends.choose_backend, not recomputed here.
+
+Traceable by torch.compile, with dynamic shapes too: no math.isfinite (eps may arrive as a
+symbolic float; 0 < eps < inf says the same and traces), nothing that reads tensor values.
+"""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -14,8 +22,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 LAYOUTS = ("bnhd", "bhnd")
 
 
-@dataclass(frozen=True)
-class Problem:
+class Problem(NamedTuple):
     """The sizes of one call, in (B, N, H, D) terms."""
     batch: int
     q_len: int
@@ -47,20 +54,27 @@ def to_bnhd(t: Tensor, layout: str) -> Tensor:
     return t if layout == "bnhd" else t.transpose(1, 2)
 
 
+def _bnhd_shape(t: Tensor, layout: str):
+    shape = t.shape
+    return shape if layout == "bnhd" else (shape[0], shape[2], shape[1], shape[3])
+
+
 def validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
              key_padding_mask: Optional[Tensor], q_map: FeatureMap, k_map: FeatureMap) -> Problem:
-    if layout not in LAYOUTS:
+    if layout != "bnhd" and layout != "bhnd":
         raise ValueError(f"layout: expected 'bnhd' (B, N, H, D) or 'bhnd' (B, H, N, D), got {layout!r}")
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, layout)
+    _check_tensor("q", q, layout)
+    _check_tensor("k", k, layout)
+    _check_tensor("v", v, layout)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: dtypes must be equal, got q {_dtype_name(q.dtype)}, "
                         f"k {_dtype_name(k.dtype)}, v {_dtype_name(v.dtype)}")
-    if not (q.device == k.device == v.device):
+    device = q.device
+    if not (device == k.device == v.device):
         raise ValueError(f"q, k, v: must be on one device, got q on {q.device}, k on {k.device}, "
                          f"v on {v.device}")
-    qb, kb, vb = (to_bnhd(t, layout) for t in (q, k, v))
-    (B, Nq, H, D), (Bk, Nk, Hk, Dk), (Bv, Nv, Hv, Dv) = qb.shape, kb.shape, vb.shape
+    (B, Nq, H, D), (Bk, Nk, Hk, Dk), (Bv, Nv, Hv, Dv) = (
+        _bnhd_shape(q, layout), _bnhd_shape(k, layout), _bnhd_shape(v, layout))
     if not (B == Bk == Bv):
         raise ValueError(f"q, k, v: batch sizes differ: q {B}, k {Bk}, v {Bv}")
     if not (H == Hk == Hv):
@@ -69,9 +83,10 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
         raise ValueError(f"q, k: head dims differ: q {D}, k {Dk}")
     if Nk != Nv:
         raise ValueError(f"k, v: sequence lengths differ: k {Nk}, v {Nv}")
-    for name, size in (("batch", B), ("heads", H), ("head dim", D), ("value dim", Dv)):
-        if size == 0:
-            raise ValueError(f"q, k, v: {name} is 0; every dimension must be at least 1")
+    if B == 0 or H == 0 or D == 0 or Dv == 0:
+        for name, size in (("batch", B), ("heads", H), ("head dim", D), ("value dim", Dv)):
+            if size == 0:
+                raise ValueError(f"q, k, v: {name} is 0; every dimension must be at least 1")
     if Nq == 0:
         raise ValueError("q: the query sequence is empty (N = 0)")
     if Nk == 0:
@@ -79,7 +94,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
 
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    if not math.isfinite(eps) or eps <= 0:
+    if not 0 < eps < math.inf:  # also False for NaN
         raise ValueError(f"eps: must be a finite number > 0 (the denominator φ(q)ᵀz + eps is 0 "
                          f"for a query with no positive feature), got {eps}")
 
@@ -90,19 +105,21 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
         if key_padding_mask.dtype != torch.bool:
             raise TypeError(f"key_padding_mask: expected dtype bool (True = keep), "
                             f"got {_dtype_name(key_padding_mask.dtype)}")
-        if tuple(key_padding_mask.shape) != (B, Nk):
+        if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] != B \
+                or key_padding_mask.shape[1] != Nk:
             raise ValueError(f"key_padding_mask: expected shape (B, Nk) = {(B, Nk)}, "
                              f"got {tuple(key_padding_mask.shape)}")
-        if key_padding_mask.device != q.device:
-            raise ValueError(f"key_padding_mask: must be on {q.device} like q, k, v, "
+        if key_padding_mask.device != device:
+            raise ValueError(f"key_padding_mask: must be on {device} like q, k, v, "
                              f"got {key_padding_mask.device}")
 
     for name, fmap in (("feature_map (for q)", q_map), ("feature_map (for k)", k_map)):
         fmap.check_input(H, D, name)
         for p in fmap.kernel_params():
-            if p.device != q.device:
-                raise ValueError(f"{name}: parameters are on {p.device}, inputs on {q.device}")
-    Fq, Fk = q_map.output_dim(D), k_map.output_dim(D)
+            if p.device != device:
+                raise ValueError(f"{name}: parameters are on {p.device}, inputs on {device}")
+    Fq = q_map.output_dim(D)
+    Fk = Fq if k_map is q_map else k_map.output_dim(D)
     if Fq != Fk:
         raise ValueError(f"feature_map: φ(q) and φ(k) must have the same width, got {Fq} and {Fk}")
     return Problem(B, Nq, Nk, H, D, Dv, Fq)

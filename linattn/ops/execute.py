@@ -1,0 +1,85 @@
+"""One forward or backward call of a kernel backend: allocate its outputs, call the backend.
+
+The eager autograd path (autograd.py) and the custom ops that torch.compile traces
+(custom_op.py) both run these two functions, so the two paths cannot drift apart.
+
+Settings are the call's non-tensor arguments, one NamedTuple in the custom ops' argument order.
+A new keyword argument of the op that reaches the kernels is a new field here (and an argument
+of the custom ops, in the same place); tensor arguments go beside q, k, v.
+
+Why this is CUDA-graph capturable: every allocation below has a size that follows from shapes
+and dtypes alone, nothing reads a tensor's values on the host (no .item(), .tolist(), nonzero or
+bool() of a tensor), and the backends follow the same rule (tests/test_host_path.py checks it on
+the CPU with a mode that refuses such calls, and runs the Triton planning on meta tensors).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ..backends import MapCall, get_kernel_backend
+from ..feature_maps import map_width
+from . import alloc
+
+
+class Settings(NamedTuple):
+    """The op's non-tensor arguments, as the custom ops take them (custom_op.py)."""
+    q_map: str      # kernel name of φ for q (linattn.feature_maps)
+    k_map: str      # kernel name of φ for k
+    eps: float
+    bhnd: bool      # allocate outputs in (B, H, N, D) memory order
+    backend: str    # a kernel backend's name (linattn.backends)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """S and z are kept in float32 (float64 for float64 inputs), whatever the input dtype."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def run_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                q_params: Sequence[Tensor], k_params: Sequence[Tensor],
+                settings: Settings) -> tuple[Tensor, Tensor, Tensor]:
+    """(o, S, z): o like (B, Nq, H, Dv) in q's dtype, S (B, H, D', Dv), z (B, H, D')."""
+    B, Nq, H, D = q.shape
+    Dv = v.shape[3]
+    F = map_width(settings.q_map, q_params, D)
+    dtype, device = q.dtype, q.device
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    o = alloc.empty_bnhd(B, Nq, H, Dv, bhnd=settings.bhnd, dtype=dtype, device=device)
+    state = alloc.empty(B, H, F, Dv, dtype=sdt, device=device)
+    normaliser = alloc.empty(B, H, F, dtype=sdt, device=device)
+    get_kernel_backend(settings.backend).forward(
+        q, k, v, key_mask, _map_call(settings.q_map, q_params),
+        _map_call(settings.k_map, k_params), settings.eps, o, state, normaliser)
+    return o, state, normaliser
+
+
+def run_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
+                 q_params: Sequence[Tensor], k_params: Sequence[Tensor], state: Tensor,
+                 normaliser: Tensor, settings: Settings
+                 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """(dq, dk, dv, d_q_params, d_k_params) from do and the forward's S and z. The gradients
+    are laid out like the inputs (a (B, H, N, D) input gets a (B, H, N, D) gradient)."""
+    dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
+    d_q_params = [alloc.empty_like(p) for p in q_params]
+    d_k_params = [alloc.empty_like(p) for p in k_params]
+    get_kernel_backend(settings.backend).backward(
+        do, q, k, v, key_mask, _map_call(settings.q_map, q_params),
+        _map_call(settings.k_map, k_params), settings.eps, state, normaliser, dq, dk, dv,
+        d_q_params, d_k_params)
+    return dq, dk, dv, d_q_params, d_k_params
+
+
+# A map without parameters (every builtin one) is the same MapCall on every call.
+_PARAMETER_FREE_CALLS: dict[str, MapCall] = {}
+
+
+def _map_call(name: str, params: Sequence[Tensor]) -> MapCall:
+    if params:
+        return MapCall(name, tuple(params))
+    call = _PARAMETER_FREE_CALLS.get(name)
+    if call is None:
+        call = _PARAMETER_FREE_CALLS[name] = MapCall(name, ())
+    return call
