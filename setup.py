@@ -6,7 +6,6 @@ below; it does not compile against torch, so torch is a runtime dependency only.
 Environment knobs for the native build:
   LINATTN_NATIVE_ARCH=0   compile for the compiler's default instruction set instead of
                           -march=native (needed for a wheel or image that runs on other CPUs)
-  LINATTN_CUDA=0          do not compile csrc/cuda/*.cu even where nvcc is found
   LINATTN_BUILD_TYPE      CMake build type (default Release; `build_ext --debug` gives Debug)
 
 A failed native build fails the installation: a user who installs linattn from source asked for
@@ -84,7 +83,6 @@ class CMakeBuild(build_ext):
             f"-DLINATTN_MODULE_DIR={module_path.parent}",
             f"-DLINATTN_MODULE_SUFFIX={sysconfig.get_config_var('EXT_SUFFIX')}",
             f"-DLINATTN_NATIVE_ARCH={on_off(_env_flag('LINATTN_NATIVE_ARCH', True))}",
-            f"-DLINATTN_CUDA={on_off(_env_flag('LINATTN_CUDA', True))}",
         ]
         subprocess.run(configure, check=True)
         subprocess.run([cmake, "--build", str(build_dir), "--config", config], check=True)

@@ -13,7 +13,8 @@ registry = importlib.import_module("linattn.backends")
 
 def test_backends_lists_every_backend_with_a_reason():
     infos = {b.name: b for b in linattn.backends()}
-    assert set(infos) == {"reference", "cpu", "triton", "cuda"}
+    # Only backends with kernels are listed: no placeholder entries.
+    assert set(infos) == {"reference", "cpu", "triton"}
     assert infos["reference"].available
     for info in infos.values():
         assert isinstance(info.reason, str) and info.reason
@@ -33,8 +34,12 @@ def test_auto_picks_the_native_backend_on_cpu(monkeypatch):
 def test_env_variable_overrides_auto(monkeypatch):
     monkeypatch.setenv("LINATTN_BACKEND", "reference")
     assert registry.resolve_backend("auto", torch.device("cpu")) == "reference"
-    monkeypatch.setenv("LINATTN_BACKEND", "cuda")
-    with pytest.raises(linattn.BackendUnavailableError, match="backend='cuda' cannot run here"):
+    monkeypatch.setenv("LINATTN_BACKEND", "triton")
+    triton_backend = registry.KERNEL_BACKENDS["triton"]
+    monkeypatch.setattr(triton_backend, "availability",
+                        lambda: Availability(False, "pretend triton is missing"))
+    with pytest.raises(linattn.BackendUnavailableError,
+                       match="backend='triton' cannot run here: pretend triton is missing"):
         registry.resolve_backend("auto", torch.device("cpu"))
     monkeypatch.setenv("LINATTN_BACKEND", "bogus")
     with pytest.raises(ValueError, match="LINATTN_BACKEND='bogus' is not a backend"):

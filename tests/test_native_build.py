@@ -46,7 +46,7 @@ def _require_native():
 
 def test_native_module_reports_its_build():
     _require_native()
-    assert isinstance(native.has_cuda_kernels, bool)
+    assert not hasattr(native, "has_cuda_kernels")  # no CUDA C++ kernels, no placeholder
     info = native.build_info()
     assert info["openmp"] > 0 and info["vector_bytes"] in (16, 32, 64)
     # Python's list of fused maps is the C++ one: a map added on one side only fails here.

@@ -103,5 +103,7 @@ def test_layout_and_feature_map_names():
 def test_backend_names():
     with pytest.raises(ValueError, match="backend: unknown backend 'fast'"):
         call(*qkv(), backend="fast")
-    with pytest.raises(linattn.BackendUnavailableError, match="backend='cuda' cannot run here"):
+    # There is no "cuda" backend (GPU kernels are the triton backend's): refused by name.
+    with pytest.raises(ValueError, match=r"backend: unknown backend 'cuda'; expected 'auto' or one of "
+                                         r"\['reference', 'cpu', 'triton'\]"):
         call(*qkv(), backend="cuda")
