@@ -154,28 +154,6 @@ def test_atomic_reduction_matches_reference(monkeypatch, device):
         assert_close_to_reference(g, w, case.dtype, f"triton {name}, atomic reduction")
 
 
-def test_sequence_split_fills_the_gpu_within_the_scratch_budget(monkeypatch, device):
-    """Wan 1.3B (B·H = 12, N = 32760, D = Dv = 128, bf16) on a 132-SM H100: the split count
-    aims at the SMs, and the partial states stay under SCRATCH_FRACTION of q, k, v."""
-    monkeypatch.setattr(plan, "sm_count", lambda device: 132)
-    B, N, H, D = 1, 32760, 12, 128
-    config = KernelConfig(64, 128, 8, 3, programs_per_sm=1)
-    qkv_bytes = 3 * B * N * H * D * 2
-    budget = int(plan.SCRATCH_FRACTION * qkv_bytes)
-    per_split = 4 * B * H * (D * D + D)
-    split = plan.sequence_split(N, B * H, config, device, per_split, budget)
-    assert split.count == 11  # ceil(132 SMs / 12 programs), under the budget's 15
-    assert split.count * per_split <= budget
-    assert split.chunk % config.block_n == 0 and (split.count - 1) * split.chunk < N
-    # Far more programs than the budget allows: capped by memory, not by the SM count.
-    greedy = KernelConfig(64, 128, 8, 3, programs_per_sm=10_000)
-    capped = plan.sequence_split(N, B * H, greedy, device, per_split, budget)
-    assert capped.count == budget // per_split
-    # A short sequence is not split below MIN_BLOCKS_PER_SPLIT blocks per program.
-    short = plan.sequence_split(300, B * H, greedy, device, per_split, 10**12)
-    assert short.count == max(1, -(-300 // 64) // plan.MIN_BLOCKS_PER_SPLIT)
-
-
 def test_unsupported_reasons_name_the_problem():
     backend = get_kernel_backend("triton")
     assert backend.unsupported(torch.bfloat16, 128, 128, 128, ("relu", "elu")) is None
@@ -208,7 +186,7 @@ def test_hedgehog_listed_exactly_when_its_kernels_import(monkeypatch):
     assert "pretend it failed to import" in reason
 
 
-def test_tuning_table_entries_are_well_formed_and_used(monkeypatch):
+def test_tuning_table_entries_are_well_formed_and_used():
     from linattn.kernels.triton.tuned_configs import SOURCES, TABLE
     assert TABLE, "the shipped table is empty"
     for key, entry in TABLE.items():
@@ -221,12 +199,13 @@ def test_tuning_table_entries_are_well_formed_and_used(monkeypatch):
         assert config.block_dv <= dv_pad and d_pad * dv_pad <= plan.MAX_STATE_ELEMENTS
         assert config.num_warps in (4, 8, 16) and config.programs_per_sm >= 1
     key = next(iter(TABLE))
-    monkeypatch.setattr(plan, "arch_key", lambda device: key[0])
-    got = plan.kernel_config(key[1], torch.device("cpu"), key[2], key[3], key[4], n_tokens=1000)
+    with plan.assume_device(plan.DeviceInfo(key[0], 132)):
+        got = plan.kernel_config(key[1], torch.device("cpu"), key[2], key[3], key[4],
+                                 n_tokens=1000)
     assert got == KernelConfig(*TABLE[key])
     # A class the table lacks falls back to the heuristic of its architecture.
-    monkeypatch.setattr(plan, "arch_key", lambda device: "sm_unknown")
-    got = plan.kernel_config("state", torch.device("cpu"), 64, 64, 2, n_tokens=1000)
+    with plan.assume_device(plan.DeviceInfo("sm_unknown", 132)):
+        got = plan.kernel_config("state", torch.device("cpu"), 64, 64, 2, n_tokens=1000)
     assert got == plan.heuristic_config("sm_unknown", "state", 64, 64, 2, 1000)
 
 

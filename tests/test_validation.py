@@ -107,3 +107,23 @@ def test_backend_names():
     with pytest.raises(ValueError, match=r"backend: unknown backend 'cuda'; expected 'auto' or one of "
                                          r"\['reference', 'cpu', 'triton'\]"):
         call(*qkv(), backend="cuda")
+
+
+def test_a_repeated_call_is_checked_again_where_it_differs():
+    """Validation remembers calls that passed (by shapes, dtypes, devices, layout, builtin
+    maps): a later call that differs in any of them, or in eps, is still refused."""
+    q, k, v = qkv()
+    call(q, k, v, backend="cpu")
+    call(q, k, v, backend="cpu")  # the remembered path
+    with pytest.raises(ValueError, match="eps: must be a finite number > 0"):
+        call(q, k, v, eps=-1.0, backend="cpu")
+    with pytest.raises(ValueError, match="k, v: sequence lengths differ"):
+        call(q, k, v[:, :4], backend="cpu")
+    with pytest.raises(TypeError, match="q, k, v: dtypes must be equal"):
+        call(q, k, v.double(), backend="cpu")
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    call(q, k, v, key_padding_mask=mask, backend="cpu")
+    with pytest.raises(TypeError, match="key_padding_mask: expected dtype bool"):
+        call(q, k, v, key_padding_mask=mask.float(), backend="cpu")
+    with pytest.raises(TypeError, match="key_padding_mask: expected a bool tensor"):
+        call(q, k, v, key_padding_mask=[[True] * 5] * 2, backend="cpu")

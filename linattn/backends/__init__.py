@@ -111,47 +111,56 @@ _chosen: dict[tuple, str] = {}
 
 def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                    value_dim: int, feature_dim: int, map_names: tuple[str, str],
-                   cached: bool = True) -> str:
+                   stacklevel: int = 4) -> str:
     """The backend that runs a call: resolve_backend(requested, device), which for "auto" also
     passes over kernels that refuse the inputs, then, for a kernel backend asked for by name,
     its refusal as a BackendUnavailableError. head_dim is the width the kernels receive (the
-    map's output width where the op applies an unfused map itself).
+    map's output width where the op applies an unfused map itself). stacklevel: of the
+    warning that "auto" falls back to the reference, counted from resolve_backend.
 
     Answers are cached per (request, LINATTN_BACKEND, device, dtype, dims, map names); errors
-    are not (they are raised again, with their message, on every call). cached=False (what a
-    traced call uses: dims may be symbolic there) always resolves afresh."""
-    key = None
-    if cached:
-        env = os.environ.get(ENV_VARIABLE) if requested == "auto" else None
-        key = (requested, env, device, dtype, head_dim, value_dim, feature_dim, map_names)
-        name = _chosen.get(key)
-        if name is not None:
-            return name
+    are not (they are raised again, with their message, on every call)."""
+    env = os.environ.get(ENV_VARIABLE) if requested == "auto" else None
+    key = (requested, env, device, dtype, head_dim, value_dim, feature_dim, map_names)
+    name = _chosen.get(key)
+    if name is not None:
+        return name
 
     def why_unsupported(kernel: KernelBackend) -> Optional[str]:
         return kernel.unsupported(dtype, head_dim, value_dim, feature_dim, map_names)
 
-    # stacklevel: the warning points at the caller of linear_attention.
-    name = resolve_backend(requested, device, why_unsupported, stacklevel=4)
+    # stacklevel: where the warning points (the caller of linear_attention, by default).
+    name = resolve_backend(requested, device, why_unsupported, stacklevel=stacklevel)
     if name != REFERENCE:
         why_not = why_unsupported(KERNEL_BACKENDS[name])
         if why_not is not None:
             raise BackendUnavailableError(f"backend={name!r} cannot run these inputs: {why_not}")
-    if key is not None:
-        if len(_chosen) >= _CACHE_LIMIT:  # a process cycling through endless shapes
-            _chosen.clear()
-        _chosen[key] = name
+    if len(_chosen) >= _CACHE_LIMIT:  # a process cycling through endless shapes
+        _chosen.clear()
+    _chosen[key] = name
     return name
 
 
 _CACHE_LIMIT = 4096
 
 
+_clear_hooks: list[Callable[[], None]] = []
+
+
+def on_clear_cache(hook: Callable[[], None]) -> None:
+    """Call `hook` whenever clear_cache() runs (for caches built on choose_backend's answers)."""
+    _clear_hooks.append(hook)
+
+
 def clear_cache() -> None:
-    """Forget every cached choose_backend answer (after changing what a backend can run)."""
+    """Forget every cached choose_backend answer (after changing what a backend can run), and
+    every cache built on them."""
     _chosen.clear()
+    for hook in _clear_hooks:
+        hook()
 
 
 __all__ = ["backends", "BackendInfo", "resolve_backend", "choose_backend", "clear_cache",
+           "on_clear_cache",
            "get_kernel_backend", "KernelBackend", "MapCall", "Availability",
            "BackendUnavailableError", "REFERENCE", "BACKEND_NAMES"]

@@ -32,10 +32,6 @@ def _views(ts: Sequence[Tensor]) -> list:
     return [_view(t) for t in ts]
 
 
-def _optional_view(t: Optional[Tensor]):
-    return None if t is None else _view(t)
-
-
 def _describe_build() -> str:
     info = native.build_info()
     simd = f"{info['vector_bytes'] * 8}-bit vectors" + (", FMA" if info["fma"] else "")
@@ -62,17 +58,26 @@ class CpuBackend(KernelBackend):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_map: MapCall, k_map: MapCall, eps: float,
                 o: Tensor, state: Tensor, normaliser: Tensor) -> None:
+        # One comprehension for all views: per call of a small problem, Python's function
+        # calls are a visible share of the host time.
+        q_, k_, v_, o_, s_, z_ = [(t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
+                                  for t in (q, k, v, o, state, normaliser)]
         native.cpu_forward(
-            _view(q), _view(k), _view(v), _optional_view(key_mask),
-            q_map.name, _views(q_map.params), k_map.name, _views(k_map.params), float(eps),
-            _view(o), _view(state), _view(normaliser), torch.get_num_threads())
+            q_, k_, v_, None if key_mask is None else _view(key_mask),
+            q_map.name, _views(q_map.params) if q_map.params else (),
+            k_map.name, _views(k_map.params) if k_map.params else (), eps,
+            o_, s_, z_, torch.get_num_threads())
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                  q_map: MapCall, k_map: MapCall, eps: float, state: Tensor, normaliser: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor,
                  d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor]) -> None:
+        do_, q_, k_, v_, s_, z_, dq_, dk_, dv_ = [
+            (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
+            for t in (do, q, k, v, state, normaliser, dq, dk, dv)]
         native.cpu_backward(
-            _view(do), _view(q), _view(k), _view(v), _optional_view(key_mask),
-            q_map.name, _views(q_map.params), k_map.name, _views(k_map.params), float(eps),
-            _view(state), _view(normaliser), _view(dq), _view(dk), _view(dv),
-            _views(d_q_params), _views(d_k_params), torch.get_num_threads())
+            do_, q_, k_, v_, None if key_mask is None else _view(key_mask),
+            q_map.name, _views(q_map.params) if q_map.params else (),
+            k_map.name, _views(k_map.params) if k_map.params else (), eps,
+            s_, z_, dq_, dk_, dv_, _views(d_q_params) if d_q_params else (),
+            _views(d_k_params) if d_k_params else (), torch.get_num_threads())

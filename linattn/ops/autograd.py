@@ -14,7 +14,6 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .custom_op import forward_op
 from .execute import Settings, run_backward, run_forward
@@ -35,9 +34,7 @@ class _LinearAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: Tensor):
         if torch.is_grad_enabled():
-            # create_graph=True: the kernels' gradients are not differentiable again; say so
-            # if anything tries (once_differentiable), rather than return silent zeros.
-            return _backward_once(ctx, do)
+            return _backward_with_graph(ctx, do)
         return _backward(ctx, do)
 
 
@@ -49,21 +46,46 @@ def _backward(ctx, do: Tensor):
     return None, None, dq, dk, dv, None, *d_q_params, *d_k_params
 
 
-# once_differentiable's torch.no_grad() costs more than a small call's kernels, so it is only
-# entered where grad mode is on, which a plain backward never is.
-_backward_once = once_differentiable(_backward)
+_NOT_TWICE = (b"linattn.linear_attention's gradients are not differentiable (its kernels have no "
+              b"double backward); compute the second derivative with backend='reference'")
+
+
+def _backward_with_graph(ctx, do: Tensor):
+    """create_graph=True. The kernels' gradients cannot be differentiated again: where they
+    depend on something that requires grad, they get a grad_fn that raises once reached, as
+    torch.autograd.function.once_differentiable does, but judged by q, k, v and the maps'
+    parameters too, not by do alone (a plain backward never comes here: its grad mode is off,
+    and entering torch.no_grad() costs more than a small call's kernels)."""
+    with torch.no_grad():
+        grads = _backward(ctx, do)
+    if not (do.requires_grad or any(t is not None and t.requires_grad
+                                    for t in ctx.saved_tensors)):
+        return grads
+    present = [g for g in grads if g is not None]
+    marked = torch._C._functions.DelayedError(_NOT_TWICE, len(present))(
+        *[g.detach().requires_grad_() for g in present])
+    marked = iter((marked,) if isinstance(marked, Tensor) else marked)
+    return tuple(None if g is None else next(marked) for g in grads)
 
 
 def apply_kernels(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
-                  q_params: Sequence[Tensor], k_params: Sequence[Tensor],
-                  settings: Settings) -> Tensor:
-    """o for (B, N, H, D)-indexed q, k, v on the kernel backend settings.backend."""
-    if torch.compiler.is_compiling():
+                  q_params: Sequence[Tensor], k_params: Sequence[Tensor], settings: Settings,
+                  compiling: bool) -> Tensor:
+    """o for (B, N, H, D)-indexed q, k, v on the kernel backend settings.backend; `compiling`:
+    torch.compiler.is_compiling(), which the caller has asked already."""
+    if compiling:
         out, _, _ = forward_op(q, k, v, key_mask, list(q_params), list(k_params), *settings)
         return out
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or any(p.requires_grad for p in q_params)
-                                    or any(p.requires_grad for p in k_params)):
+                                    or _any_requires_grad(q_params)
+                                    or _any_requires_grad(k_params)):
         return _LinearAttention.apply(settings, len(q_params), q, k, v, key_mask, *q_params,
                                       *k_params)
     return run_forward(q, k, v, key_mask, q_params, k_params, settings)[0]
+
+
+def _any_requires_grad(params: Sequence[Tensor]) -> bool:
+    for p in params:  # a loop, not any(generator): builtin maps have no parameters at all
+        if p.requires_grad:
+            return True
+    return False

@@ -1,25 +1,33 @@
 """The public op: linattn.linear_attention.
 
 Per call, on the host: resolve the feature maps (builtin names map to shared instances, not a new
-module per call), validate (validation.py: comparisons only), choose the backend (cached per
-dtype, dims, maps and device: linattn.backends.choose_backend), then either the float64
-reference or the kernels (autograd.py: directly in eager mode, through the custom ops when
-traced). Keyword arguments that reach the kernels travel in execute.Settings.
+module per call), validate (validation.py) and choose the backend (linattn.backends.
+choose_backend), then run the float64 reference or the kernels (autograd.py: directly in eager
+mode, through the custom ops when traced). Keyword arguments that reach the kernels travel in
+execute.Settings.
+
+A call shaped exactly like one that passed validation (same shapes, dtypes, devices, layout,
+mask, builtin maps, backend request) is recognised by one dictionary lookup, which returns its
+sizes and backend: the checks and the choice read nothing else (eps, which they also read, is
+checked every call). Hedgehog and user maps hold state the checks read, so their calls are
+checked in full.
 """
 from __future__ import annotations
 
+import operator
+import os
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
 from .. import feature_maps
-from ..backends import REFERENCE, choose_backend
+from ..backends import ENV_VARIABLE, REFERENCE, choose_backend, on_clear_cache
 from ..feature_maps import BUILTIN_MAPS, FeatureMap
 from .autograd import apply_kernels
 from .execute import Settings
 from .reference import linear_attention_reference
-from .validation import validate
+from .validation import Problem, check_eps, validate
 
 FeatureMapArg = Union[str, FeatureMap, Sequence[Union[str, FeatureMap]]]
 
@@ -35,6 +43,10 @@ def _resolve_map(spec, argument: str) -> FeatureMap:
 
 
 def _resolve_maps(feature_map: FeatureMapArg) -> tuple[FeatureMap, FeatureMap]:
+    if type(feature_map) is str:
+        fmap = _BUILTIN_INSTANCES.get(feature_map)
+        if fmap is not None:
+            return fmap, fmap
     if isinstance(feature_map, (tuple, list)):
         if len(feature_map) != 2:
             raise ValueError(f"feature_map: a sequence must be (map for q, map for k), "
@@ -43,6 +55,41 @@ def _resolve_maps(feature_map: FeatureMapArg) -> tuple[FeatureMap, FeatureMap]:
                 _resolve_map(feature_map[1], "feature_map[1] (for k)"))
     fmap = _resolve_map(feature_map, "feature_map")
     return fmap, fmap
+
+
+# Calls that passed validation and the backend choice: key -> (Problem, backend name).
+_checked_calls: dict[tuple, tuple[Problem, str]] = {}
+on_clear_cache(_checked_calls.clear)
+_STATELESS_MAPS = tuple(BUILTIN_MAPS.values())
+
+
+def _call_key(q, k, v, layout, mask, q_map, k_map, backend) -> Optional[tuple]:
+    """What validation and the backend choice read, or None where that is more (a map with
+    state, a non-tensor argument: those calls take the full path, which also words errors)."""
+    if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
+            and (mask is None or isinstance(mask, Tensor))
+            and type(q_map) in _STATELESS_MAPS and type(k_map) in _STATELESS_MAPS):
+        return None
+    return (backend, os.environ.get(ENV_VARIABLE) if backend == "auto" else None, layout,
+            q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
+            type(q_map), type(k_map), None if mask is None else (mask.shape, mask.dtype,
+                                                                mask.device))
+
+
+@torch.compiler.assume_constant_result
+def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    value_dim: int, feature_dim: int, map_names: tuple[str, str]) -> str:
+    """choose_backend, which a trace does not follow: torch.compile runs it once, as Python, and
+    keeps its answer as a constant of the graph (its arguments are constants there too), so
+    availability checks and imports inside it cannot break the graph."""
+    return choose_backend(requested, device, dtype, head_dim, value_dim, feature_dim, map_names,
+                          stacklevel=5)  # the warning points at linear_attention's caller
+
+
+def _kernel_map_names(q_map: FeatureMap, k_map: FeatureMap) -> tuple[str, str]:
+    """The maps the kernels run: a map they do not know is applied first and they run identity."""
+    return (q_map.kernel_name if q_map.kernel_name is not None else "identity",
+            k_map.kernel_name if k_map.kernel_name is not None else "identity")
 
 
 def _without_masked_keys(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
@@ -82,31 +129,43 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
         feature maps' parameters on every backend.
     """
     q_map, k_map = _resolve_maps(feature_map)
-    _, _, _, _, D, Dv, F = validate(q, k, v, layout=layout, eps=eps,
-                                    key_padding_mask=key_padding_mask, q_map=q_map, k_map=k_map)
+    compiling = torch.compiler.is_compiling()
+    key = None if compiling else _call_key(q, k, v, layout, key_padding_mask, q_map, k_map,
+                                           backend)
+    checked = None if key is None else _checked_calls.get(key)
+    if checked is not None:
+        check_eps(eps)
+        (_, _, _, _, D, Dv, F), name = checked
+    else:
+        problem = validate(q, k, v, layout=layout, eps=eps, key_padding_mask=key_padding_mask,
+                           q_map=q_map, k_map=k_map)
+        D, Dv, F = problem.head_dim, problem.value_dim, problem.feature_dim
+        if compiling:
+            # Traced with dynamic shapes, the dims are symbolic: the backend choice specialises
+            # on the head dims (the kernels do anyway), never on B or N. operator.index is what
+            # dynamo turns into a constant (int() keeps the symbol).
+            D, Dv, F = operator.index(D), operator.index(Dv), operator.index(F)
+        name = _choose_backend(backend, q.device, q.dtype,
+                               D if q_map.kernel_name is not None else F, Dv, F,
+                               _kernel_map_names(q_map, k_map))
+        if key is not None:
+            if len(_checked_calls) >= 4096:  # a process cycling through endless shapes
+                _checked_calls.clear()
+            _checked_calls[key] = (problem, name)
     bhnd = layout == "bhnd"
     if bhnd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    # A map no kernel knows is applied here, in PyTorch (autograd differentiates it), and the
-    # kernels run with the identity map on its output. Documented in feature_maps/base.py.
-    q_fused, k_fused = q_map.kernel_name is not None, k_map.kernel_name is not None
-    compiling = torch.compiler.is_compiling()
-    if compiling:
-        # Traced with dynamic shapes, the dims are symbolic: the backend choice specialises
-        # on the head dims (the kernels do anyway), never on B or N.
-        D, Dv, F = int(D), int(Dv), int(F)
-    map_names = (q_map.kernel_name if q_fused else "identity",
-                 k_map.kernel_name if k_fused else "identity")
-    name = choose_backend(backend, q.device, q.dtype, D if q_fused else F, Dv, F, map_names,
-                          cached=not compiling)
     if name == REFERENCE:
         out = linear_attention_reference(q, k, v, q_map, k_map, eps, key_padding_mask)
         return out.transpose(1, 2).contiguous() if bhnd else out
 
-    if not q_fused:
+    # A map no kernel knows is applied here, in PyTorch (autograd differentiates it), and the
+    # kernels run with the identity map on its output. Documented in feature_maps/base.py.
+    q_name, k_name = _kernel_map_names(q_map, k_map)
+    if q_map.kernel_name is None:
         q, q_map = q_map(q), _IDENTITY
-    if not k_fused:
+    if k_map.kernel_name is None:
         k, k_map = k_map(_without_masked_keys(k, key_padding_mask)), _IDENTITY
     out = apply_kernels(q, k, v, key_padding_mask, q_map.kernel_params(), k_map.kernel_params(),
-                        Settings(map_names[0], map_names[1], float(eps), bhnd, name))
+                        Settings(q_name, k_name, float(eps), bhnd, name), compiling)
     return out.transpose(1, 2) if bhnd else out

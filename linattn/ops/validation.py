@@ -1,9 +1,10 @@
 """Input checks, done once at the public boundary, with messages that name the argument.
 
-Cheap by construction: each check is a comparison of values Python already holds (ranks,
-sizes, dtypes, devices), and a message is only formatted once a check has failed. What depends
-only on (dtype, dims, map names, device), which backend runs and whether its kernels take the
-inputs, is cached by linattn.backends.choose_backend, not recomputed here.
+Cheap: each check compares values Python already holds (ranks, sizes, dtypes, devices) and a
+message is only formatted once a check has failed. The op (linear_attention.py) also remembers
+call shapes that passed, so a repeated call is recognised by one dictionary lookup; what
+depends only on (dtype, dims, map names, device), which backend runs and whether its kernels
+take the inputs, is cached by linattn.backends.choose_backend.
 
 Traceable by torch.compile, with dynamic shapes too: no math.isfinite (eps may arrive as a
 symbolic float; 0 < eps < inf says the same and traces), nothing that reads tensor values.
@@ -61,6 +62,27 @@ def _bnhd_shape(t: Tensor, layout: str):
 
 def validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
              key_padding_mask: Optional[Tensor], q_map: FeatureMap, k_map: FeatureMap) -> Problem:
+    """Every check; a Problem with the call's sizes when all pass."""
+    return _validate(q, k, v, layout=layout, eps=eps, key_padding_mask=key_padding_mask,
+                     q_map=q_map, k_map=k_map)
+
+
+def check_eps(eps) -> None:
+    """validate's check of eps alone (what a remembered call shape does not cover)."""
+    _check_eps(eps)
+
+
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
+    if not 0 < eps < math.inf:  # also False for NaN
+        raise ValueError(f"eps: must be a finite number > 0 (the denominator φ(q)ᵀz + eps is 0 "
+                         f"for a query with no positive feature), got {eps}")
+
+
+def _validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
+              key_padding_mask: Optional[Tensor], q_map: FeatureMap,
+              k_map: FeatureMap) -> Problem:
     if layout != "bnhd" and layout != "bhnd":
         raise ValueError(f"layout: expected 'bnhd' (B, N, H, D) or 'bhnd' (B, H, N, D), got {layout!r}")
     _check_tensor("q", q, layout)
@@ -92,11 +114,7 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, layout: str, eps: float,
     if Nk == 0:
         raise ValueError("k, v: the key/value sequence is empty (N = 0)")
 
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps: expected a float, got {type(eps).__name__}")
-    if not 0 < eps < math.inf:  # also False for NaN
-        raise ValueError(f"eps: must be a finite number > 0 (the denominator φ(q)ᵀz + eps is 0 "
-                         f"for a query with no positive feature), got {eps}")
+    _check_eps(eps)
 
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):

@@ -14,10 +14,10 @@ limited to D, F, Dv <= 64. No timing has been measured: the configs are the fast
 ones that fit, not tuned.
 
 Programs per SM. The kernels run 8 warps (256 threads); an SM has 65536 registers, so two
-programs fit only at <= 128 registers a thread. ptxas gives 172-255 registers for every kernel
-and size except the 16-bit D = 64 state kernel (128): those run one program per SM, and the
-split count aims at that (RESIDENT_PROGRAMS; the split rule is the builtin kernels',
-triton/plan.py split_count: whole waves).
+programs fit only at <= 128 registers a thread. ptxas gives 144-255 registers for every kernel
+and size except the 16-bit D = 64 state kernel and the fp32 output kernel (128 each): the others
+run one program per SM, and the split count aims at that (RESIDENT_PROGRAMS; the split rule is
+the builtin kernels', triton/plan.py split_count: whole waves).
 
 Scratch. Each reduction's partials are capped at SCRATCH_FRACTION of the bytes of q, k and v
 (at least the builtin kernels' SCRATCH_FLOOR_BYTES) and freed before the next pass.
@@ -52,10 +52,11 @@ _GPU_CONFIGS = {
                       key_grad=(16, 8)),
     (False, 64): dict.fromkeys(KINDS, (16, 8)),
 }
-#: Programs resident per SM, from the registers ptxas reports for sm_90 (resources.py, triton
-#: 3.6, 8 warps: two programs need <= 128 registers a thread). Only the 16-bit state kernel at
-#: D <= 64 (128 registers) fits two; every other kernel uses 172-255.
-RESIDENT_PROGRAMS = {(True, 64, "state"): 2}
+#: Programs resident per SM, from what ptxas reports for sm_90 (resources.py, triton 3.6,
+#: 8 warps: two programs need <= 128 registers a thread, and twice their shared memory within
+#: the SM's 228 KB). Two fit for the 16-bit state kernel at D <= 64 (128 registers, 48 KB) and
+#: the fp32 output kernel (128 registers, 108 KB); every other kernel uses 144-255 registers.
+RESIDENT_PROGRAMS = {(True, 64, "state"): 2, (False, 64, "output"): 2}
 #: The interpreter's cost is per operation, not per element: few large blocks run fastest.
 _INTERPRETER_BLOCK_N = 64
 
@@ -116,18 +117,27 @@ def splits(num_blocks: int, programs_per_split: int, device: torch.device,
     if requested is not None:
         if requested < 1:
             raise ValueError(f"num_splits: must be >= 1, got {requested}")
-        count = requested
+        count = max(1, min(requested, num_blocks))
+        per_split = cdiv(num_blocks, count)
+        return cdiv(num_blocks, per_split), per_split
+    return _planned_splits(num_blocks, programs_per_split, base_plan.device_info(device),
+                           programs_per_sm, slab_bytes, budget_bytes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _planned_splits(num_blocks: int, programs_per_split: int, info: base_plan.DeviceInfo,
+                    programs_per_sm: int, slab_bytes: int, budget_bytes: int) -> tuple[int, int]:
+    # A pure function of sizes and the device's DeviceInfo: cached, so planning a pass costs
+    # a dictionary lookup.
+    if info.arch == base_plan.INTERPRETER.arch:
+        # The interpreter runs one program at a time: splitting would only add partials.
+        count = 1
     else:
-        info = base_plan.device_info(device)
-        if info.arch == base_plan.INTERPRETER.arch:
-            # The interpreter runs one program at a time: splitting would only add partials.
-            count = 1
-        else:
-            max_count = num_blocks // MIN_BLOCKS_PER_SPLIT
-            if slab_bytes:
-                max_count = min(max_count, budget_bytes // slab_bytes)
-            count = base_plan.split_count(num_blocks, programs_per_split,
-                                          info.sm_count * programs_per_sm, max_count)
+        max_count = num_blocks // MIN_BLOCKS_PER_SPLIT
+        if slab_bytes:
+            max_count = min(max_count, budget_bytes // slab_bytes)
+        count = base_plan.split_count(num_blocks, programs_per_split,
+                                      info.sm_count * programs_per_sm, max_count)
     count = max(1, min(count, num_blocks))
     per_split = cdiv(num_blocks, count)
     return cdiv(num_blocks, per_split), per_split
