@@ -121,12 +121,21 @@ class CMakeBuild(build_ext):
         return outfile, True
 
 
-# The DiT layer (linattn.train, linattn's diffusers integration): diffusers is pinned because the
-# integration patches the attention dispatch of its video transformers. accelerate: diffusers'
-# from_pretrained refuses to load a model that keeps modules in float32 (Wan) without it
-# ("low_cpu_mem_usage cannot be False ..."), so train's model.pretrained needs it.
-TRAIN_REQUIRES = ["diffusers==0.42.1", "transformers>=5", "sentencepiece", "matplotlib",
+# diffusers, pinned exactly and only where it is used: linattn.dit (convert, load_converted,
+# the per-family selectors and processors) copies internals of diffusers 0.42.1's video
+# transformers (attention processors, dispatch), which other releases change. The op, the
+# feature maps and LinearAttention never import it.
+DIT_REQUIRES = ["diffusers==0.42.1"]
+# accelerate: diffusers' from_pretrained refuses to load a model that keeps modules in float32
+# (Wan) without it ("low_cpu_mem_usage cannot be False ..."), so train's model.pretrained needs it.
+TRAIN_REQUIRES = [*DIT_REQUIRES, "transformers>=5", "sentencepiece", "matplotlib",
                   "accelerate>=1.1"]
+# Triton is not a requirement: torch's CUDA wheels bring the Triton each release was built
+# with (and pin it), and linattn uses that one, so installing linattn never replaces it.
+# README.md says which versions the kernels are tested with. The test extra asks for a tested
+# one because CPU-only torch wheels bring none and the tests run the Triton kernels in
+# Triton's interpreter; Triton wheels exist for Linux only.
+TESTED_TRITON = "triton>=3.6,<3.7; platform_system == 'Linux'"
 
 setup(
     name="linattn",
@@ -140,13 +149,11 @@ setup(
         "pyyaml",
         "safetensors",
         "tqdm",
-        # The Triton backend; pinned to the version its kernels are tested with. Triton wheels
-        # exist for Linux x86-64 only.
-        "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
+        "dit": DIT_REQUIRES,
         "train": TRAIN_REQUIRES,
-        "test": ["pytest>=8", "pytest-benchmark>=4", *TRAIN_REQUIRES],
+        "test": ["pytest>=8", "pytest-benchmark>=4", TESTED_TRITON, *TRAIN_REQUIRES],
     },
     entry_points={"console_scripts": ["linattn = linattn.train.cli:main"]},
     package_data={"linattn.train": ["configs/*.yaml"]},

@@ -20,6 +20,7 @@ import torch
 from measure import copy_bandwidth
 
 ROWS: list[dict] = []
+OVERHEAD_ROWS: list[dict] = []
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +35,31 @@ def bandwidth(device) -> float:
 
 def record(**row) -> None:
     ROWS.append(row)
+
+
+def record_overhead(*, what: str, impl: str, seconds: float, min_seconds: float,
+                    peer: str | None) -> None:
+    """A per-call host time (test_overhead.py); `peer`: the impl it is compared with."""
+    OVERHEAD_ROWS.append(dict(what=what, impl=impl, seconds=seconds, min_seconds=min_seconds,
+                              peer=peer))
+
+
+def overhead_table(rows: list[dict]) -> str:
+    """Per-call host time in µs (median and fastest round), and each linattn row's ratio to
+    its peer's median in the same run."""
+    lines = ["\nPer-call host time (median of rounds; fastest round in brackets)\n",
+             "| what | impl | µs per call | ratio to peer |", "|---|---|---|---|"]
+    for r in rows:
+        ratio = ""
+        if r["peer"] is not None and r["impl"] != r["peer"]:
+            peer = next((p for p in rows if p["impl"] == r["peer"] and p["what"] == r["what"]),
+                        None)
+            if peer is not None:
+                ratio = (f"{r['seconds'] / peer['seconds']:.2f} "
+                         f"({r['min_seconds'] / peer['min_seconds']:.2f})")
+        lines.append(f"| {r['what']} | {r['impl']} | {r['seconds'] * 1e6:.1f} "
+                     f"({r['min_seconds'] * 1e6:.1f}) | {ratio} |")
+    return "\n".join(lines)
 
 
 def _machine(device: torch.device) -> str:
@@ -70,12 +96,14 @@ def summary_table(rows: list[dict]) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS:
+    if not ROWS and not OVERHEAD_ROWS:
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     title = (f"linattn benchmarks: {_machine(device)}, torch {torch.__version__}, "
              f"{date.today().isoformat()}, commit {_commit()}")
     text = title + "\n" + summary_table(ROWS)
+    if OVERHEAD_ROWS:
+        text += "\n" + overhead_table(OVERHEAD_ROWS)
     terminalreporter.write_sep("=", "linattn side-by-side")
     terminalreporter.write_line(text)
     out = Path(config.rootpath) / ".benchmarks"

@@ -143,12 +143,12 @@ def test_split_reduction_is_deterministic(device):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
-def test_atomic_reduction_matches_reference(monkeypatch, device):
-    monkeypatch.setenv(plan.ATOMIC_ENV, "1")
+def test_atomic_reduction_matches_reference(device):
     case = Case(maps=("softmax", "relu"), masked=True, splits=3)
     q, k, v, mask = _inputs(case, device)
     grad_out = torch.randn(case.batch, case.q_len, case.heads, case.value_dim, device=device)
-    got = _run(case, q, k, v, mask, grad_out)
+    with plan.atomic_reduction(True):
+        got = _run(case, q, k, v, mask, grad_out)
     want = _reference(case, q, k, v, mask, grad_out)
     for name, g, w in zip(("output", "dq", "dk", "dv"), got, want):
         assert_close_to_reference(g, w, case.dtype, f"triton {name}, atomic reduction")

@@ -21,6 +21,7 @@ import functools
 import importlib
 import importlib.util
 import os
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
@@ -34,6 +35,14 @@ _HEDGEHOG_MODULE = "linattn.kernels.triton.hedgehog"
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_kernels():
+    """The builtin maps' kernel modules, imported on first use (not per call: an import
+    statement costs about a microsecond even for a loaded module)."""
+    from ..kernels.triton import backward, forward
+    return SimpleNamespace(forward=forward, backward=backward)
 
 
 @functools.lru_cache(maxsize=1)
@@ -98,11 +107,12 @@ class TritonBackend(KernelBackend):
         with _on_device(q.device):
             if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
                 hedgehog = self._hedgehog(q_map.name, k_map.name)
+                # The op validated the inputs and allocated the outputs: no second check.
                 hedgehog.hedgehog_forward(q, k, v, key_mask, q_map.params[0], k_map.params[0],
-                                          eps, o, state, normaliser)
+                                          eps, o, state, normaliser, check=False)
                 return
-            from ..kernels.triton.forward import forward
-            forward(q, k, v, key_mask, q_map.name, k_map.name, eps, o, state, normaliser)
+            _builtin_kernels().forward.forward(q, k, v, key_mask, q_map.name, k_map.name, eps,
+                                               o, state, normaliser)
 
     def backward(self, do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
                  d_q_params, d_k_params) -> None:
@@ -111,11 +121,10 @@ class TritonBackend(KernelBackend):
                 hedgehog = self._hedgehog(q_map.name, k_map.name)
                 hedgehog.hedgehog_backward(do, q, k, v, key_mask, q_map.params[0],
                                            k_map.params[0], eps, state, normaliser, dq, dk, dv,
-                                           d_q_params[0], d_k_params[0])
+                                           d_q_params[0], d_k_params[0], check=False)
                 return
-            from ..kernels.triton.backward import backward
-            backward(do, q, k, v, key_mask, q_map.name, k_map.name, eps, state, normaliser,
-                     dq, dk, dv)
+            _builtin_kernels().backward.backward(do, q, k, v, key_mask, q_map.name, k_map.name,
+                                                 eps, state, normaliser, dq, dk, dv)
 
     def _hedgehog(self, q_name: str, k_name: str):
         """The Hedgehog kernels module; raises when the pair or the module cannot run."""
@@ -131,8 +140,11 @@ class TritonBackend(KernelBackend):
         return module
 
 
+_NO_DEVICE_SWITCH = contextlib.nullcontext()
+
+
 def _on_device(device: torch.device):
     """Kernels launch on the current CUDA device: make it the tensors' one."""
     if device.type == "cuda":
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_DEVICE_SWITCH

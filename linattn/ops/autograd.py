@@ -4,9 +4,9 @@ Eager: an autograd.Function whose forward and backward call execute.run_forward/
 without gradients, run_forward alone. A torch.library custom op costs several times more host
 time per call (dispatch, schema checks, its autograd wrappers), which at small and medium shapes
 is more than the kernels themselves (benchmarks/RESULTS.md, per-call overhead).
-Traced (torch.compile, torch.export): the custom ops of custom_op.py, which dynamo sees as two
-opaque ops with fake shape functions, so graphs have no break. Both paths run the same
-functions, so they agree bit for bit (tests/test_compile.py).
+Traced (torch.compile): the custom ops of custom_op.py, which dynamo sees as two opaque ops with
+fake shape functions, so graphs have no break. Both paths run the same functions (execute.py),
+so they compute the same results (tests/test_compile.py).
 """
 from __future__ import annotations
 

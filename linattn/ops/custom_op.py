@@ -55,9 +55,9 @@ def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[
 @backward_op.register_fake
 def _backward_fake(do, q, k, v, key_mask, q_params, k_params, q_map, k_map, eps, state,
                    normaliser, bhnd, backend):
-    # Gradients are laid out like the inputs, as execute.run_backward allocates them.
+    # As execute.run_backward allocates them: dq, dk, dv like q, k, v; contiguous parameters.
     return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
-            *[torch.empty_like(p) for p in q_params], *[torch.empty_like(p) for p in k_params]]
+            *[p.new_empty(p.shape) for p in q_params], *[p.new_empty(p.shape) for p in k_params]]
 
 
 def _setup_context(ctx, inputs, output):

@@ -60,11 +60,12 @@ def run_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
                  q_params: Sequence[Tensor], k_params: Sequence[Tensor], state: Tensor,
                  normaliser: Tensor, settings: Settings
                  ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """(dq, dk, dv, d_q_params, d_k_params) from do and the forward's S and z. The gradients
-    are laid out like the inputs (a (B, H, N, D) input gets a (B, H, N, D) gradient)."""
+    """(dq, dk, dv, d_q_params, d_k_params) from do and the forward's S and z. dq, dk, dv are
+    laid out like q, k, v (a (B, H, N, D) input gets a (B, H, N, D) gradient); the parameters'
+    gradients are contiguous (the Hedgehog kernels sum partials into them by flat offset)."""
     dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
-    d_q_params = [alloc.empty_like(p) for p in q_params]
-    d_k_params = [alloc.empty_like(p) for p in k_params]
+    d_q_params = [alloc.empty(*p.shape, dtype=p.dtype, device=p.device) for p in q_params]
+    d_k_params = [alloc.empty(*p.shape, dtype=p.dtype, device=p.device) for p in k_params]
     get_kernel_backend(settings.backend).backward(
         do, q, k, v, key_mask, _map_call(settings.q_map, q_params),
         _map_call(settings.k_map, k_params), settings.eps, state, normaliser, dq, dk, dv,

@@ -71,10 +71,11 @@ INTERPRETER_SM_COUNT = 8
 #: Interpreter blocks: about this many per sequence, at most this large.
 INTERPRETER_BLOCKS = 4
 INTERPRETER_MAX_BLOCK = 1024
-#: Set to 1: partial states are added with fp32 atomics into zeroed S, z (or dS, dz) instead of
-#: written to a partials buffer and summed in split order by reduce.py. It saves the partials'
-#: memory, not launches: zero-filling the two outputs takes two fill launches where the ordered
-#: sum takes one (reduce.split_targets). And it is not bitwise reproducible.
+#: Set to 1 (read at import; atomic_reduction() in code): partial states are added with fp32
+#: atomics into zeroed S, z (or dS, dz) instead of written to a partials buffer and summed in
+#: split order by reduce.py. It saves the partials' memory, not launches: zero-filling the two
+#: outputs takes two fill launches where the ordered sum takes one (reduce.split_targets). And
+#: it is not bitwise reproducible.
 ATOMIC_ENV = "LINATTN_TRITON_ATOMIC_REDUCE"
 
 
@@ -256,8 +257,26 @@ def _table_or_heuristic(arch: str, kind: str, d_pad: int, dv_pad: int, itemsize:
     return heuristic_config(arch, kind, d_pad, dv_pad, itemsize, n_tokens)
 
 
+# Read once: an environment lookup costs about a microsecond per reducing launch when the
+# variable is unset, for a switch nobody flips mid-process (atomic_reduction() does, in code).
+_atomic = os.environ.get(ATOMIC_ENV, "0") == "1"
+
+
 def atomic_reduce() -> bool:
-    return os.environ.get(ATOMIC_ENV, "0") == "1"
+    """Whether reductions use atomics: LINATTN_TRITON_ATOMIC_REDUCE=1 when the kernels were
+    imported, or atomic_reduction(True)."""
+    return _atomic
+
+
+@contextlib.contextmanager
+def atomic_reduction(enabled: bool = True) -> Iterator[None]:
+    """Within the block, reduce split partials with atomics (enabled) or in split order."""
+    global _atomic
+    previous, _atomic = _atomic, enabled
+    try:
+        yield
+    finally:
+        _atomic = previous
 
 
 @dataclass(frozen=True)

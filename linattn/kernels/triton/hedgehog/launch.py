@@ -23,7 +23,9 @@ bounded by the split count, not by N: at most plan.scratch_budget per reduction 
 of q, k, v, or 16 MiB for short sequences), freed before the next one, plus 8 bytes per query and
 head in the backward (1% of q, k, v in bf16 at D = 128).
 
-``block_n`` and ``num_splits`` are keyword-only overrides for tests and benchmarks.
+``block_n`` and ``num_splits`` are keyword-only overrides for tests and benchmarks; ``check``
+(default True) checks every argument, which the "triton" backend skips (the op validated the
+inputs and allocated the outputs: checking again costs more host time than small kernels).
 """
 from __future__ import annotations
 
@@ -128,6 +130,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], w
     return _Sizes(B, Nq, Nk, H, D, Dv, F)
 
 
+def _sizes(q: Tensor, k: Tensor, v: Tensor, w_q: Tensor) -> _Sizes:
+    """The sizes of inputs already checked (by _check_inputs, or the op's validation)."""
+    B, Nq, H, D = q.shape
+    return _Sizes(B, Nq, k.shape[1], H, D, v.shape[3], w_q.shape[2])
+
+
 def _check_state(n: _Sizes, state: Tensor, normaliser: Tensor, device: torch.device) -> None:
     _check_like("state", state, (n.B, n.H, 2 * n.F, n.Dv), torch.float32, device)
     _check_like("normaliser", normaliser, (n.B, n.H, 2 * n.F), torch.float32, device)
@@ -210,11 +218,17 @@ def _weight_grad_target(splits: int, n: _Sizes, dw: Tensor) -> tuple[Tensor, tup
 
 def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], w_q: Tensor,
                      w_k: Tensor, eps: float, o: Tensor, state: Tensor, normaliser: Tensor, *,
-                     block_n: Optional[int] = None, num_splits: Optional[int] = None) -> None:
-    """Fill o (B, Nq, H, Dv), state S (B, H, 2F, Dv) and normaliser z (B, H, 2F)."""
-    n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
-    _check_like("o", o, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
-    _check_state(n, state, normaliser, q.device)
+                     block_n: Optional[int] = None, num_splits: Optional[int] = None,
+                     check: bool = True) -> None:
+    """Fill o (B, Nq, H, Dv), state S (B, H, 2F, Dv) and normaliser z (B, H, 2F). check=False
+    skips the argument checks: for the "triton" backend, whose caller (the op) validated the
+    inputs and allocated the outputs already."""
+    if check:
+        n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
+        _check_like("o", o, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
+        _check_state(n, state, normaliser, q.device)
+    else:
+        n = _sizes(q, k, v, w_q)
     run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
     mask, s_mb, s_mn = mask_args(key_mask)
 
@@ -247,19 +261,23 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
 def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                       w_q: Tensor, w_k: Tensor, eps: float, state: Tensor, normaliser: Tensor,
                       dq: Tensor, dk: Tensor, dv: Tensor, dw_q: Tensor, dw_k: Tensor, *,
-                      block_n: Optional[int] = None, num_splits: Optional[int] = None) -> None:
+                      block_n: Optional[int] = None, num_splits: Optional[int] = None,
+                      check: bool = True) -> None:
     """Fill dq, dk, dv and dw_q, dw_k (the gradients of W_q, W_k) from do and the forward's
-    state and normaliser."""
-    n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
-    _check_like("do", do, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
-    _check_state(n, state, normaliser, q.device)
-    for name, grad, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
-        _check_like(name, grad, tuple(like.shape), like.dtype, like.device)
-    for name, grad, like in (("dw_q", dw_q, w_q), ("dw_k", dw_k, w_k)):
-        _check_like(name, grad, tuple(like.shape), grad.dtype, like.device)
-        if not grad.is_floating_point():
-            _fail(name, f"expected a floating-point tensor, got {grad.dtype}")
-        _check_contiguous(name, grad)
+    state and normaliser. check=False: as in hedgehog_forward."""
+    if check:
+        n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
+        _check_like("do", do, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
+        _check_state(n, state, normaliser, q.device)
+        for name, grad, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+            _check_like(name, grad, tuple(like.shape), like.dtype, like.device)
+        for name, grad, like in (("dw_q", dw_q, w_q), ("dw_k", dw_k, w_k)):
+            _check_like(name, grad, tuple(like.shape), grad.dtype, like.device)
+            if not grad.is_floating_point():
+                _fail(name, f"expected a floating-point tensor, got {grad.dtype}")
+            _check_contiguous(name, grad)
+    else:
+        n = _sizes(q, k, v, w_q)
     run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
     budget = plan.scratch_budget(_nbytes(q, k, v))
     weight_slab = n.B * n.H * n.D * n.F * 4
