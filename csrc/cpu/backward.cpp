@@ -4,15 +4,19 @@
 //                 den = φ(q)·z + eps,  g = S do          (one GEMM; g_i = S do_i)
 //                 dden = −(φ(q)·g)/den²                  (do·o = φ(q)·g / den: o is not needed)
 //                 dφ(q) = g/den + dden z  → dq through the map
-//                 dS += (φ(q)/den)ᵀ do,  dz += Σ dden φ(q)   (parts reduced in part order)
+//                 dS += (φ(q)/den)ᵀ do,  dz += Σ dden φ(q)
+//               (summed in a pairwise cascade, cascade.h, with the map's parameter gradient;
+//               parts reduced pairwise in a fixed tree)
 //   2. keys     tasks (b, h, key part), per block of kept keys:
 //                 dφ(k) = dS v + dz → dk through the map;  dv = dSᵀ φ(k);  masked keys: 0
-//   3. the maps' parameter gradients (hedgehog dW): per-task accumulators summed per head over
-//      batch and parts, in a fixed order.
+//   3. the maps' parameter gradients (hedgehog dW): per-task cascades summed per head over
+//      batch and parts, pairwise in a fixed order.
 #include <omp.h>
 
+#include <optional>
 #include <type_traits>
 
+#include "cpu/cascade.h"
 #include "cpu/gemm.h"
 #include "cpu/linear_attention.h"
 #include "cpu/partition.h"
@@ -25,23 +29,29 @@
 namespace linattn {
 namespace {
 
-// Parameter gradients of a map: accumulators of tasks (b, h, part) live at
-// grads[((b·H + h)·parts + part)·size]; head h's gradient is their sum over b and part.
+// Parameter gradients of a map: the accumulator of task (b, h, part) lives at
+// grads + ((b·H + h)·parts + part)·stride; head h's gradient is their sum over b and part,
+// taken pairwise over the B·parts accumulators in (b, part) order (a fixed tree).
 template <class T>
 void store_param_grads(const FeatureMap<T>& map, const std::vector<View>& outputs, T* grads,
-                       const Dims& d, std::int64_t parts, int threads) {
+                       std::int64_t stride, const Dims& d, std::int64_t parts, int threads) {
   const std::int64_t size = map.param_grad_size();
   if (size == 0) return;
+  const std::int64_t count = d.B * parts;
 #pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, d.H))) schedule(static)
   for (std::int64_t h = 0; h < d.H; ++h) {
-    T* total = grads + h * parts * size;  // task (b = 0, h, part 0)
-    for (std::int64_t b = 0; b < d.B; ++b) {
-      for (std::int64_t part = (b == 0 ? 1 : 0); part < parts; ++part) {
-        const T* acc = grads + ((b * d.H + h) * parts + part) * size;
-        for (std::int64_t i = 0; i < size; ++i) total[i] += acc[i];
+    // Accumulator i = b·parts + part of head h.
+    auto acc = [&](std::int64_t i) {
+      return grads + ((i / parts * d.H + h) * parts + i % parts) * stride;
+    };
+    for (std::int64_t step = 1; step < count; step *= 2) {
+      for (std::int64_t i = 0; i + step < count; i += 2 * step) {
+        T* __restrict into = acc(i);
+        const T* __restrict from = acc(i + step);
+        for (std::int64_t e = 0; e < size; ++e) into[e] += from[e];
       }
     }
-    map.store_param_grad(h, total, outputs);
+    map.store_param_grad(h, acc(0), outputs);
   }
 }
 
@@ -55,16 +65,20 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
 
   // ---- 1. queries -----------------------------------------------------------------------------
   const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinReducedPartTokens);
-  const std::int64_t slot = F * Dvp + Fp;  // dS [F][Dvp], then dz [Fp]
-  Buffer<T> dstate(BH * q_parts * slot);
   const std::int64_t q_grad_size = q_map.param_grad_size();
-  Buffer<T> q_grads(BH * q_parts * q_grad_size);
+  // dS [F][Dvp], then dz [Fp], then the map's parameter gradient: one cascade sums all three.
+  const std::int64_t slot = F * Dvp + Fp + q_grad_size;
+  const std::int64_t q_grad_offset = F * Dvp + Fp;
+  Buffer<T> dstate(BH * q_parts * slot);
 
   ScratchLayout<T> ql;
   const std::int64_t o_x = ql.add(kBlock * Dp), o_phi = ql.add(kBlock * Fp),
                      o_do = ql.add(kBlock * Dvp), o_g = ql.add(kBlock * Fp),
                      o_dx = ql.add(kBlock * Dp), o_St = ql.add(Dv * Fp), o_z = ql.add(Fp),
                      o_inv = ql.add(kBlock), o_ws = ql.add(q_map.workspace_size(kBlock));
+  const std::int64_t q_cascade_buffers =
+      cascade_buffers_for_tokens((d.Nq + q_parts - 1) / q_parts);
+  const std::int64_t o_cascade = ql.add(q_cascade_buffers * slot);
   const int q_threads = int(std::min<std::int64_t>(threads, BH * q_parts));
   Buffer<T> q_scratch(q_threads * ql.size());
 
@@ -75,9 +89,7 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     T *x = scratch + o_x, *phi = scratch + o_phi, *dob = scratch + o_do, *g = scratch + o_g,
       *dx = scratch + o_dx, *St = scratch + o_St, *z = scratch + o_z, *inv = scratch + o_inv,
       *ws = scratch + o_ws;
-    T* dS = dstate.data() + task * slot;
-    T* dz = dS + F * Dvp;
-    T* grad_acc = q_grads.data() + task * q_grad_size;
+    CascadeSum<T> sums(scratch + o_cascade, q_cascade_buffers, slot);
 
     // From the forward: z, and Sᵀ [Dv][Fp], the B operand of g = do Sᵀ (g_i = S do_i).
     const T* S_base = a.state.as<T>() + b * a.state.stride[0] + h * a.state.stride[1];
@@ -101,6 +113,9 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
       prefetch_rows(dq_rows, n0 + kBlock, next_end, d.D, true);
       const int count = int(std::min<std::int64_t>(kBlock, end - n0));
       const int rows = consecutive_tokens(n0, count, tokens);
+      T* dS = sums.chunk();
+      T* dz = dS + F * Dvp;
+      T* grad_acc = dS + q_grad_offset;
       load_rows(q_rows, tokens, rows, d.D, x, Dp);
       q_map.forward(rows, x, Dp, phi, Fp, ws);
       load_rows(do_rows, tokens, rows, Dv, dob, Dvp);
@@ -123,25 +138,32 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
         for (std::int64_t f = 0; f < F; ++f) phi[r * Fp + f] *= inv[r];
       }
       gemm<T>(F, Dvp, rows, phi, 1, Fp, dob, Dvp, dS, Dvp, true);
+      sums.block_done();
     }
+    sums.finish(dstate.data() + task * slot);
   }
 
 #pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, BH))) schedule(static)
   for (std::int64_t bh = 0; bh < BH; ++bh) {
-    reduce_parts(dstate.data() + bh * q_parts * slot, q_parts, slot, slot);
+    reduce_parts(dstate.data() + bh * q_parts * slot, q_parts, slot, q_grad_offset);
   }
-  store_param_grads(q_map, a.d_q_params, q_grads.data(), d, q_parts, threads);
+  store_param_grads(q_map, a.d_q_params, dstate.data() + q_grad_offset, slot, d, q_parts,
+                    threads);
 
   // ---- 2. keys --------------------------------------------------------------------------------
   const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReducedPartTokens);
+  // The map's parameter gradient sums over every key like dS: a cascade too (0: no parameters).
   const std::int64_t k_grad_size = k_map.param_grad_size();
   Buffer<T> k_grads(BH * k_parts * k_grad_size);
+  const std::int64_t k_cascade_buffers =
+      k_grad_size ? cascade_buffers_for_tokens((d.Nk + k_parts - 1) / k_parts) : 0;
 
   ScratchLayout<T> kl;
   const std::int64_t p_x = kl.add(kBlock * Dp), p_phi = kl.add(kBlock * Fp),
                      p_v = kl.add(kBlock * Dvp), p_dphi = kl.add(kBlock * Fp),
                      p_dv = kl.add(kBlock * Dvp), p_dx = kl.add(kBlock * Dp),
-                     p_dSt = kl.add(Dv * Fp), p_ws = kl.add(k_map.workspace_size(kBlock));
+                     p_dSt = kl.add(Dv * Fp), p_ws = kl.add(k_map.workspace_size(kBlock)),
+                     p_cascade = kl.add(k_cascade_buffers * k_grad_size);
   const int k_threads = int(std::min<std::int64_t>(threads, BH * k_parts));
   Buffer<T> k_scratch(k_threads * kl.size());
 
@@ -155,7 +177,8 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     const T* dS = dstate.data() + bh * q_parts * slot;
     const T* dz = dS + F * Dvp;
     transpose(dS, F, Dv, Dvp, dSt, Fp);
-    T* grad_acc = k_grads.data() + task * k_grad_size;
+    std::optional<CascadeSum<T>> grad_sums;
+    if (k_grad_size) grad_sums.emplace(scratch + p_cascade, k_cascade_buffers, k_grad_size);
 
     const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
     const RowSlice<E> dk_rows(a.dk, b, h), dv_rows(a.dv, b, h);
@@ -173,7 +196,11 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
       const int rows = mask.partition(b, n0, count, kept, dropped);
       store_zero_rows(dk_rows, dropped, count - rows, d.D);
       store_zero_rows(dv_rows, dropped, count - rows, Dv);
-      if (rows == 0) continue;
+      if (rows == 0) {
+        if (grad_sums) grad_sums->block_done();
+        continue;
+      }
+      T* grad_acc = grad_sums ? grad_sums->chunk() : nullptr;
       load_rows(k_rows, kept, rows, d.D, x, Dp);
       k_map.forward(rows, x, Dp, phi, Fp, ws);
       load_rows(v_rows, kept, rows, Dv, vb, Dvp);
@@ -185,9 +212,11 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
       store_rows(dv_rows, kept, rows, Dv, dvb, Dvp, static_cast<const T*>(nullptr));
       k_map.backward(rows, x, Dp, phi, Fp, dphi, Fp, dx, Dp, ws, grad_acc);
       store_rows(dk_rows, kept, rows, d.D, dx, Dp, static_cast<const T*>(nullptr));
+      if (grad_sums) grad_sums->block_done();
     }
+    if (grad_sums) grad_sums->finish(k_grads.data() + task * k_grad_size);
   }
-  store_param_grads(k_map, a.d_k_params, k_grads.data(), d, k_parts, threads);
+  store_param_grads(k_map, a.d_k_params, k_grads.data(), k_grad_size, d, k_parts, threads);
 }
 
 template <class T>

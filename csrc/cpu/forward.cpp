@@ -1,14 +1,17 @@
 // The forward pass: one pass over k, v per (batch, head) for the state, one over q for o.
 //
 //   1. state   tasks (b, h, key part): per block of kept keys, x = k rows, φ = φ(x), then
-//              S += φᵀ v (register-blocked rank-block update) and z += Σ φ. Parts of a sequence
-//              are reduced in part order, so the result does not depend on thread timing.
+//              S += φᵀ v (register-blocked rank-block update) and z += Σ φ, into a chunk of a
+//              pairwise cascade (cascade.h: the error does not grow with N). Parts of a
+//              sequence are reduced pairwise in a fixed tree, so the result does not depend on
+//              thread timing.
 //   2. output  tasks (b, h, query part): S and z staged in scratch; per block of queries,
 //              num = φ(q) S, den = φ(q)·z + eps, o = num / den written in o's dtype.
 #include <omp.h>
 
 #include <type_traits>
 
+#include "cpu/cascade.h"
 #include "cpu/gemm.h"
 #include "cpu/linear_attention.h"
 #include "cpu/partition.h"
@@ -38,8 +41,10 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
   Buffer<T> partials(BH * k_parts * slot);
 
   ScratchLayout<T> sl;
+  const std::int64_t cascade_buffers = cascade_buffers_for_tokens((d.Nk + k_parts - 1) / k_parts);
   const std::int64_t o_x = sl.add(kBlock * Dp), o_phi = sl.add(kBlock * Fp),
-                     o_v = sl.add(kBlock * Dvp), o_ws = sl.add(k_map.workspace_size(kBlock));
+                     o_v = sl.add(kBlock * Dvp), o_ws = sl.add(k_map.workspace_size(kBlock)),
+                     o_cascade = sl.add(cascade_buffers * slot);
   const int state_threads = int(std::min<std::int64_t>(threads, BH * k_parts));
   Buffer<T> state_scratch(state_threads * sl.size());
 
@@ -48,8 +53,7 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
     const std::int64_t bh = task / k_parts, part = task % k_parts, b = bh / d.H, h = bh % d.H;
     T* scratch = state_scratch.data() + omp_get_thread_num() * sl.size();
     T *x = scratch + o_x, *phi = scratch + o_phi, *vb = scratch + o_v, *ws = scratch + o_ws;
-    T* S = partials.data() + task * slot;
-    T* z = S + F * Dvp;
+    CascadeSum<T> state(scratch + o_cascade, cascade_buffers, slot);
     const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
     std::int64_t kept[kBlock], dropped[kBlock];
     std::int64_t begin, end;
@@ -61,7 +65,12 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
       prefetch_rows(v_rows, n0 + kBlock, next_end, d.Dv, false);
       const int rows = mask.partition(b, n0, int(std::min<std::int64_t>(kBlock, end - n0)), kept,
                                       dropped);
-      if (rows == 0) continue;
+      if (rows == 0) {
+        state.block_done();
+        continue;
+      }
+      T* S = state.chunk();
+      T* z = S + F * Dvp;
       load_rows(k_rows, kept, rows, d.D, x, Dp);
       k_map.forward(rows, x, Dp, phi, Fp, ws);
       load_rows(v_rows, kept, rows, d.Dv, vb, Dvp);
@@ -69,10 +78,12 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
       for (int r = 0; r < rows; ++r) {
         for (std::int64_t f = 0; f < F; ++f) z[f] += phi[r * Fp + f];
       }
+      state.block_done();
     }
+    state.finish(partials.data() + task * slot);
   }
 
-  // Reduce the parts of each (b, h) in part order, then write S and z out.
+  // Reduce the parts of each (b, h) pairwise, then write S and z out.
 #pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, BH))) schedule(static)
   for (std::int64_t bh = 0; bh < BH; ++bh) {
     T* total = partials.data() + bh * k_parts * slot;

@@ -49,13 +49,18 @@ inline void part_range(std::int64_t n, std::int64_t parts, std::int64_t part, st
   *end = *begin + base + (part < extra ? 1 : 0);
 }
 
-// Sums the `parts` partials of `size` elements at acc + i·stride into the first, in part order,
-// so the result does not depend on which thread finished first.
+// Sums the `parts` partials of `size` elements at acc + i·stride into the first, pairwise
+// (part 0 += part 1, part 2 += part 3, ..., then 0 += 2, ...): a tree whose shape depends only
+// on `parts`, so the result does not depend on which thread finished first, and whose error
+// grows like log(parts), not parts (cascade.h says why that matters).
 template <class T>
 void reduce_parts(T* acc, std::int64_t parts, std::int64_t stride, std::int64_t size) {
-  for (std::int64_t part = 1; part < parts; ++part) {
-    const T* p = acc + part * stride;
-    for (std::int64_t i = 0; i < size; ++i) acc[i] += p[i];
+  for (std::int64_t step = 1; step < parts; step *= 2) {
+    for (std::int64_t part = 0; part + step < parts; part += 2 * step) {
+      T* __restrict into = acc + part * stride;
+      const T* __restrict p = acc + (part + step) * stride;
+      for (std::int64_t i = 0; i < size; ++i) into[i] += p[i];
+    }
   }
 }
 
