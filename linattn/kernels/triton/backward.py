@@ -31,8 +31,9 @@ import triton.language as tl
 
 from ...ops import alloc
 from . import plan
-from .common import (block_offsets, bnhd_strides, check_state, emulate_bf16, launch, mask_args,
-                     mma, split_range, to_operand, to_storage)
+from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
+                     mask_args, mma, padded_dim, split_range, state_centre, to_operand,
+                     to_storage)
 from .feature_maps import feature_map, feature_map_backward, map_id
 from .forward import qkv_bytes
 from .reduce import split_targets
@@ -66,10 +67,12 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
         dq_offs, _ = block_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD)
         do_offs, e_ok = block_offsets(s_gn, s_gd, DV, BLOCK_N, DV_PAD)
         e = tl.arange(0, DV_PAD)
-        # Sᵀ of the head (DV_PAD, D_PAD), the right operand of g = do Sᵀ.
+        # Sᵀ of the head (DV_PAD, D_PAD), centred (state_centre) before it is rounded to the
+        # operand dtype: the right operand of g' = do S'ᵀ.
         state_t = tl.load(s_ptr + bh * (D * DV) + d[None, :] * DV + e[:, None],
                           mask=(d < D)[None, :] & (e < DV)[:, None], other=0.0)
-        state_t = to_operand(state_t, dtype, EMULATE_BF16)
+        centre = state_centre(state_t, z)
+        state_t = to_operand(state_t - centre[:, None] * z[None, :], dtype, EMULATE_BF16)
         dz_acc = tl.zeros((D_PAD,), dtype=tl.float32)
     ds_acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
 
@@ -82,15 +85,18 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
         if COMPUTE_DQ:
             grad = tl.load(do_base + n0 * s_gn + do_offs, mask=row_ok[:, None] & e_ok[None, :],
                            other=0.0)
+            # g' = S' do and mu = m·do (g = g' + z mu); dφ from g' (state_centre's formula).
             g = mma(to_operand(grad, dtype, EMULATE_BF16), state_t,
                     tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), FP32)
-            dden = -tl.sum(phi * g, axis=1) * inv_den * inv_den
+            mu = tl.sum(grad.to(tl.float32) * centre[None, :], axis=1)
+            dden = (eps * mu - tl.sum(phi * g, axis=1)) * inv_den * inv_den
             dphi = g * inv_den[:, None] + z[None, :] * dden[:, None]
             dx = feature_map_backward(x, phi, dphi, MAP)
             tl.store(dq_base + n0 * s_xn + dq_offs, to_storage(dx, dq_ptr.dtype.element_ty,
                                                                EMULATE_BF16),
                      mask=row_ok[:, None] & d_ok[None, :])
-            dz_acc += tl.sum(phi * dden[:, None], axis=0)
+            # The true dden = −(φ·g)/den², from the centred one.
+            dz_acc += tl.sum(phi * (dden - mu * inv_den)[:, None], axis=0)
             if BLOCK_DV == DV_PAD:
                 grad_tile = grad
             else:

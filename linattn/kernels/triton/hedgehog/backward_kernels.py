@@ -63,9 +63,10 @@ def hedgehog_query_grad_kernel(
     # The forward's scaled form (output_scale): with Ŝ = S/c, ẑ = z/c, den^ = φ·ẑ + eps/c and
     # û = Ŝ do, dφ = û/den^ + dden^ ẑ is the same gradient; the true 1/den = 1/(c den^) and
     # dden = dden^/c are what pass 2 needs.
-    s_a, s_c, z_a, z_c, scale = load_scaled_state(
+    # And centred (load_scaled_state): û = û' + ẑ μ with û' = Ŝ' do, μ = m·do.
+    s_a, s_c, z_a, z_c, scale, centre = load_scaled_state(
         s_ptr, z_ptr, b, h, F, Dv, s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf,
-        F_PAD, V_PAD, TOKEN, EMULATE_BF16)
+        F_PAD, V_PAD, TOKEN, EMULATE_BF16, True)
     eps_scaled = eps * scale
     q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
     do_offs, v_ok = block_offsets(s_don, s_dov, Dv, BLOCK_N, V_PAD)
@@ -92,9 +93,13 @@ def hedgehog_query_grad_kernel(
                   EMULATE_BF16)
         rden = 1.0 / (tl.sum(a * z_a[None, :], axis=1) + tl.sum(c * z_c[None, :], axis=1)
                       + eps_scaled)
-        dden = -(tl.sum(a * u_a, axis=1) + tl.sum(c * u_c, axis=1)) * rden * rden
-        da = u_a * rden[:, None] + dden[:, None] * z_a[None, :]
-        dc = u_c * rden[:, None] + dden[:, None] * z_c[None, :]
+        mu = tl.sum(do.to(tl.float32) * centre[None, :], axis=1)
+        # The centred dden (common.state_centre): dφ = û'/den^ + dden_c ẑ.
+        dden_c = (eps_scaled * mu - tl.sum(a * u_a, axis=1) - tl.sum(c * u_c, axis=1)) \
+            * rden * rden
+        da = u_a * rden[:, None] + dden_c[:, None] * z_a[None, :]
+        dc = u_c * rden[:, None] + dden_c[:, None] * z_c[None, :]
+        dden = dden_c - mu * rden  # the true −(φ·û)/den^², which pass 2 needs
         dl = hedgehog_logits_grad(a, c, da, dc)
         dq = dot(dl, tl.trans(w), tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), TOKEN,
                  EMULATE_BF16)

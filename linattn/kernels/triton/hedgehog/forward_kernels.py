@@ -87,9 +87,9 @@ def hedgehog_output_kernel(
     f_ok = tl.arange(0, F_PAD) < F
     w = load_weight(w_ptr, h, D, F, s_wh, s_wd, s_wf, D_PAD, F_PAD, TOKEN, EMULATE_BF16)
     # o = φᵀ(S/c) / (φᵀ(z/c) + eps/c): S/c is a safe operand in the input dtype.
-    s_a, s_c, z_a, z_c, scale = load_scaled_state(
+    s_a, s_c, z_a, z_c, scale, _ = load_scaled_state(
         s_ptr, z_ptr, b, h, F, Dv, s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf,
-        F_PAD, V_PAD, TOKEN, EMULATE_BF16)
+        F_PAD, V_PAD, TOKEN, EMULATE_BF16, False)
     eps_scaled = eps * scale
     q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
     o_offs, v_ok = block_offsets(s_on, s_ov, Dv, BLOCK_N, V_PAD)

@@ -164,15 +164,28 @@ def _sum_partials(part_ptr, out_ptr, numel, num_partials, block, BLOCK: tl.const
 @triton.jit
 def load_scaled_state(s_ptr, z_ptr, b, h, F, Dv, s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf,
                       F_PAD: tl.constexpr, V_PAD: tl.constexpr, TOKEN: tl.constexpr,
-                      EMULATE_BF16: tl.constexpr):
+                      EMULATE_BF16: tl.constexpr, CENTRED: tl.constexpr):
     """The state halves of (b, h) as product operands, scaled by 1/c (output_scale): returns
-    (S_a/c, S_c/c) in the input dtype, (z_a/c, z_c/c) in fp32, and 1/c. The forward's output
-    pass and the backward's dq pass both read the state this way."""
+    (S_a/c, S_c/c) in the input dtype, (z_a/c, z_c/c) in fp32, 1/c and the centre m. The
+    forward's output pass and the backward's dq pass both read the state this way.
+
+    CENTRED (the dq pass): the operands are (S − z mᵀ)/c, m the |z|-weighted mean of the
+    per-feature means S_f / z_f over both halves (common.state_centre says why and how the dq
+    formula takes it back); otherwise m = 0 and the operands are S/c."""
     s_a, s_c = load_state_halves(s_ptr + b.to(tl.int64) * s_sb + h.to(tl.int64) * s_sh,
                                  F, Dv, s_sf, s_sv, F_PAD, V_PAD)
     z_a, z_c = load_vector_halves(z_ptr + b.to(tl.int64) * s_zb + h.to(tl.int64) * s_zh,
                                   F, s_zf, F_PAD)
     scale = output_scale(z_a)
+    if CENTRED:
+        weight = tl.sum(tl.abs(z_a), axis=0) + tl.sum(tl.abs(z_c), axis=0)
+        signed = (tl.sum(tl.where(z_a[:, None] < 0.0, -s_a, s_a), axis=0)
+                  + tl.sum(tl.where(z_c[:, None] < 0.0, -s_c, s_c), axis=0))
+        centre = tl.where(weight > 0.0, signed / tl.maximum(weight, 1e-30), 0.0)
+        s_a = s_a - z_a[:, None] * centre[None, :]
+        s_c = s_c - z_c[:, None] * centre[None, :]
+    else:
+        centre = tl.zeros((V_PAD,), dtype=tl.float32)
     s_a = to_operand(s_a * scale, TOKEN, EMULATE_BF16)
     s_c = to_operand(s_c * scale, TOKEN, EMULATE_BF16)
-    return s_a, s_c, z_a * scale, z_c * scale, scale
+    return s_a, s_c, z_a * scale, z_c * scale, scale, centre
