@@ -61,6 +61,9 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
         phi = tl.where(keep[:, None], feature_map(x.to(tl.float32), d_ok, MAP), 0.0)
         vals = tl.load(v_base + n0 * s_vn + v_offs, mask=keep[:, None] & e_ok[None, :],
                        other=0.0)
+        # z sums the φ(k) that S multiplies (rounded to the operand dtype), so (S, z) is the
+        # exact state of one set of features: the dq pass cancels S against z oᵀ, and a
+        # rounding that S sees and z does not doubled its bf16 error (common.state_centre).
         phi = to_operand(phi, dtype, EMULATE_BF16)
         acc = mma(tl.trans(phi), to_operand(vals, dtype, EMULATE_BF16), acc, FP32)
         z_acc += tl.sum(phi.to(tl.float32), axis=0)
