@@ -4,7 +4,12 @@
   must be set before any triton.jit decoration, so it is set here, before linattn imports them.
 * Every output linattn allocates is filled with NaN first (linattn.ops.alloc), so a kernel
   that leaves an element unwritten fails instead of passing on leftover memory.
+* The tests of the diffusers integration (linattn.dit, linattn.train) are reported as skipped
+  where diffusers is not installed: the op does not need it, and a bare GPU machine
+  (benchmarks/gpu_check.py) has none.
 """
+import functools
+import importlib
 import os
 
 import pytest
@@ -15,6 +20,41 @@ if not torch.cuda.is_available():
 
 from linattn.backends import clear_cache  # noqa: E402  (after TRITON_INTERPRET is decided)
 from linattn.ops import alloc  # noqa: E402
+
+#: Test modules that import diffusers, directly or through linattn.dit / linattn.train models.
+NEEDS_DIFFUSERS = frozenset({
+    "test_dit_api.py", "test_dit_families.py", "test_dit_hunyuan_padding.py",
+    "test_dit_pipeline.py", "test_dit_transfer.py", "test_train_data.py", "test_train_e2e.py",
+    "test_train_trainer.py", "test_train_distributed.py"})
+
+
+@functools.lru_cache(maxsize=1)
+def _diffusers_missing() -> str | None:
+    """None when diffusers imports; else why not."""
+    try:
+        importlib.import_module("diffusers")
+    except ImportError as error:
+        return f"diffusers is not importable ({error}): the diffusers integration is not tested"
+    return None
+
+
+class _SkippedModule(pytest.Module):
+    """A test module collected as one skip, without importing it."""
+
+    reason = ""
+
+    def collect(self):
+        pytest.skip(self.reason)
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    if module_path.name in NEEDS_DIFFUSERS:
+        why = _diffusers_missing()
+        if why is not None:
+            module = _SkippedModule.from_parent(parent, path=module_path)
+            module.reason = why
+            return module
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -2,7 +2,8 @@
 
 Fresh random inputs each run (no fixed seed), outputs NaN-poisoned (conftest.py), sizes that are
 not multiples of any block size, non-contiguous inputs, both layouts, masks, every builtin map.
-Tolerances are justified in numerics.py.
+Tolerances are justified in numerics.py. Each backend runs on its own device (BACKEND_DEVICES):
+on a GPU machine the Triton cases run the compiled kernels (benchmarks/gpu_check.py runs them).
 """
 from __future__ import annotations
 
@@ -21,7 +22,14 @@ from numerics import assert_close_to_reference
 
 # The backends CI must exercise: native CPU and Triton (interpreted on a CPU-only machine).
 # A missing one is a failure, not a skip: "nothing fails silently".
-KERNEL_BACKENDS = ["cpu", "triton"]
+EXPECTED_KERNEL_BACKENDS = ["cpu", "triton"]
+
+# Each backend on the device it runs: cpu on CPU tensors; triton on the GPU where there is one
+# (compiled kernels: the hardware bf16, fp16 and 3xTF32 fp32 paths), else on CPU tensors under
+# the interpreter (conftest.py sets TRITON_INTERPRET=1 only when torch sees no GPU).
+TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKEND_DEVICES = [pytest.param("cpu", torch.device("cpu"), id="cpu"),
+                   pytest.param("triton", TRITON_DEVICE, id=f"triton-{TRITON_DEVICE.type}")]
 
 
 @dataclass(frozen=True)
@@ -127,9 +135,9 @@ def reference_and_grads(case: Case, q, k, v, mask, grad_out, compute_dtype=torch
     return out.detach(), qr.grad, kr.grad, vr.grad
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_backend_matches_reference(backend: str, case: Case, device):
+def test_backend_matches_reference(backend: str, case: Case, device: torch.device):
     info = {b.name: b for b in linattn.backends()}[backend]
     if not info.available:
         pytest.fail(f"backend {backend!r} must be available for this suite: {info.reason}")
@@ -155,8 +163,8 @@ def test_backend_matches_reference(backend: str, case: Case, device):
         assert (to_bnhd(out, case.layout)[-1] == 0).all(), "a row with every key masked must give 0"
 
 
-@pytest.mark.parametrize("backend", ["cpu"])
-def test_float64_inputs(backend: str, device):
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES[:1])
+def test_float64_inputs(backend: str, device: torch.device):
     """float64 inputs keep a float64 state on the native CPU backend."""
     case = replace(BASE, dtype=torch.float64, masked=True, feature_map="softmax")
     q, k, v, mask = make_inputs(case, device)
@@ -170,8 +178,8 @@ def test_float64_inputs(backend: str, device):
         assert_close_to_reference(got, want, torch.float64, f"{backend} {name}")
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_long_bf16_sequence_does_not_overflow(backend: str, device):
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_long_bf16_sequence_does_not_overflow(backend: str, device: torch.device):
     """N >= 100k in bf16 with positive features: S and z grow like N, so they must stay fp32."""
     n = 100_003
     q, k, v = (torch.randn(1, n, 1, 16, device=device).to(torch.bfloat16).requires_grad_()
@@ -205,8 +213,8 @@ class ShiftedSquare(feature_maps.FeatureMap):
         return (x + shift.to(x.dtype)) ** 2
 
 
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_unfused_user_map_runs_on_kernel_backends(backend: str, device):
+@pytest.mark.parametrize("backend, device", BACKEND_DEVICES)
+def test_unfused_user_map_runs_on_kernel_backends(backend: str, device: torch.device):
     """A map with kernel_name None is applied in PyTorch and its parameter gets a gradient."""
     fmap = ShiftedSquare().to(device)
     q, k, v = (torch.randn(2, 50, 2, 16, device=device, requires_grad=True) for _ in range(3))
