@@ -17,6 +17,12 @@ Usage:
   python benchmarks/tune_triton.py --static --arch sm90 --arch sm80 --write
   python benchmarks/tune_triton.py --measure --write          # on the GPU to tune for
   python benchmarks/tune_triton.py --static --arch sm90 --classes 128x128:2   # print only
+  python benchmarks/tune_triton.py --measure --classes 128x128:2 --budget-seconds 200 --write
+
+--budget-seconds bounds a run (benchmarks/gpu_check.py gives the tuner a fixed slice of a GPU
+lease): once it is spent, a class being swept keeps the fastest candidate timed so far (in
+--measure mode the table's current entry is timed first, so that is at least the baseline) and
+classes not reached keep their current entries.
 
 --write replaces the entries of the regenerated (architecture, kernel, class) keys in
 tuned_configs.py and keeps all others.
@@ -63,6 +69,17 @@ ARCH_LIMITS = {
 
 #: The problem candidates are compiled (static) or timed (measure) on: Wan 2.1 1.3B at 480p.
 TUNE_TOKENS, TUNE_HEADS = 32760, 12
+
+#: time.monotonic() after which no further candidate is compiled or timed (--budget-seconds).
+_deadline = math.inf
+
+
+class BudgetSpent(RuntimeError):
+    """--budget-seconds ran out before a class had any candidate measured."""
+
+
+def _budget_spent() -> bool:
+    return time.monotonic() > _deadline
 
 
 def candidates(kind: str, d_pad: int, dv_pad: int, itemsize: int) -> Iterator[plan.KernelConfig]:
@@ -213,6 +230,8 @@ def static_choice(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str,
     dtype = ITEMSIZES[itemsize]
     fallback = None
     for config in candidates(kind, d_pad, dv_pad, itemsize):
+        if _budget_spent():
+            break
         launches = [launch for launch in record_launches(kind, config, d_pad, dv_pad, dtype)
                     if launch[0].__name__ != "_sum_splits_kernel"]
         usages = [compile_launch(kernel, args, kwargs, arch)
@@ -236,6 +255,9 @@ def static_choice(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str,
         if worst.smem <= limits["smem_block"] and (fallback is None or
                                                     worst.stack < fallback[1]):
             fallback = (config, worst.stack, worst.regs, worst.smem)
+    if fallback is None and _budget_spent():
+        raise BudgetSpent(f"{kind} D{d_pad} Dv{dv_pad} {itemsize}B: --budget-seconds spent "
+                          f"before a candidate fitted")
     if fallback is None:
         raise NoFit(f"no candidate of {kind} D{d_pad} Dv{dv_pad} {itemsize}B fits the shared "
                     f"memory of {arch}")
@@ -253,7 +275,12 @@ def measure_choice(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str,
     dtype = ITEMSIZES[itemsize]
     limits = ARCH_LIMITS[arch]
     best = None
-    for config in candidates(kind, d_pad, dv_pad, itemsize):
+    current = read_table()[0].get((arch, kind, d_pad, dv_pad, itemsize))
+    first = [plan.KernelConfig(*current)] if current is not None else []
+    timed = 0
+    for config in [*first, *candidates(kind, d_pad, dv_pad, itemsize)]:
+        if _budget_spent():
+            break
         usages = [compile_launch(kernel, args, kwargs, arch) for kernel, _g, args, kwargs in
                   record_launches(kind, config, d_pad, dv_pad, dtype)
                   if kernel.__name__ != "_sum_splits_kernel"]
@@ -269,12 +296,17 @@ def measure_choice(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str,
                 print(f"  {kind} D{d_pad} Dv{dv_pad} {itemsize}B {trial}: {ms:.4f} ms", flush=True)
             if best is None or ms < best[1]:
                 best = (trial, ms)
+        timed += 1
     if best is None:
+        if _budget_spent():
+            raise BudgetSpent(f"{kind} D{d_pad} Dv{dv_pad} {itemsize}B: --budget-seconds spent "
+                              f"before any candidate was timed")
         raise NoFit(f"no candidate of {kind} D{d_pad} Dv{dv_pad} {itemsize}B compiles without "
                     f"spills on this GPU")
     name = torch.cuda.get_device_name()
+    partial = f", budget spent after {timed} candidates" if _budget_spent() else ""
     return best[0], (f"measured: {best[1]:.4f} ms at N={TUNE_TOKENS}, B*H={TUNE_HEADS} "
-                      f"on {name}")
+                      f"on {name}{partial}")
 
 
 # --- the table file -----------------------------------------------------------------------------
@@ -340,6 +372,8 @@ def main() -> None:
     parser.add_argument("--classes", help="e.g. 128x128:2,64x64:4 (padded D x Dv : bytes)")
     parser.add_argument("--kinds", default=",".join(plan.KINDS))
     parser.add_argument("--write", action="store_true", help=f"update {TABLE_PATH.name}")
+    parser.add_argument("--budget-seconds", type=float, default=None,
+                        help="stop compiling/timing candidates after this long (see above)")
     parser.add_argument("--verbose", action="store_true")
     options = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -360,6 +394,9 @@ def main() -> None:
         source = (f"static: compile-checked with triton, not timed "
                   f"({time.strftime('%Y-%m-%d')}); UNTUNED")
 
+    global _deadline
+    if options.budget_seconds is not None:
+        _deadline = time.monotonic() + options.budget_seconds
     table, notes, sources = read_table()
     kinds = options.kinds.split(",")
     failures = []
@@ -367,12 +404,18 @@ def main() -> None:
         for d, dv, size in parse_classes(options.classes):
             for kind in kinds:
                 key = (arch, kind, d, dv, size)
-                # A regenerated class replaces its old entry, chosen or not.
-                table.pop(key, None)
-                notes.pop(key, None)
+                if _budget_spent():
+                    print(f"{key}: not reached within --budget-seconds; entry kept", flush=True)
+                    continue
                 try:
                     config, note = choose(kind, d, dv, size, arch, options.verbose)
+                except BudgetSpent as error:
+                    print(f"{key}: {error}; entry kept", flush=True)
+                    continue
                 except NoFit as error:
+                    # A regenerated class replaces its old entry, chosen or not.
+                    table.pop(key, None)
+                    notes.pop(key, None)
                     failures.append(str(error))
                     print(f"{key}: NO ENTRY ({error})", flush=True)
                     continue
