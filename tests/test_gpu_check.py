@@ -1,0 +1,84 @@
+"""benchmarks/gpu_check.py, the one-call GPU check: its --dry-run runs every stage on the CPU,
+and a stage that hangs is stopped at its limit without losing what the others wrote."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def load_gpu_check():
+    if "gpu_check" not in sys.modules:  # dataclasses look their module up there
+        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["gpu_check"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["gpu_check"]
+
+
+def test_dry_run_runs_every_stage(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    stages = results["stages"]
+    assert list(stages) == list(load_gpu_check().STAGES)
+    assert {name: s["status"] for name, s in stages.items()} == dict.fromkeys(stages, "ok")
+    assert stages["install"]["result"]["backends"]["cpu"]["available"]
+    assert stages["tests"]["result"]["counts"] == {"passed": 2}
+    rows = stages["benchmarks"]["result"]["rows"]
+    timed = {(r["impl"], r["mode"], r["feature_map"]) for r in rows if r.get("seconds")}
+    assert {("linattn-triton", "forward+backward", "relu"), ("linattn-cpu", "forward+backward",
+            "relu"), ("linattn-triton", "forward", "hedgehog")} <= timed
+    assert any(r.get("error") == "needs CUDA" for r in rows)  # the graph case says why not
+    assert stages["tune"]["result"]["entries"], "the tuner compiled no class for sm_90"
+    summary = (tmp_path / "summary.md").read_text()
+    for heading in ("## Tests", "## Benchmarks", "## Issue 11 targets", "## Tuner"):
+        assert heading in summary
+    # The device tool returns at most 8 files from $OUT, named in letters, digits, . _ -.
+    files = [p.name for p in tmp_path.iterdir()]
+    assert len(files) <= 8 and all(p.is_file() for p in tmp_path.iterdir()), files
+
+
+def test_a_hanging_stage_is_stopped_with_its_children(tmp_path):
+    gpu_check = load_gpu_check()
+    pid_file = tmp_path / "child.pid"
+    hang = ("import subprocess, sys, time; "
+            "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)")
+    start = time.monotonic()
+    run = gpu_check.run_process([sys.executable, "-c", hang], 3, tmp_path / "hang.log",
+                                dict(os.environ))
+    assert run.status == "timeout" and time.monotonic() - start < 30
+    assert "stopped at its 3 s limit" in (tmp_path / "hang.log").read_text()
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the grandchild (pip's compiler, a pytest worker) went with it
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} of the stopped stage is still running")
+
+
+def test_a_stopped_test_stage_still_reports_what_ran(tmp_path):
+    gpu_check = load_gpu_check()
+    rows = [dict(test="tests/a.py::ok", outcome="passed", when="call", seconds=1.0),
+            dict(test="tests/a.py::bad", outcome="failed", when="call", seconds=0.5,
+                 message="E assert 1 == 2")]
+    (tmp_path / "tests.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = gpu_check.read_stage_result(tmp_path, "tests")
+    assert result["partial"] and result["counts"] == {"passed": 1, "failed": 1}
+    assert result["failures"][0]["test"] == "tests/a.py::bad"
+    summary = gpu_check.render_summary(dict(mode="full", started="now", commit="abc", stages={
+        "tests": dict(status="timeout", seconds=150, limit_s=150, result=result)}))
+    assert "1 failed, 1 passed (stopped at the limit: partial)" in summary
+    assert "FAILED `tests/a.py::bad`: E assert 1 == 2" in summary
