@@ -32,8 +32,8 @@ import triton.language as tl
 from ...ops import alloc
 from . import plan
 from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf16, launch,
-                     mask_args, mma, padded_dim, split_range, state_centre, to_operand,
-                     to_storage)
+                     mask_args, mma, padded_dim, split_range, state_centre, state_scale,
+                     to_operand, to_storage)
 from .feature_maps import feature_map, feature_map_backward, map_id
 from .forward import qkv_bytes
 from .reduce import split_targets
@@ -67,12 +67,14 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
         dq_offs, _ = block_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD)
         do_offs, e_ok = block_offsets(s_gn, s_gd, DV, BLOCK_N, DV_PAD)
         e = tl.arange(0, DV_PAD)
-        # Sᵀ of the head (DV_PAD, D_PAD), centred (state_centre) before it is rounded to the
-        # operand dtype: the right operand of g' = do S'ᵀ.
+        # Sᵀ of the head (DV_PAD, D_PAD), centred and scaled before it is rounded to the operand
+        # dtype (common.state_centre, state_scale): the right operand of g' = c · do (S'/c)ᵀ.
         state_t = tl.load(s_ptr + bh * (D * DV) + d[None, :] * DV + e[:, None],
                           mask=(d < D)[None, :] & (e < DV)[:, None], other=0.0)
-        centre = state_centre(state_t, z)
-        state_t = to_operand(state_t - centre[:, None] * z[None, :], dtype, EMULATE_BF16)
+        centre = state_centre(state_t, z[None, :], 1)
+        scale = state_scale(z)
+        state_t = to_operand((state_t - centre[:, None] * z[None, :]) / scale, dtype,
+                             EMULATE_BF16)
         dz_acc = tl.zeros((D_PAD,), dtype=tl.float32)
     ds_acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
 
@@ -87,7 +89,7 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
                            other=0.0)
             # g' = S' do and mu = m·do (g = g' + z mu); dφ from g' (state_centre's formula).
             g = mma(to_operand(grad, dtype, EMULATE_BF16), state_t,
-                    tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), FP32)
+                    tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), FP32) * scale
             mu = tl.sum(grad.to(tl.float32) * centre[None, :], axis=1)
             dden = (eps * mu - tl.sum(phi * g, axis=1)) * inv_den * inv_den
             dphi = g * inv_den[:, None] + z[None, :] * dden[:, None]

@@ -5,8 +5,8 @@ In-kernel (``@triton.jit``):
   * ``mma``: ``tl.dot`` with fp32 accumulation, fp32-accurate (3xTF32) for fp32 inputs.
   * ``split_range``: the tokens of one sequence split; ``block_offsets``: the in-block offsets
     and column mask of a block of tokens of a (B, N, H, D) view.
-  * ``state_centre``: the vector m the dq passes subtract from S (as S − z mᵀ) before rounding
-    it to a 16-bit operand.
+  * ``state_centre`` and ``state_scale``: the vector m and the scale c with which the dq pass
+    rounds (S − z mᵀ) / c, and the output pass S / c, not S, to a 16-bit operand.
 
 Host side:
   * ``launch`` (every kernel launch; ``capture_launches`` records them instead, for offline
@@ -175,9 +175,11 @@ def split_range(split, chunk, N):
     return start, end
 
 
+
 @triton.jit
-def state_centre(state_t, z):
-    """m = Σ_f sign(z_f) S_f / Σ_f |z_f| (an (DV_PAD,) fp32 vector) for Sᵀ (DV_PAD, D_PAD) and z.
+def state_centre(state, z_b, AXIS: tl.constexpr):
+    """m = Σ_f sign(z_f) S_f / Σ_f |z_f|, for a state tile with its features along AXIS and z
+    broadcast to the tile's shape (z_b): one value per value column, fp32. No keys: m = 0.
 
     Why. The query gradient is dφ(q_i) = (S − z o_iᵀ) do_i / den_i: when the per-feature means
     of v, S_f / z_f, are all close to o_i (positive-mean values, long sequences) the two terms
@@ -188,10 +190,21 @@ def state_centre(state_t, z):
         g = S do = g' + z μ  (g' = S' do, μ = m·do),
         dφ = g'/den + z·dden',  dden' = (eps·μ − φ·g')/den²,  the true dden = dden' − μ/den,
 
-    so only S' is rounded, and with m a mean of the S_f / z_f (this one: weighted by |z_f|,
+    so only S' is rounded, and with m a mean of the S_f / z_f (this one is weighted by |z_f|:
     a convex combination whatever the signs of φ) S' is as small as that cancellation leaves
-    the gradient: its rounding error is no longer amplified. S' is formed in fp32 from the fp32
-    S. No keys (z = 0): m = 0."""
-    weight = tl.sum(tl.abs(z), axis=0)
-    signed = tl.sum(tl.where(z[None, :] < 0.0, -state_t, state_t), axis=1)
+    the result: its rounding error is no longer amplified. S' is formed in fp32 from the fp32
+    S."""
+    weight = tl.sum(tl.abs(z_b), axis=AXIS)
+    signed = tl.sum(tl.where(z_b < 0.0, -state, state), axis=AXIS)
     return tl.where(weight > 0.0, signed / tl.maximum(weight, 1e-30), 0.0)
+
+
+@triton.jit
+def state_scale(z):
+    """c = max_f |z_f| (1 when z = 0): the output pass rounds S / c, the dq pass S' / c, to the
+    16-bit operand. S grows with N, past fp16's 65504 for long sequences of positive values (o
+    came out inf at N = 4096 with v up to 1000); for features >= 0, |S_fe| <= max|v| z_f, so
+    |S_fe| / c <= max|v| and |S'_fe| / c <= 2 max|v|. Exact algebra: the products are
+    multiplied by c again in fp32."""
+    top = tl.max(tl.abs(z), axis=0)
+    return tl.where(top > 0.0, top, 1.0)

@@ -6,9 +6,10 @@ Two kernels, plus the split reduction between them when the sequence is split:
   loads it, accumulates an fp32 partial S (D × Dv tile) on tensor cores and z beside it, and
   writes the partial (or S and z themselves when there is one split; or atomically adds them, with
   LINATTN_TRITON_ATOMIC_REDUCE=1).
-* output kernel, grid (B·H, splits, Dv tiles): loads the S tile and z of its head once, then
-  streams its chunk of q: φ(q), den = φ(q)ᵀz + eps (fp32, not on tensor cores), num = φ(q)ᵀS
-  and o = num / den in one pass. Neither φ(q) nor den is stored: the backward recomputes them.
+* output kernel, grid (B·H, splits, Dv tiles): loads the S tile and z of its head once (as the
+  operand S/c: common.state_scale), then streams its chunk of q: φ(q),
+  den = φ(q)ᵀz + eps (fp32, not on tensor cores), num = φ(q)ᵀS and o = num / den in one pass.
+  Neither φ(q) nor den is stored: the backward recomputes them.
 
 q, k, v and o are read and written through their (B, N, H, D) strides; nothing is copied.
 """
@@ -22,7 +23,7 @@ import triton.language as tl
 
 from . import plan
 from .common import (block_offsets, bnhd_strides, check_state, emulate_bf16, launch, mask_args,
-                     mma, split_range, to_operand, to_storage)
+                     mma, split_range, state_scale, to_operand, to_storage)
 from .feature_maps import feature_map, map_id
 from .reduce import split_targets
 
@@ -105,8 +106,13 @@ def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
     col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
     state = tl.load(s_ptr + bh * (D * DV) + d[:, None] * DV + col[None, :],
                     mask=(d < D)[:, None] & (col < DV)[None, :], other=0.0)
-    state = to_operand(state, dtype, EMULATE_BF16)
     z = tl.load(z_ptr + bh * D + d, mask=d < D, other=0.0)
+    # The operand is S/c, not S (common.state_scale): S rounded to fp16 overflowed for long
+    # sequences. (Centring it as the dq pass does is not needed here: o is stored in the input
+    # dtype, whose rounding is as large as the operand's, and the centre's broadcast in the
+    # loop cost 48 registers a thread at D = Dv = 128.)
+    scale = state_scale(z)
+    state = to_operand(state / scale, dtype, EMULATE_BF16)
 
     for n0 in range(start, end, BLOCK_N):
         row_ok = rows < end - n0
@@ -118,7 +124,7 @@ def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
         num = mma(to_operand(phi, dtype, EMULATE_BF16), state,
                   tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32), FP32)
         tl.store(o_base + n0 * s_on + o_offs,
-                 to_storage(num / den[:, None], o_ptr.dtype.element_ty, EMULATE_BF16),
+                 to_storage(num * (scale / den)[:, None], o_ptr.dtype.element_ty, EMULATE_BF16),
                  mask=row_ok[:, None] & e_ok[None, :])
 
 
