@@ -12,6 +12,15 @@ Two kernels, plus the split reduction between them when the sequence is split:
   Neither φ(q) nor den is stored: the backward recomputes them.
 
 q, k, v and o are read and written through their (B, N, H, D) strides; nothing is copied.
+
+Accumulation order. Each loop step adds a whole block's sum (BLOCK_N tokens, reduced inside the
+fp32 MMA) to the running fp32 S, so a program's running sum has chunk / BLOCK_N steps (about 50
+at Wan 1.3B, 300 at HunyuanVideo on 132 SMs), not N as a token-by-token sum has: measured under
+the interpreter (z, fp32 sums of fp32 values, 64-token blocks), 1.2e-7 relative error at 64
+steps, 4.4e-7 at 1024, 5e-8 split 8 ways, against 1-3e-7 for PyTorch's fp32 einsum. It grows
+like √steps, so very long sequences on a small grid would gain from a two-level sum; at the
+video shapes it is the einsum's level. For 16-bit inputs it is dwarfed by the rounding of φ(k)
+to a bf16 operand (S: 2.8e-5 at N = 4096, 6e-6 at 65536).
 """
 from __future__ import annotations
 
