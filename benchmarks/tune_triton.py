@@ -114,6 +114,7 @@ class Problem:
     dv: torch.Tensor
     d_state: torch.Tensor
     d_normaliser: torch.Tensor
+    centre: torch.Tensor
 
     @classmethod
     def make(cls, d: int, dv: int, dtype: torch.dtype, device: torch.device) -> "Problem":
@@ -132,8 +133,9 @@ class Problem:
         state, d_state = (tensor(B, H, d, dv, dt=torch.float32) for _ in range(2))
         normaliser = tensor(B, H, d, dt=torch.float32, scale=float(N)).abs()
         d_normaliser = tensor(B, H, d, dt=torch.float32)
+        centre = tensor(B, H, dv, dt=torch.float32)
         return cls(q, k, v, do, mask, state, normaliser, o, dq, dk, dv_, d_state.view(-1),
-                   d_normaliser.view(-1))
+                   d_normaliser.view(-1), centre.view(-1))
 
 
 #: The variant candidates are checked and timed with: the softmax map (a row max and sum more
@@ -150,10 +152,10 @@ def run_kind(kind: str, p: Problem) -> None:
         tforward.compute_output(p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.o)
     elif kind == "dq":
         tbackward.state_gradients(p.do, p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.dq,
-                                  p.d_state, p.d_normaliser, qkv_size)
+                                  p.d_state, p.d_normaliser, p.centre, qkv_size)
     elif kind == "dkdv":
-        tbackward.key_gradients(p.k, p.v, p.mask, TUNE_MAP, p.d_state, p.d_normaliser, p.dk,
-                                p.dv)
+        tbackward.key_gradients(p.k, p.v, p.mask, TUNE_MAP, p.d_state, p.d_normaliser,
+                                p.centre, p.dk, p.dv)
     else:
         raise ValueError(f"kind: {kind!r}")
 

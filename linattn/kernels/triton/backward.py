@@ -10,7 +10,7 @@ backward needs neither o nor a second product with S. φ(q), φ(k) and den are r
 k, z; nothing per token is stored between the two kernels.
 
 * dq kernel, grid (B·H, splits, 1): streams its chunk of q and do; writes dq and an fp32 partial
-  of dS (one Dv tile) and dz. When Dv needs more than one tile, a second launch of the same
+  of dS (one Dv tile) and of dz' = dz + dS m (below), and m itself. When Dv needs more than one tile, a second launch of the same
   kernel (COMPUTE_DQ = False) accumulates the other dS tiles: dq needs the whole of g = S do,
   while a dS accumulator of every tile at once would not fit in registers.
 * the partials are summed in split order (reduce.py), unless there is one split.
@@ -18,8 +18,17 @@ k, z; nothing per token is stored between the two kernels.
   (or, where the config is not fused, one launch for dk and one for every dv tile: each then
   holds a single dS operand, which 3xTF32 fp32 dots need to fit in shared memory).
 
-Scratch: dS and dz (B·H·D·(Dv + 1) fp32) and, when split, one partial of them per split, capped
-by plan.scratch_budget; no per-block partials.
+Scratch: dS, dz' and m (B·H·(D·(Dv + 1) + Dv) fp32) and, when split, one partial of dS and
+dz' per split, capped by plan.scratch_budget; no per-block partials.
+
+dS enters the key pass as a 16-bit operand whose error (its own rounding, and φ(q) and do/den
+rounded in its products) is the same for every key: with positive-mean values it added up
+coherently, dS v_j + dz cancels, and a sum over keys of dk (Hedgehog's dW_k) was 100-250% off
+at N = 8192 in bf16. With m the forward's centre (common.state_centre, about the mean of v),
+the key pass computes dφ(k_j) = dS_op v_j + (dz' − dS_op m), where dz' = dz + dS m is summed
+in fp32 by the dq pass (φ·dden' per query: no operand rounding). That is dS v_j + dz exactly,
+and the operand's error multiplies v_j − m, which no longer adds up: dk 2x and that sum 300x
+more accurate in a float64 emulation, nothing lost for zero-mean values.
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ from .reduce import split_targets
 
 
 @triton.jit
-def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
+def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
                H, N, D, DV, chunk, eps, ds_split_stride, dz_split_stride, first_tile,
                s_qb, s_qn, s_qh, s_qd, s_gb, s_gn, s_gh, s_gd, s_xb, s_xn, s_xh, s_xd,
                MAP: tl.constexpr, ATOMIC: tl.constexpr, COMPUTE_DQ: tl.constexpr,
@@ -72,6 +81,7 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
         state_t = tl.load(s_ptr + bh * (D * DV) + d[None, :] * DV + e[:, None],
                           mask=(d < D)[None, :] & (e < DV)[:, None], other=0.0)
         centre = state_centre(state_t, z[None, :], 1)
+        tl.store(m_ptr + bh * DV + e, centre, mask=(e < DV) & (split == 0))
         scale = state_scale(z)
         state_t = to_operand((state_t - centre[:, None] * z[None, :]) / scale, dtype,
                              EMULATE_BF16)
@@ -97,8 +107,8 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
             tl.store(dq_base + n0 * s_xn + dq_offs, to_storage(dx, dq_ptr.dtype.element_ty,
                                                                EMULATE_BF16),
                      mask=row_ok[:, None] & d_ok[None, :])
-            # The true dden = −(φ·g)/den², from the centred one.
-            dz_acc += tl.sum(phi * (dden - mu * inv_den)[:, None], axis=0)
+            # dz' = Σ φ dden' = dz + dS m (the true dden is dden' − μ/den): see the docstring.
+            dz_acc += tl.sum(phi * dden[:, None], axis=0)
             if BLOCK_DV == DV_PAD:
                 grad_tile = grad
             else:
@@ -127,7 +137,7 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr,
 
 
 @triton.jit
-def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr,
+def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
                  H, N, D, DV, chunk, first_tile,
                  s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn,
                  s_xb, s_xn, s_xh, s_xd, s_yb, s_yn, s_yh, s_yd,
@@ -169,7 +179,11 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr,
             ds_t = tl.load(ds_ptr + bh * (D * DV) + d[None, :] * DV + e[:, None],
                            mask=(d < D)[None, :] & (e < DV)[:, None], other=0.0)
             ds_t = to_operand(ds_t, dtype, EMULATE_BF16)
-        dz = tl.load(dz_ptr + bh * D + d, mask=d < D, other=0.0)
+        # dz' − dS_op m, so that dφ(k) = v dS_opᵀ + this is dS v + dz (module docstring).
+        e = tl.arange(0, DV_PAD)
+        centre = tl.load(m_ptr + bh * DV + e, mask=e < DV, other=0.0)
+        dz = (tl.load(dz_ptr + bh * D + d, mask=d < D, other=0.0)
+              - tl.sum(ds_t.to(tl.float32) * centre[:, None], axis=0))
 
     for n0 in range(start, end, BLOCK_N):
         row_ok = rows < end - n0
@@ -206,15 +220,17 @@ def _launch_options(config: plan.KernelConfig, dtype: torch.dtype) -> dict:
 
 def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
                     state: torch.Tensor, normaliser: torch.Tensor, dq: torch.Tensor,
-                    d_state: torch.Tensor, d_normaliser: torch.Tensor, qkv_size: int) -> None:
-    """dq, and dS (B·H·D·Dv) and dz (B·H·D) into contiguous fp32 buffers. qkv_size: bytes of
-    q, k and v (the scratch budget's reference)."""
+                    d_state: torch.Tensor, d_normaliser: torch.Tensor, centre: torch.Tensor,
+                    qkv_size: int) -> None:
+    """dq, and dS (B·H·D·Dv), dz' = dz + dS m (B·H·D) and m (B·H·Dv) into contiguous fp32
+    buffers (m: common.state_centre of the forward's S, z; the module docstring says why).
+    qkv_size: bytes of q, k and v (the scratch budget's reference)."""
     B, N, H, D = q.shape
     Dv = do.shape[-1]
     p = plan.plan_kernel("dq", q.device, N, B * H, D, Dv, q.element_size(), reduces=True,
                          qkv_bytes=qkv_size)
     targets = split_targets(d_state, d_normaliser, p.split.count, plan.atomic_reduce())
-    args = (q, do, state, normaliser, dq, targets.matrix, targets.vector, H, N, D, Dv,
+    args = (q, do, state, normaliser, dq, targets.matrix, targets.vector, centre, H, N, D, Dv,
             p.split.chunk, eps, targets.matrix_stride, targets.vector_stride)
     strides = (*bnhd_strides(q), *bnhd_strides(do), *bnhd_strides(dq))
     meta = dict(MAP=map_id(q_map), ATOMIC=targets.atomic, D_PAD=p.d_pad, DV_PAD=p.dv_pad,
@@ -229,14 +245,15 @@ def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
 
 def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
                   k_map: str, d_state: torch.Tensor, d_normaliser: torch.Tensor,
-                  dk: torch.Tensor, dv: torch.Tensor) -> None:
-    """dk = φ'(k)ᵀ(dS v + dz) and dv = dSᵀ φ(k); 0 for masked keys."""
+                  centre: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
+    """dk = φ'(k)ᵀ(dS v + dz) and dv = dSᵀ φ(k); 0 for masked keys. d_normaliser holds
+    dz' = dz + dS m and centre m (state_gradients)."""
     B, N, H, D = k.shape
     Dv = v.shape[-1]
     p = plan.plan_kernel("dkdv", k.device, N, B * H, D, Dv, k.element_size())
     tiles = p.tiles
     mask, s_mb, s_mn = mask_args(key_mask)
-    args = (k, v, mask, d_state, d_normaliser, dk, dv, H, N, D, Dv, p.split.chunk)
+    args = (k, v, mask, d_state, d_normaliser, centre, dk, dv, H, N, D, Dv, p.split.chunk)
     strides = (*bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn, *bnhd_strides(dk),
                *bnhd_strides(dv))
     meta = dict(MAP=map_id(k_map), HAS_MASK=key_mask is not None, D_PAD=p.d_pad,
@@ -266,9 +283,9 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     check_state(state, normaliser, "backward")
     B, _, H, D = q.shape
     Dv = v.shape[-1]
-    # dS and dz in one fp32 buffer: the scratch the backward needs whatever the split.
-    grads = alloc.empty(B * H * D * (Dv + 1), dtype=torch.float32, device=q.device)
-    d_state, d_normaliser = grads[:B * H * D * Dv], grads[B * H * D * Dv:]
-    state_gradients(do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser,
+    # dS, dz' and m in one fp32 buffer: the scratch the backward needs whatever the split.
+    grads = alloc.empty(B * H * (D * (Dv + 1) + Dv), dtype=torch.float32, device=q.device)
+    d_state, d_normaliser, centre = grads.split([B * H * D * Dv, B * H * D, B * H * Dv])
+    state_gradients(do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser, centre,
                     qkv_bytes(q, k, v))
-    key_gradients(k, v, key_mask, k_map, d_state, d_normaliser, dk, dv)
+    key_gradients(k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv)

@@ -13,12 +13,17 @@ Three passes, each a loop over the blocks of one sequence split (forward_kernels
 explains splits and the 64-bit token offsets):
 
 1. query pass (splits, B·H): dq, the partial dW_q of its split, and two fp32 numbers per query,
-   1/den_i and dden_i, kept for pass 2 (8 bytes per token and head: ~3% of a bf16 q at D = 128).
-   S enters scaled by 1/(number of kept keys), as in the output kernel (output_scale).
+   1/den_i and dden'_i, kept for pass 2 (8 bytes per token and head: ~3% of a bf16 q at D = 128).
+   S enters scaled by 1/(number of kept keys), as in the output kernel (output_scale), and
+   centred (common.state_centre); the centre m is written out for pass 3, and dden' is the
+   centred dden, so that pass 2's dz' = Σ φ dden' is dz + dS m.
 2. state-gradient pass (2, splits, B·H): partial dS, dz of one half. With 1/den and dden stored
    it needs no S at all, only q, do and W, so its accumulator is one F × Dv half; computing dS
    in pass 1 instead would hold 2F × Dv + D × F fp32 accumulators in one program.
-3. key pass (splits, B·H): dk, dv and the partial dW_k, from the summed dS, dz.
+3. key pass (splits, B·H): dk, dv and the partial dW_k, from the summed dS, dz' and m:
+   dφ(k) = dS_op v + (dz' − dS_op m) is dS v + dz exactly, with the 16-bit dS operand's error
+   multiplying v − m instead of v, so that it does not add up over the keys in dW_k (it did:
+   134% off at N = 8192 with positive values). triton/backward.py's docstring says more.
 """
 from __future__ import annotations
 
@@ -46,14 +51,14 @@ def _store_weight_grad(dw_ptr, split, b, h, acc, D, F, s_ws, s_wb, s_wh, s_wd, s
 
 @triton.jit
 def hedgehog_query_grad_kernel(
-        q_ptr, do_ptr, w_ptr, s_ptr, z_ptr, dq_ptr, dw_ptr, tok_ptr, eps,
+        q_ptr, do_ptr, w_ptr, s_ptr, z_ptr, dq_ptr, dw_ptr, tok_ptr, m_ptr, eps,
         Nq, H, D, F, Dv, num_blocks, blocks_per_split,
         s_qb, s_qn, s_qh, s_qd, s_dob, s_don, s_doh, s_dov, s_wh, s_wd, s_wf,
         s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf, s_dqb, s_dqn, s_dqh, s_dqd,
         s_dws, s_dwb, s_dwh, s_dwd, s_dwf, s_tb, s_th, s_tsel,
         BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F_PAD: tl.constexpr, V_PAD: tl.constexpr,
         TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr, EMULATE_DW: tl.constexpr):
-    """Pass 1: dq; partial dW_q (split, b, h, D, F); 1/den and dden of every query."""
+    """Pass 1: dq; partial dW_q (split, b, h, D, F); 1/den and dden' of every query; m."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -67,6 +72,8 @@ def hedgehog_query_grad_kernel(
     s_a, s_c, z_a, z_c, scale, centre = load_scaled_state(
         s_ptr, z_ptr, b, h, F, Dv, s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf,
         F_PAD, V_PAD, TOKEN, EMULATE_BF16, True)
+    offs_v = tl.arange(0, V_PAD)
+    tl.store(m_ptr + bh.to(tl.int64) * Dv + offs_v, centre, mask=(offs_v < Dv) & (split == 0))
     eps_scaled = eps * scale
     q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
     do_offs, v_ok = block_offsets(s_don, s_dov, Dv, BLOCK_N, V_PAD)
@@ -99,7 +106,7 @@ def hedgehog_query_grad_kernel(
             * rden * rden
         da = u_a * rden[:, None] + dden_c[:, None] * z_a[None, :]
         dc = u_c * rden[:, None] + dden_c[:, None] * z_c[None, :]
-        dden = dden_c - mu * rden  # the true −(φ·û)/den^², which pass 2 needs
+
         dl = hedgehog_logits_grad(a, c, da, dc)
         dq = dot(dl, tl.trans(w), tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), TOKEN,
                  EMULATE_BF16)
@@ -107,7 +114,7 @@ def hedgehog_query_grad_kernel(
                  to_storage(dq, dq_ptr.dtype.element_ty, EMULATE_BF16),
                  mask=n_ok[:, None] & d_ok[None, :])
         tl.store(tok_base + offs_n, rden * scale, mask=n_ok)
-        tl.store(tok_base + s_tsel + offs_n, dden * scale, mask=n_ok)
+        tl.store(tok_base + s_tsel + offs_n, dden_c * scale, mask=n_ok)  # dden' (docstring)
         acc_dw = dot(tl.trans(q), dl, acc_dw, TOKEN, EMULATE_BF16)
     _store_weight_grad(dw_ptr, split, b, h, acc_dw, D, F, s_dws, s_dwb, s_dwh, s_dwd, s_dwf,
                        D_PAD, F_PAD, EMULATE_DW)
@@ -161,7 +168,7 @@ def hedgehog_state_grad_kernel(
 
 @triton.jit
 def hedgehog_key_grad_kernel(
-        k_ptr, v_ptr, mask_ptr, w_ptr, ds_ptr, dz_ptr, dk_ptr, dv_ptr, dw_ptr,
+        k_ptr, v_ptr, mask_ptr, w_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr, dw_ptr,
         Nk, H, D, F, Dv, num_blocks, blocks_per_split,
         s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn, s_wh, s_wd, s_wf,
         s_sb, s_sh, s_sf, s_sv, s_zb, s_zh, s_zf, s_dkb, s_dkn, s_dkh, s_dkd,
@@ -182,6 +189,11 @@ def hedgehog_key_grad_kernel(
                                     F, s_zf, F_PAD)
     ds_a = to_operand(ds_a, TOKEN, EMULATE_BF16)
     ds_c = to_operand(ds_c, TOKEN, EMULATE_BF16)
+    # dz' − dS_op m (module docstring, pass 3).
+    offs_v = tl.arange(0, V_PAD)
+    centre = tl.load(m_ptr + bh.to(tl.int64) * Dv + offs_v, mask=offs_v < Dv, other=0.0)
+    dz_a -= tl.sum(ds_a.to(tl.float32) * centre[None, :], axis=1)
+    dz_c -= tl.sum(ds_c.to(tl.float32) * centre[None, :], axis=1)
     k_offs, d_ok = block_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD)
     v_offs, v_ok = block_offsets(s_vn, s_vd, Dv, BLOCK_N, V_PAD)
     dk_offs, _ = block_offsets(s_dkn, s_dkd, D, BLOCK_N, D_PAD)

@@ -282,15 +282,18 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     budget = plan.scratch_budget(_nbytes(q, k, v))
     weight_slab = n.B * n.H * n.D * n.F * 4
 
-    # Pass 1: dq, dW_q, and 1/den, dden of every query (B, H, 2, Nq) for pass 2.
+    # Pass 1: dq, dW_q, 1/den and dden' of every query (B, H, 2, Nq) for pass 2, and the
+    # centre m (B, H, Dv) for pass 3 (backward_kernels.py).
     cfg = run.config("query_grad")
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H, weight_slab, budget)
     per_query = alloc.empty(n.B, n.H, 2, n.Nq, dtype=torch.float32, device=q.device)
+    centre = alloc.empty(n.B, n.H, n.Dv, dtype=torch.float32, device=q.device)
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_q)
     launch(
         hedgehog_query_grad_kernel, (splits, n.B * n.H),
-        q, do, w_q, state, normaliser, dq, dw_part, per_query, float(eps), n.Nq, n.H, n.D, n.F,
-        n.Dv, num_blocks, per_split, *q.stride(), *do.stride(), *w_q.stride(), *state.stride(),
+        q, do, w_q, state, normaliser, dq, dw_part, per_query, centre, float(eps), n.Nq, n.H,
+        n.D, n.F, n.Dv, num_blocks, per_split, *q.stride(), *do.stride(), *w_q.stride(),
+        *state.stride(),
         *normaliser.stride(), *dq.stride(), *dw_strides, *per_query.stride()[:3],
         EMULATE_DW=_emulates_bf16(dw_q.dtype), **run.flags(cfg))
     if dw_part is not dw_q:
@@ -321,7 +324,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_k)
     launch(
         hedgehog_key_grad_kernel, (splits, n.B * n.H),
-        k, v, mask, w_k, d_state, d_norm, dk, dv, dw_part, n.Nk, n.H, n.D, n.F, n.Dv,
+        k, v, mask, w_k, d_state, d_norm, centre, dk, dv, dw_part, n.Nk, n.H, n.D, n.F, n.Dv,
         num_blocks, per_split, *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(),
         *d_state.stride(), *d_norm.stride(), *dk.stride(), *dv.stride(), *dw_strides,
         HAS_MASK=key_mask is not None, EMULATE_DW=_emulates_bf16(dw_k.dtype), **run.flags(cfg))
