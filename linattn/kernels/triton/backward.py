@@ -10,9 +10,10 @@ backward needs neither o nor a second product with S. φ(q), φ(k) and den are r
 k, z; nothing per token is stored between the two kernels.
 
 * dq kernel, grid (B·H, splits, 1): streams its chunk of q and do; writes dq and an fp32 partial
-  of dS (one Dv tile) and of dz' = dz + dS m (below), and m itself. When Dv needs more than one tile, a second launch of the same
-  kernel (COMPUTE_DQ = False) accumulates the other dS tiles: dq needs the whole of g = S do,
-  while a dS accumulator of every tile at once would not fit in registers.
+  of dS (one Dv tile) and of dz' = dz + dS m (below), and m itself. When Dv needs more than one
+  tile, a second launch of the same kernel (COMPUTE_DQ = False) accumulates the other dS tiles:
+  dq needs the whole of g = S do, while a dS accumulator of every tile at once would not fit in
+  registers.
 * the partials are summed in split order (reduce.py), unless there is one split.
 * dk/dv kernel, grid (B·H, splits, 1), again with a second launch for further Dv tiles of dv
   (or, where the config is not fused, one launch for dk and one for every dv tile: each then
