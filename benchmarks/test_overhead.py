@@ -83,18 +83,22 @@ def test_triton_planning(benchmark, shape_name, map_name, mode):
     fmap = MapCall(map_name, params)
     backend = get_kernel_backend("triton")
     if mode == "forward":
-        def call():
+        def plan_once():
             backend.forward(q, k, v, None, fmap, fmap, 1e-6, o, state, normaliser)
-            launches.clear()
     else:
-        def call():
+        def plan_once():
             backend.backward(do, q, k, v, None, fmap, fmap, 1e-6, state, normaliser, dq, dk, dv,
                              d_params, d_params)
-            launches.clear()
+
+    def call():
+        plan_once()
+        launches.clear()  # the captured launches would otherwise pile up over the rounds
     with triton_plan.assume_device(triton_plan.DeviceInfo.from_properties(H200)), \
             capture_launches() as launches:
-        call()
-        count = len(launches)
+        plan_once()
+        count = len(launches)  # counted before call() clears them
+        launches.clear()
+        assert count > 0, "the planning path captured no launch"
         median, fastest = _time(benchmark, call)
     record_overhead(what=f"Triton planning, {mode}, {shape_name}, bf16, {map_name} "
                          f"({count} launches, {H200.name})",
