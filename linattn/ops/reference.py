@@ -12,15 +12,20 @@ import torch
 from torch import Tensor
 
 from ..feature_maps import FeatureMap
+from ..pre_attention import PreAttention
+from ..pre_attention import reference as pre_reference
 
 
 def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_map: FeatureMap,
                                k_map: FeatureMap, eps: float,
                                key_padding_mask: Optional[Tensor] = None,
-                               compute_dtype: torch.dtype = torch.float64) -> Tensor:
+                               compute_dtype: torch.dtype = torch.float64,
+                               pre: Optional[PreAttention] = None) -> Tensor:
     """o_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps), S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j).
 
-    Computed in `compute_dtype` (inputs and map parameters are cast), returned in q's dtype.
+    With `pre`, φ is applied to RoPE(norm(q)) and RoPE(norm(k)) (linattn/pre_attention).
+    Computed in `compute_dtype` (inputs, map parameters, norm weights and RoPE tables are cast),
+    returned in q's dtype.
     Masked keys contribute nothing, whatever they hold: k and v are replaced by 0 before any
     arithmetic touches them (where(), not a product, so inf or NaN there cannot leak in as
     0 · inf) and φ(k) is zeroed after the map; autograd then gives them exactly zero gradients.
@@ -33,6 +38,9 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_map: FeatureMa
     if key_padding_mask is not None:
         keep = key_padding_mask[:, :, None, None]
         k, v = torch.where(keep, k, 0.0), torch.where(keep, v, 0.0)
+    if pre is not None:
+        q = pre_reference.apply(q, pre.q_norm, pre.rope)
+        k = pre_reference.apply(k, pre.k_norm, pre.rope)
     phi_q = q_map.apply(q, [cast(p) for p in q_map.kernel_params()])   # (B, Nq, H, F)
     phi_k = k_map.apply(k, [cast(p) for p in k_map.kernel_params()])   # (B, Nk, H, F)
     if key_padding_mask is not None:
