@@ -79,6 +79,54 @@ std::vector<linattn::View> as_views(py::handle arg, const char* what) {
   return views;
 }
 
+// One side's norm: None, or (kind, over_heads, eps, start, stop, weight | None, bias | None)
+// (NormCall of linattn/pre_attention/spec.py with its tensors as views).
+linattn::NormArg as_norm_arg(py::handle arg, const char* what) {
+  linattn::NormArg norm;
+  if (arg.is_none()) return norm;
+  const auto t = py::reinterpret_borrow<py::tuple>(arg);
+  if (t.size() != 7) {
+    throw std::invalid_argument(std::string(what) + ": expected None or a tuple (kind, "
+                                "over_heads, eps, start, stop, weight, bias)");
+  }
+  norm.kind = t[0].cast<int>();
+  norm.over_heads = t[1].cast<bool>();
+  norm.eps = t[2].cast<double>();
+  norm.start = t[3].cast<std::int64_t>();
+  norm.stop = t[4].cast<std::int64_t>();
+  norm.weight = as_optional_view(t[5], what);
+  norm.bias = as_optional_view(t[6], what);
+  return norm;
+}
+
+// The pre-attention work of a call (PreArgs): None, or the tuple (q_norm, k_norm, rope,
+// q_stats | None, k_stats | None), rope None or (style, start, cos, sin); linattn/backends/cpu.py
+// builds it. Plain tuples for the reason tensors cross as tuples (the module docstring).
+linattn::PreArgs as_pre_args(py::handle arg) {
+  linattn::PreArgs pre;
+  if (arg.is_none()) return pre;
+  const auto t = py::reinterpret_borrow<py::tuple>(arg);
+  if (t.size() != 5) {
+    throw std::invalid_argument("pre: expected None or a tuple (q_norm, k_norm, rope, q_stats, "
+                                "k_stats)");
+  }
+  pre.q_norm = as_norm_arg(t[0], "pre.q_norm");
+  pre.k_norm = as_norm_arg(t[1], "pre.k_norm");
+  if (!t[2].is_none()) {
+    const auto rope = py::reinterpret_borrow<py::tuple>(t[2]);
+    if (rope.size() != 4) {
+      throw std::invalid_argument("pre.rope: expected None or a tuple (style, start, cos, sin)");
+    }
+    pre.rope.style = rope[0].cast<int>();
+    pre.rope.start = rope[1].cast<std::int64_t>();
+    pre.rope.cos = as_view(rope[2], "pre.rope.cos");
+    pre.rope.sin = as_view(rope[3], "pre.rope.sin");
+  }
+  pre.q_stats = as_optional_view(t[3], "pre.q_stats");
+  pre.k_stats = as_optional_view(t[4], "pre.k_stats");
+  return pre;
+}
+
 std::string view_repr(const linattn::View& v) {
   std::ostringstream out;
   out << "View(" << v.describe() << ", strides (";
@@ -140,19 +188,21 @@ PYBIND11_MODULE(_C, m) {
       "cpu_forward",
       [](py::handle q, py::handle k, py::handle v, py::handle key_mask, const std::string& q_map,
          py::handle q_params, const std::string& k_map, py::handle k_params, double eps,
-         py::handle o, py::handle state, py::handle normaliser, int num_threads) {
+         py::handle o, py::handle state, py::handle normaliser, int num_threads, py::handle pre) {
         linattn::ForwardArgs args{as_view(q, "q"), as_view(k, "k"), as_view(v, "v"),
                                   as_optional_view(key_mask, "key_mask"),
                                   {q_map, as_views(q_params, "q_params")},
                                   {k_map, as_views(k_params, "k_params")}, eps,
                                   as_view(o, "o"), as_view(state, "state"),
-                                  as_view(normaliser, "normaliser"), num_threads};
+                                  as_view(normaliser, "normaliser"), num_threads,
+                                  as_pre_args(pre)};
         py::gil_scoped_release release;
         linattn::cpu_forward(args);
       },
       "q"_a, "k"_a, "v"_a, "key_mask"_a, "q_map"_a, "q_params"_a, "k_map"_a, "k_params"_a,
-      "eps"_a, "o"_a, "state"_a, "normaliser"_a, "num_threads"_a,
-      "Fills o (B, Nq, H, Dv), state S (B, H, D', Dv) and normaliser z (B, H, D').");
+      "eps"_a, "o"_a, "state"_a, "normaliser"_a, "num_threads"_a, "pre"_a = py::none(),
+      "Fills o (B, Nq, H, Dv), state S (B, H, D', Dv) and normaliser z (B, H, D'), and the "
+      "statistics of q/k norms over all heads (pre's q_stats, k_stats).");
 
   m.def(
       "cpu_backward",
@@ -160,7 +210,8 @@ PYBIND11_MODULE(_C, m) {
          const std::string& q_map, py::handle q_params, const std::string& k_map,
          py::handle k_params, double eps, py::handle state, py::handle normaliser,
          py::handle dq, py::handle dk, py::handle dv, py::handle d_q_params,
-         py::handle d_k_params, int num_threads) {
+         py::handle d_k_params, int num_threads, py::handle pre, py::handle d_q_norm_weight,
+         py::handle d_q_norm_bias, py::handle d_k_norm_weight, py::handle d_k_norm_bias) {
         linattn::BackwardArgs args{as_view(grad_out, "grad_out"), as_view(q, "q"),
                                    as_view(k, "k"), as_view(v, "v"),
                                    as_optional_view(key_mask, "key_mask"),
@@ -169,14 +220,22 @@ PYBIND11_MODULE(_C, m) {
                                    as_view(state, "state"), as_view(normaliser, "normaliser"),
                                    as_view(dq, "dq"), as_view(dk, "dk"), as_view(dv, "dv"),
                                    as_views(d_q_params, "d_q_params"),
-                                   as_views(d_k_params, "d_k_params"), num_threads};
+                                   as_views(d_k_params, "d_k_params"), num_threads,
+                                   as_pre_args(pre),
+                                   as_optional_view(d_q_norm_weight, "d_q_norm_weight"),
+                                   as_optional_view(d_q_norm_bias, "d_q_norm_bias"),
+                                   as_optional_view(d_k_norm_weight, "d_k_norm_weight"),
+                                   as_optional_view(d_k_norm_bias, "d_k_norm_bias")};
         py::gil_scoped_release release;
         linattn::cpu_backward(args);
       },
       "grad_out"_a, "q"_a, "k"_a, "v"_a, "key_mask"_a, "q_map"_a, "q_params"_a, "k_map"_a,
       "k_params"_a, "eps"_a, "state"_a, "normaliser"_a, "dq"_a, "dk"_a, "dv"_a, "d_q_params"_a,
-      "d_k_params"_a, "num_threads"_a,
-      "Fills dq, dk, dv and the maps' parameter gradients from grad_out and forward's S, z.");
+      "d_k_params"_a, "num_threads"_a, "pre"_a = py::none(),
+      "d_q_norm_weight"_a = py::none(), "d_q_norm_bias"_a = py::none(),
+      "d_k_norm_weight"_a = py::none(), "d_k_norm_bias"_a = py::none(),
+      "Fills dq, dk, dv, the maps' parameter gradients and the q/k norms' weight and bias "
+      "gradients from grad_out and forward's S, z (and pre's norm statistics).");
 
   m.def("cpu_feature_maps", &linattn::fused_feature_maps,
         "Names of the feature maps the CPU kernels fuse.");

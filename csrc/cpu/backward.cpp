@@ -11,6 +11,10 @@
 //                 dφ(k) = dS v + dz → dk through the map;  dv = dSᵀ φ(k);  masked keys: 0
 //   3. the maps' parameter gradients (hedgehog dW): per-task cascades summed per head over
 //      batch and parts, pairwise in a fixed order.
+// With pre-attention work (pre_attention.h), both passes load raw q or k rows, recompute what φ
+// saw, and take the map's dx back through RoPE and the norm (dw, db summed like dW, in the same
+// cascades); a norm over all heads ends with finish_norm_over_heads once every head of every
+// token is done.
 #include <omp.h>
 
 #include <optional>
@@ -29,29 +33,62 @@
 namespace linattn {
 namespace {
 
-// Parameter gradients of a map: the accumulator of task (b, h, part) lives at
+// Per-task accumulators of a gradient that sums over tokens: task (b, h, part)'s lives at
 // grads + ((b·H + h)·parts + part)·stride; head h's gradient is their sum over b and part,
-// taken pairwise over the B·parts accumulators in (b, part) order (a fixed tree).
+// taken pairwise over the B·parts accumulators in (b, part) order (a fixed tree). Returns the
+// accumulator that holds the sum.
+template <class T>
+T* sum_head_accumulators(T* grads, std::int64_t stride, std::int64_t size, const Dims& d,
+                         std::int64_t parts, std::int64_t h) {
+  const std::int64_t count = d.B * parts;
+  // Accumulator i = b·parts + part of head h.
+  auto acc = [&](std::int64_t i) {
+    return grads + ((i / parts * d.H + h) * parts + i % parts) * stride;
+  };
+  for (std::int64_t step = 1; step < count; step *= 2) {
+    for (std::int64_t i = 0; i + step < count; i += 2 * step) {
+      T* __restrict into = acc(i);
+      const T* __restrict from = acc(i + step);
+      for (std::int64_t e = 0; e < size; ++e) into[e] += from[e];
+    }
+  }
+  return acc(0);
+}
+
+// Parameter gradients of a map (hedgehog dW), from accumulators laid out as above.
 template <class T>
 void store_param_grads(const FeatureMap<T>& map, const std::vector<View>& outputs, T* grads,
                        std::int64_t stride, const Dims& d, std::int64_t parts, int threads) {
   const std::int64_t size = map.param_grad_size();
   if (size == 0) return;
-  const std::int64_t count = d.B * parts;
 #pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, d.H))) schedule(static)
   for (std::int64_t h = 0; h < d.H; ++h) {
-    // Accumulator i = b·parts + part of head h.
-    auto acc = [&](std::int64_t i) {
-      return grads + ((i / parts * d.H + h) * parts + i % parts) * stride;
-    };
-    for (std::int64_t step = 1; step < count; step *= 2) {
-      for (std::int64_t i = 0; i + step < count; i += 2 * step) {
-        T* __restrict into = acc(i);
-        const T* __restrict from = acc(i + step);
-        for (std::int64_t e = 0; e < size; ++e) into[e] += from[e];
-      }
-    }
-    map.store_param_grad(h, acc(0), outputs);
+    map.store_param_grad(h, sum_head_accumulators(grads, stride, size, d, parts, h), outputs);
+  }
+}
+
+// The norm's (dw, db), from accumulators laid out as above.
+template <class T>
+void store_norm_grads(const PreTransform<T>& pre, const std::optional<View>& d_weight,
+                      const std::optional<View>& d_bias, T* grads, std::int64_t stride,
+                      const Dims& d, std::int64_t parts, int threads) {
+  const std::int64_t size = pre.param_grad_size();
+  if (size == 0) return;
+#pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, d.H))) schedule(static)
+  for (std::int64_t h = 0; h < d.H; ++h) {
+    pre.store_param_grads(h, sum_head_accumulators(grads, stride, size, d, parts, h), d_weight,
+                          d_bias);
+  }
+}
+
+// Per-(token, head) sums of a norm over heads go to sums[((b·N + n)·H + h)·2 + {0, 1}].
+template <class T>
+void scatter_row_sums(const T* row_sums, const std::int64_t* tokens, int rows, std::int64_t b,
+                      std::int64_t h, std::int64_t N, std::int64_t H, T* sums) {
+  for (int r = 0; r < rows; ++r) {
+    T* out = sums + ((b * N + tokens[r]) * H + h) * 2;
+    out[0] = row_sums[2 * r];
+    out[1] = row_sums[2 * r + 1];
   }
 }
 
@@ -62,20 +99,28 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
   const std::int64_t Dp = padded<T>(d.D), Fp = padded<T>(F), Dvp = padded<T>(Dv);
   const KeyMask mask = key_mask_of(a.key_mask);
   const T eps = T(a.eps);
+  const PreTransform<T> q_pre(a.pre.q_norm, a.pre.rope, a.pre.q_stats, d.D),
+      k_pre(a.pre.k_norm, a.pre.rope, a.pre.k_stats, d.D);
 
   // ---- 1. queries -----------------------------------------------------------------------------
   const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinReducedPartTokens);
   const std::int64_t q_grad_size = q_map.param_grad_size();
-  // dS [F][Dvp], then dz [Fp], then the map's parameter gradient: one cascade sums all three.
-  const std::int64_t slot = F * Dvp + Fp + q_grad_size;
+  const std::int64_t q_norm_size = q_pre.param_grad_size();
+  // dS [F][Dvp], then dz [Fp], then the map's parameter gradient, then the norm's (dw, db): one
+  // cascade sums all four.
   const std::int64_t q_grad_offset = F * Dvp + Fp;
+  const std::int64_t q_norm_offset = q_grad_offset + q_grad_size;
+  const std::int64_t slot = q_norm_offset + q_norm_size;
   Buffer<T> dstate(BH * q_parts * slot);
+  Buffer<T> q_sums(q_pre.norm_over_heads() ? d.B * d.Nq * d.H * 2 : 0);
 
   ScratchLayout<T> ql;
   const std::int64_t o_x = ql.add(kBlock * Dp), o_phi = ql.add(kBlock * Fp),
                      o_do = ql.add(kBlock * Dvp), o_g = ql.add(kBlock * Fp),
                      o_dx = ql.add(kBlock * Dp), o_St = ql.add(Dv * Fp), o_z = ql.add(Fp),
-                     o_inv = ql.add(kBlock), o_ws = ql.add(q_map.workspace_size(kBlock));
+                     o_inv = ql.add(kBlock), o_ws = ql.add(q_map.workspace_size(kBlock)),
+                     o_raw = ql.add(q_pre.active() ? kBlock * Dp : 0),
+                     o_pre = ql.add(q_pre.workspace_size()), o_rs = ql.add(2 * kBlock);
   const std::int64_t q_cascade_buffers =
       cascade_buffers_for_tokens((d.Nq + q_parts - 1) / q_parts);
   const std::int64_t o_cascade = ql.add(q_cascade_buffers * slot);
@@ -88,7 +133,8 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     T* scratch = q_scratch.data() + omp_get_thread_num() * ql.size();
     T *x = scratch + o_x, *phi = scratch + o_phi, *dob = scratch + o_do, *g = scratch + o_g,
       *dx = scratch + o_dx, *St = scratch + o_St, *z = scratch + o_z, *inv = scratch + o_inv,
-      *ws = scratch + o_ws;
+      *ws = scratch + o_ws, *raw = scratch + o_raw, *pre_ws = scratch + o_pre,
+      *row_sums = scratch + o_rs;
     CascadeSum<T> sums(scratch + o_cascade, q_cascade_buffers, slot);
 
     // From the forward: z, and Sᵀ [Dv][Fp], the B operand of g = do Sᵀ (g_i = S do_i).
@@ -106,6 +152,8 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     std::int64_t begin, end;
     part_range(d.Nq, q_parts, part, &begin, &end);
     q_map.begin_head(h, ws);
+    PreTransform<T> pre = q_pre;
+    if (pre.active()) pre.begin(b, h, pre_ws);
     for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
       prefetch_rows(q_rows, n0 + kBlock, next_end, d.D, false);
@@ -116,7 +164,13 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
       T* dS = sums.chunk();
       T* dz = dS + F * Dvp;
       T* grad_acc = dS + q_grad_offset;
-      load_rows(q_rows, tokens, rows, d.D, x, Dp);
+      T* norm_acc = dS + q_norm_offset;
+      if (pre.active()) {
+        load_rows(q_rows, tokens, rows, d.D, raw, Dp);
+        pre.forward(rows, tokens, raw, Dp, x, Dp, pre_ws);
+      } else {
+        load_rows(q_rows, tokens, rows, d.D, x, Dp);
+      }
       q_map.forward(rows, x, Dp, phi, Fp, ws);
       load_rows(do_rows, tokens, rows, Dv, dob, Dvp);
       gemm<T>(rows, Fp, Dv, dob, Dvp, 1, St, Fp, g, Fp, false);
@@ -132,6 +186,10 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
         inv[r] = inv_den;
       }
       q_map.backward(rows, x, Dp, phi, Fp, g, Fp, dx, Dp, ws, grad_acc);
+      if (pre.active()) {
+        pre.backward(rows, tokens, raw, Dp, dx, Dp, dx, Dp, pre_ws, norm_acc, row_sums);
+        if (pre.norm_over_heads()) scatter_row_sums(row_sums, tokens, rows, b, h, d.Nq, d.H, q_sums.data());
+      }
       store_rows(dq_rows, tokens, rows, d.D, dx, Dp, static_cast<const T*>(nullptr));
       // dS += (φ(q)/den)ᵀ do: scale φ's rows in place (the map is done with them).
       for (int r = 0; r < rows; ++r) {
@@ -149,21 +207,34 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
   }
   store_param_grads(q_map, a.d_q_params, dstate.data() + q_grad_offset, slot, d, q_parts,
                     threads);
+  store_norm_grads(q_pre, a.d_q_norm_weight, a.d_q_norm_bias, dstate.data() + q_norm_offset, slot,
+                   d, q_parts, threads);
+  if (q_pre.norm_over_heads()) {
+    finish_norm_over_heads(a.q, a.dq, a.pre.q_norm, *a.pre.q_stats, q_sums.data(), KeyMask{},
+                           threads);
+  }
 
   // ---- 2. keys --------------------------------------------------------------------------------
   const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReducedPartTokens);
-  // The map's parameter gradient sums over every key like dS: a cascade too (0: no parameters).
+  // The map's parameter gradient and the norm's (dw, db) sum over every key like dS: one
+  // cascade per task sums both (0: neither has parameters).
   const std::int64_t k_grad_size = k_map.param_grad_size();
-  Buffer<T> k_grads(BH * k_parts * k_grad_size);
+  const std::int64_t k_norm_size = k_pre.param_grad_size();
+  const std::int64_t k_sum_size = k_grad_size + k_norm_size;
+  Buffer<T> k_grads(BH * k_parts * k_sum_size);
   const std::int64_t k_cascade_buffers =
-      k_grad_size ? cascade_buffers_for_tokens((d.Nk + k_parts - 1) / k_parts) : 0;
+      k_sum_size ? cascade_buffers_for_tokens((d.Nk + k_parts - 1) / k_parts) : 0;
+  // Zero-filled: masked keys leave their entries 0 (finish_norm_over_heads skips them anyway).
+  Buffer<T> k_sums(k_pre.norm_over_heads() ? d.B * d.Nk * d.H * 2 : 0);
 
   ScratchLayout<T> kl;
   const std::int64_t p_x = kl.add(kBlock * Dp), p_phi = kl.add(kBlock * Fp),
                      p_v = kl.add(kBlock * Dvp), p_dphi = kl.add(kBlock * Fp),
                      p_dv = kl.add(kBlock * Dvp), p_dx = kl.add(kBlock * Dp),
                      p_dSt = kl.add(Dv * Fp), p_ws = kl.add(k_map.workspace_size(kBlock)),
-                     p_cascade = kl.add(k_cascade_buffers * k_grad_size);
+                     p_cascade = kl.add(k_cascade_buffers * k_sum_size),
+                     p_raw = kl.add(k_pre.active() ? kBlock * Dp : 0),
+                     p_pre = kl.add(k_pre.workspace_size()), p_rs = kl.add(2 * kBlock);
   const int k_threads = int(std::min<std::int64_t>(threads, BH * k_parts));
   Buffer<T> k_scratch(k_threads * kl.size());
 
@@ -172,13 +243,14 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     const std::int64_t bh = task / k_parts, part = task % k_parts, b = bh / d.H, h = bh % d.H;
     T* scratch = k_scratch.data() + omp_get_thread_num() * kl.size();
     T *x = scratch + p_x, *phi = scratch + p_phi, *vb = scratch + p_v, *dphi = scratch + p_dphi,
-      *dvb = scratch + p_dv, *dx = scratch + p_dx, *dSt = scratch + p_dSt, *ws = scratch + p_ws;
+      *dvb = scratch + p_dv, *dx = scratch + p_dx, *dSt = scratch + p_dSt, *ws = scratch + p_ws,
+      *raw = scratch + p_raw, *pre_ws = scratch + p_pre, *row_sums = scratch + p_rs;
     // dS [F][Dvp] and dz, reduced in place in the first part's slot; dSᵀ [Dv][Fp].
     const T* dS = dstate.data() + bh * q_parts * slot;
     const T* dz = dS + F * Dvp;
     transpose(dS, F, Dv, Dvp, dSt, Fp);
     std::optional<CascadeSum<T>> grad_sums;
-    if (k_grad_size) grad_sums.emplace(scratch + p_cascade, k_cascade_buffers, k_grad_size);
+    if (k_sum_size) grad_sums.emplace(scratch + p_cascade, k_cascade_buffers, k_sum_size);
 
     const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
     const RowSlice<E> dk_rows(a.dk, b, h), dv_rows(a.dv, b, h);
@@ -186,6 +258,8 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     std::int64_t begin, end;
     part_range(d.Nk, k_parts, part, &begin, &end);
     k_map.begin_head(h, ws);
+    PreTransform<T> pre = k_pre;
+    if (pre.active()) pre.begin(b, h, pre_ws);
     for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
       prefetch_rows(k_rows, n0 + kBlock, next_end, d.D, false);
@@ -201,7 +275,13 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
         continue;
       }
       T* grad_acc = grad_sums ? grad_sums->chunk() : nullptr;
-      load_rows(k_rows, kept, rows, d.D, x, Dp);
+      T* norm_acc = grad_sums ? grad_sums->chunk() + k_grad_size : nullptr;
+      if (pre.active()) {
+        load_rows(k_rows, kept, rows, d.D, raw, Dp);
+        pre.forward(rows, kept, raw, Dp, x, Dp, pre_ws);
+      } else {
+        load_rows(k_rows, kept, rows, d.D, x, Dp);
+      }
       k_map.forward(rows, x, Dp, phi, Fp, ws);
       load_rows(v_rows, kept, rows, Dv, vb, Dvp);
       gemm<T>(rows, Fp, Dv, vb, Dvp, 1, dSt, Fp, dphi, Fp, false);
@@ -211,12 +291,21 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
       gemm<T>(rows, Dvp, F, phi, Fp, 1, dS, Dvp, dvb, Dvp, false);
       store_rows(dv_rows, kept, rows, Dv, dvb, Dvp, static_cast<const T*>(nullptr));
       k_map.backward(rows, x, Dp, phi, Fp, dphi, Fp, dx, Dp, ws, grad_acc);
+      if (pre.active()) {
+        pre.backward(rows, kept, raw, Dp, dx, Dp, dx, Dp, pre_ws, norm_acc, row_sums);
+        if (pre.norm_over_heads()) scatter_row_sums(row_sums, kept, rows, b, h, d.Nk, d.H, k_sums.data());
+      }
       store_rows(dk_rows, kept, rows, d.D, dx, Dp, static_cast<const T*>(nullptr));
       if (grad_sums) grad_sums->block_done();
     }
-    if (grad_sums) grad_sums->finish(k_grads.data() + task * k_grad_size);
+    if (grad_sums) grad_sums->finish(k_grads.data() + task * k_sum_size);
   }
-  store_param_grads(k_map, a.d_k_params, k_grads.data(), k_grad_size, d, k_parts, threads);
+  store_param_grads(k_map, a.d_k_params, k_grads.data(), k_sum_size, d, k_parts, threads);
+  store_norm_grads(k_pre, a.d_k_norm_weight, a.d_k_norm_bias, k_grads.data() + k_grad_size,
+                   k_sum_size, d, k_parts, threads);
+  if (k_pre.norm_over_heads()) {
+    finish_norm_over_heads(a.k, a.dk, a.pre.k_norm, *a.pre.k_stats, k_sums.data(), mask, threads);
+  }
 }
 
 template <class T>
@@ -231,6 +320,11 @@ void backward_typed(const BackwardArgs& a, Dims d) {
   check_tensor(a.dv, {d.B, d.Nk, d.H, d.Dv}, dt, "dv", "(B, Nk, H, Dv)", "v's dtype");
   maps.q->check_param_grads(a.d_q_params, "d_q_params");
   maps.k->check_param_grads(a.d_k_params, "d_k_params");
+  check_norm(a.pre.q_norm, a.pre.q_stats, d.B, d.Nq, d.H, d.D, sdt, "q_norm");
+  check_norm(a.pre.k_norm, a.pre.k_stats, d.B, d.Nk, d.H, d.D, sdt, "k_norm");
+  check_rope(a.pre.rope, d.B, std::min(d.Nq, d.Nk), d.H, d.D);
+  check_norm_grads(a.pre.q_norm, a.d_q_norm_weight, a.d_q_norm_bias, d.H, d.D, "q_norm");
+  check_norm_grads(a.pre.k_norm, a.d_k_norm_weight, a.d_k_norm_bias, d.H, d.D, "k_norm");
   const int threads = resolve_threads(a.num_threads);
   visit_float_dtype(dt, [&](auto tag) {
     using E = typename decltype(tag)::type;

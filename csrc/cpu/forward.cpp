@@ -1,12 +1,15 @@
 // The forward pass: one pass over k, v per (batch, head) for the state, one over q for o.
 //
-//   1. state   tasks (b, h, key part): per block of kept keys, x = k rows, φ = φ(x), then
+//   0. stats   for a q or k norm over all heads: mean and rstd per token (pre_attention.cpp).
+//   1. state   tasks (b, h, key part): per block of kept keys, x = RoPE(norm(k rows)) (just the
+//              k rows without pre-attention work), φ = φ(x), then
 //              S += φᵀ v (register-blocked rank-block update) and z += Σ φ, into a chunk of a
 //              pairwise cascade (cascade.h: the error does not grow with N). Parts of a
 //              sequence are reduced pairwise in a fixed tree, so the result does not depend on
 //              thread timing.
 //   2. output  tasks (b, h, query part): S and z staged in scratch; per block of queries,
-//              num = φ(q) S, den = φ(q)·z + eps, o = num / den written in o's dtype.
+//              x = RoPE(norm(q rows)), num = φ(x) S, den = φ(x)·z + eps, o = num / den
+//              written in o's dtype.
 #include <omp.h>
 
 #include <type_traits>
@@ -34,6 +37,12 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
   const std::int64_t Dp = padded<T>(d.D), Fp = padded<T>(F), Dvp = padded<T>(d.Dv);
   const KeyMask mask = key_mask_of(a.key_mask);
   const T eps = T(a.eps);
+  const PreTransform<T> q_pre(a.pre.q_norm, a.pre.rope, a.pre.q_stats, d.D),
+      k_pre(a.pre.k_norm, a.pre.rope, a.pre.k_stats, d.D);
+
+  // ---- 0. statistics of norms over all heads ---------------------------------------------------
+  if (k_pre.norm_over_heads()) compute_norm_stats(a.k, a.pre.k_norm, *a.pre.k_stats, threads);
+  if (q_pre.norm_over_heads()) compute_norm_stats(a.q, a.pre.q_norm, *a.pre.q_stats, threads);
 
   // ---- 1. state ---------------------------------------------------------------------------
   const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReducedPartTokens);
@@ -44,7 +53,8 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
   const std::int64_t cascade_buffers = cascade_buffers_for_tokens((d.Nk + k_parts - 1) / k_parts);
   const std::int64_t o_x = sl.add(kBlock * Dp), o_phi = sl.add(kBlock * Fp),
                      o_v = sl.add(kBlock * Dvp), o_ws = sl.add(k_map.workspace_size(kBlock)),
-                     o_cascade = sl.add(cascade_buffers * slot);
+                     o_cascade = sl.add(cascade_buffers * slot),
+                     o_pre = sl.add(k_pre.workspace_size());
   const int state_threads = int(std::min<std::int64_t>(threads, BH * k_parts));
   Buffer<T> state_scratch(state_threads * sl.size());
 
@@ -52,13 +62,16 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
   for (std::int64_t task = 0; task < BH * k_parts; ++task) {
     const std::int64_t bh = task / k_parts, part = task % k_parts, b = bh / d.H, h = bh % d.H;
     T* scratch = state_scratch.data() + omp_get_thread_num() * sl.size();
-    T *x = scratch + o_x, *phi = scratch + o_phi, *vb = scratch + o_v, *ws = scratch + o_ws;
+    T *x = scratch + o_x, *phi = scratch + o_phi, *vb = scratch + o_v, *ws = scratch + o_ws,
+      *pre_ws = scratch + o_pre;
     CascadeSum<T> state(scratch + o_cascade, cascade_buffers, slot);
     const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
     std::int64_t kept[kBlock], dropped[kBlock];
     std::int64_t begin, end;
     part_range(d.Nk, k_parts, part, &begin, &end);
     k_map.begin_head(h, ws);
+    PreTransform<T> pre = k_pre;
+    if (pre.active()) pre.begin(b, h, pre_ws);
     for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
       prefetch_rows(k_rows, n0 + kBlock, next_end, d.D, false);
@@ -72,6 +85,7 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
       T* S = state.chunk();
       T* z = S + F * Dvp;
       load_rows(k_rows, kept, rows, d.D, x, Dp);
+      if (pre.active()) pre.forward(rows, kept, x, Dp, x, Dp, pre_ws);
       k_map.forward(rows, x, Dp, phi, Fp, ws);
       load_rows(v_rows, kept, rows, d.Dv, vb, Dvp);
       gemm<T>(F, Dvp, rows, phi, 1, Fp, vb, Dvp, S, Dvp, true);
@@ -97,7 +111,8 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
   ScratchLayout<T> ol;
   const std::int64_t p_x = ol.add(kBlock * Dp), p_phi = ol.add(kBlock * Fp),
                      p_num = ol.add(kBlock * Dvp), p_inv = ol.add(kBlock),
-                     p_ws = ol.add(q_map.workspace_size(kBlock));
+                     p_ws = ol.add(q_map.workspace_size(kBlock)),
+                     p_pre = ol.add(q_pre.workspace_size());
   const int out_threads = int(std::min<std::int64_t>(threads, BH * q_parts));
   Buffer<T> out_scratch(out_threads * ol.size());
 
@@ -106,7 +121,7 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
     const std::int64_t bh = task / q_parts, part = task % q_parts, b = bh / d.H, h = bh % d.H;
     T* scratch = out_scratch.data() + omp_get_thread_num() * ol.size();
     T *x = scratch + p_x, *phi = scratch + p_phi, *num = scratch + p_num, *inv = scratch + p_inv,
-      *ws = scratch + p_ws;
+      *ws = scratch + p_ws, *pre_ws = scratch + p_pre;
     // The reduced state, read in place (every thread only reads it): the parts' sum in the
     // first slot, S [F][Dvp] with zero padding columns (they were only ever added zeros).
     const T* S = partials.data() + bh * k_parts * slot;
@@ -117,6 +132,8 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
     std::int64_t begin, end;
     part_range(d.Nq, q_parts, part, &begin, &end);
     q_map.begin_head(h, ws);
+    PreTransform<T> pre = q_pre;
+    if (pre.active()) pre.begin(b, h, pre_ws);
     for (std::int64_t n0 = begin; n0 < end; n0 += kBlock) {
       const std::int64_t next_end = std::min(n0 + 2 * kBlock, end);
       prefetch_rows(q_rows, n0 + kBlock, next_end, d.D, false);
@@ -124,6 +141,7 @@ void run_forward(const ForwardArgs& a, const Dims& d, const FeatureMap<T>& q_map
       const int count = int(std::min<std::int64_t>(kBlock, end - n0));
       const int rows = consecutive_tokens(n0, count, tokens);
       load_rows(q_rows, tokens, rows, d.D, x, Dp);
+      if (pre.active()) pre.forward(rows, tokens, x, Dp, x, Dp, pre_ws);
       q_map.forward(rows, x, Dp, phi, Fp, ws);
       gemm<T>(rows, Dvp, F, phi, Fp, 1, S, Dvp, num, Dvp, false);
       for (int r = 0; r < rows; ++r) inv[r] = T(1) / (dot(phi + r * Fp, z, F) + eps);
@@ -139,6 +157,9 @@ void forward_typed(const ForwardArgs& a, Dims d) {
   check_tensor(a.o, {d.B, d.Nq, d.H, d.Dv}, a.q.dtype, "o", "(B, Nq, H, Dv)", "q's dtype");
   check_tensor(a.state, {d.B, d.H, d.F, d.Dv}, sdt, "state", "(B, H, D', Dv)", "the state dtype");
   check_tensor(a.normaliser, {d.B, d.H, d.F}, sdt, "normaliser", "(B, H, D')", "the state dtype");
+  check_norm(a.pre.q_norm, a.pre.q_stats, d.B, d.Nq, d.H, d.D, sdt, "q_norm");
+  check_norm(a.pre.k_norm, a.pre.k_stats, d.B, d.Nk, d.H, d.D, sdt, "k_norm");
+  check_rope(a.pre.rope, d.B, std::min(d.Nq, d.Nk), d.H, d.D);
   const int threads = resolve_threads(a.num_threads);
   visit_float_dtype(a.q.dtype, [&](auto tag) {
     using E = typename decltype(tag)::type;

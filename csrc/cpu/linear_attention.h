@@ -1,5 +1,7 @@
 // The two entry points of the CPU backend, as linattn/backends/base.py's contract defines them.
 //
+// With `pre`, φ applies to RoPE(norm(q)) and RoPE(norm(k)) instead of q and k (pre_attention.h).
+//
 // forward:  S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j) over kept keys; o_i = φ(q_i)ᵀS / (φ(q_i)ᵀz + eps).
 // backward: from do and the forward's S, z: dq, dk, dv and the maps' parameter gradients.
 // All tensors are (B, N, H, X)-indexed views with arbitrary strides; outputs are preallocated
@@ -10,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cpu/pre_attention.h"
 #include "cpu/view.h"
 
 namespace linattn {
@@ -26,6 +29,7 @@ struct ForwardArgs {
   double eps = 0.0;
   View o, state, normaliser;  // (B, Nq, H, Dv) in q's dtype; (B, H, D', Dv), (B, H, D')
   int num_threads = 0;        // <= 0: OpenMP's default
+  PreArgs pre;                // q/k norm and RoPE applied before φ (none by default)
 };
 
 struct BackwardArgs {
@@ -37,6 +41,9 @@ struct BackwardArgs {
   View dq, dk, dv;
   std::vector<View> d_q_params, d_k_params;
   int num_threads = 0;
+  PreArgs pre;  // as the forward got it, with the statistics it wrote
+  // Gradients of the norms' weight and bias, (H, D) like them; present where they are.
+  std::optional<View> d_q_norm_weight, d_q_norm_bias, d_k_norm_weight, d_k_norm_bias;
 };
 
 void cpu_forward(const ForwardArgs& args);

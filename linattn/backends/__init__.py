@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .base import Availability, BackendUnavailableError, KernelBackend, MapCall
+from .base import Availability, BackendUnavailableError, KernelBackend, MapCall, PreCall
 from .cpu import CpuBackend
 from .triton import TritonBackend
 
@@ -111,23 +111,27 @@ _chosen: dict[tuple, str] = {}
 
 def choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                    value_dim: int, feature_dim: int, map_names: tuple[str, str],
-                   stacklevel: int = 4) -> str:
+                   stacklevel: int = 4, pre_attention: bool = False) -> str:
     """The backend that runs a call: resolve_backend(requested, device), which for "auto" also
     passes over kernels that refuse the inputs, then, for a kernel backend asked for by name,
     its refusal as a BackendUnavailableError. head_dim is the width the kernels receive (the
     map's output width where the op applies an unfused map itself). stacklevel: of the
     warning that "auto" falls back to the reference, counted from resolve_backend.
+    pre_attention: the call has q/k norms or RoPE for the kernels to fuse.
 
-    Answers are cached per (request, LINATTN_BACKEND, device, dtype, dims, map names); errors
+    Answers are cached per (request, LINATTN_BACKEND, device, dtype, dims, map names,
+    pre_attention); errors
     are not (they are raised again, with their message, on every call)."""
     env = os.environ.get(ENV_VARIABLE) if requested == "auto" else None
-    key = (requested, env, device, dtype, head_dim, value_dim, feature_dim, map_names)
+    key = (requested, env, device, dtype, head_dim, value_dim, feature_dim, map_names,
+           pre_attention)
     name = _chosen.get(key)
     if name is not None:
         return name
 
     def why_unsupported(kernel: KernelBackend) -> Optional[str]:
-        return kernel.unsupported(dtype, head_dim, value_dim, feature_dim, map_names)
+        return kernel.unsupported(dtype, head_dim, value_dim, feature_dim, map_names,
+                                  pre_attention)
 
     # stacklevel: where the warning points (the caller of linear_attention, by default).
     name = resolve_backend(requested, device, why_unsupported, stacklevel=stacklevel)
@@ -162,5 +166,5 @@ def clear_cache() -> None:
 
 __all__ = ["backends", "BackendInfo", "resolve_backend", "choose_backend", "clear_cache",
            "on_clear_cache",
-           "get_kernel_backend", "KernelBackend", "MapCall", "Availability",
+           "get_kernel_backend", "KernelBackend", "MapCall", "PreCall", "Availability",
            "BackendUnavailableError", "REFERENCE", "BACKEND_NAMES"]

@@ -16,21 +16,38 @@ Shapes and dtypes a backend receives:
     normaliser z (B, H, D') in the state dtype (float32, float64 for float64 inputs); dq, dk, dv
     like q, k, v; d_q_params / d_k_params like each param (float32 for float32 params).
   backward receives the S and z its forward wrote.
+  pre: None, or a PreCall: the q/k norms and RoPE (linattn.pre_attention.PreAttention, canonical:
+    norm weight and bias (H, D) views, RoPE tables (B | 1, Nr, H | 1, W) views) that φ must see
+    applied, RoPE(norm(x)), and, for a norm over all heads, the (B, N, 2) statistics tensor of
+    that side, in the state dtype: the forward writes every element (mean and rstd of each
+    normalised token), the backward reads it. Only backends with supports_pre_attention get one.
+  d_pre: the backward's (d q weight, d q bias, d k weight, d k bias), (H, D) like the norm
+    parameters, None where the parameter is absent.
 
 A backend must write every element of its outputs: the tests fill them with NaN beforehand.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..pre_attention import PreAttention
 
 
 class MapCall(NamedTuple):
     name: str
     params: tuple[Tensor, ...]
+
+
+class PreCall(NamedTuple):
+    """The pre-attention work of one call (see the module docstring)."""
+    spec: "PreAttention"
+    q_stats: Optional[Tensor]
+    k_stats: Optional[Tensor]
 
 
 @dataclass(frozen=True)
@@ -48,6 +65,8 @@ class KernelBackend:
     #: Feature maps whose φ the kernels fuse.
     supported_maps: frozenset = frozenset()
     supported_dtypes: frozenset = frozenset()
+    #: Whether forward/backward take a PreCall (q/k norms and RoPE fused into the loads).
+    supports_pre_attention: bool = False
 
     def availability(self) -> Availability:
         """Whether this backend can run at all here (built, importable, a device present)."""
@@ -58,8 +77,12 @@ class KernelBackend:
         raise NotImplementedError
 
     def unsupported(self, dtype: torch.dtype, head_dim: int, value_dim: int, feature_dim: int,
-                    map_names: Sequence[str]) -> Optional[str]:
-        """None when the kernels take these inputs; else the reason (dtype, dims, map)."""
+                    map_names: Sequence[str], pre_attention: bool = False) -> Optional[str]:
+        """None when the kernels take these inputs; else the reason (dtype, dims, map, whether
+        q/k norms and RoPE must be fused)."""
+        if pre_attention and not self.supports_pre_attention:
+            return ("q_norm / k_norm / rope are not fused by this backend's kernels "
+                    "(the cpu and triton backends fuse them)")
         if dtype not in self.supported_dtypes:
             names = sorted(str(d).replace("torch.", "") for d in self.supported_dtypes)
             return f"dtype {str(dtype).replace('torch.', '')} is not supported (supported: {names})"
@@ -71,11 +94,14 @@ class KernelBackend:
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_map: MapCall, k_map: MapCall, eps: float,
-                o: Tensor, state: Tensor, normaliser: Tensor) -> None:
+                o: Tensor, state: Tensor, normaliser: Tensor,
+                pre: Optional[PreCall] = None) -> None:
         raise NotImplementedError
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                  q_map: MapCall, k_map: MapCall, eps: float, state: Tensor, normaliser: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor,
-                 d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor]) -> None:
+                 d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor],
+                 pre: Optional[PreCall] = None,
+                 d_pre: Sequence[Optional[Tensor]] = (None, None, None, None)) -> None:
         raise NotImplementedError

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .._native import load_error, native
-from .base import Availability, KernelBackend, MapCall
+from .base import Availability, KernelBackend, MapCall, PreCall
 
 _DTYPE_NAMES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
                 torch.float64: "float64", torch.bool: "bool"}
@@ -30,6 +30,30 @@ def _view(t: Tensor) -> tuple:
 
 def _views(ts: Sequence[Tensor]) -> list:
     return [_view(t) for t in ts]
+
+
+def _optional_view(t: Optional[Tensor]):
+    return None if t is None else _view(t)
+
+
+def _norm_arg(norm) -> Optional[tuple]:
+    if norm is None:
+        return None
+    return (norm.kind, norm.over_heads, norm.eps, norm.start, norm.stop,
+            _optional_view(norm.weight), _optional_view(norm.bias))
+
+
+def _pre_args(pre: Optional[PreCall]) -> Optional[tuple]:
+    """The native pre argument of a call: None (nothing applied before φ), or the tuple
+    (q_norm, k_norm, rope, q_stats, k_stats) csrc/bindings.cpp reads into PreArgs."""
+    if pre is None:
+        return None
+    spec = pre.spec
+    rope = spec.rope
+    if rope is not None:
+        rope = (rope.style, rope.start, _view(rope.cos), _view(rope.sin))
+    return (_norm_arg(spec.q_norm), _norm_arg(spec.k_norm), rope,
+            _optional_view(pre.q_stats), _optional_view(pre.k_stats))
 
 
 def _describe_build() -> str:
@@ -48,6 +72,7 @@ class CpuBackend(KernelBackend):
     name = "cpu"
     supported_maps = frozenset({"relu", "elu", "softmax", "identity", "hedgehog"})
     supported_dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+    supports_pre_attention = True
 
     def availability(self) -> Availability:
         return _AVAILABILITY
@@ -57,7 +82,8 @@ class CpuBackend(KernelBackend):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_map: MapCall, k_map: MapCall, eps: float,
-                o: Tensor, state: Tensor, normaliser: Tensor) -> None:
+                o: Tensor, state: Tensor, normaliser: Tensor,
+                pre: Optional[PreCall] = None) -> None:
         # One comprehension for all views: per call of a small problem, Python's function
         # calls are a visible share of the host time.
         q_, k_, v_, o_, s_, z_ = [(t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
@@ -66,18 +92,24 @@ class CpuBackend(KernelBackend):
             q_, k_, v_, None if key_mask is None else _view(key_mask),
             q_map.name, _views(q_map.params) if q_map.params else (),
             k_map.name, _views(k_map.params) if k_map.params else (), eps,
-            o_, s_, z_, torch.get_num_threads())
+            o_, s_, z_, torch.get_num_threads(), None if pre is None else _pre_args(pre))
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                  q_map: MapCall, k_map: MapCall, eps: float, state: Tensor, normaliser: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor,
-                 d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor]) -> None:
+                 d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor],
+                 pre: Optional[PreCall] = None,
+                 d_pre: Sequence[Optional[Tensor]] = (None, None, None, None)) -> None:
         do_, q_, k_, v_, s_, z_, dq_, dk_, dv_ = [
             (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
             for t in (do, q, k, v, state, normaliser, dq, dk, dv)]
+        if pre is None:
+            pre_args = (None, None, None, None, None)
+        else:
+            pre_args = (_pre_args(pre), *(_optional_view(t) for t in d_pre))
         native.cpu_backward(
             do_, q_, k_, v_, None if key_mask is None else _view(key_mask),
             q_map.name, _views(q_map.params) if q_map.params else (),
             k_map.name, _views(k_map.params) if k_map.params else (), eps,
             s_, z_, dq_, dk_, dv_, _views(d_q_params) if d_q_params else (),
-            _views(d_k_params) if d_k_params else (), torch.get_num_threads())
+            _views(d_k_params) if d_k_params else (), torch.get_num_threads(), *pre_args)

@@ -86,7 +86,7 @@ class TritonBackend(KernelBackend):
                 f"got {device.type}")
 
     def unsupported(self, dtype: torch.dtype, head_dim: int, value_dim: int, feature_dim: int,
-                    map_names: Sequence[str]) -> Optional[str]:
+                    map_names: Sequence[str], pre_attention: bool = False) -> Optional[str]:
         names = tuple(map_names)
         if HEDGEHOG in names and any(n != HEDGEHOG for n in names):
             return (f"feature maps {names}: the Triton kernels fuse Hedgehog only for both q and k "
@@ -95,7 +95,8 @@ class TritonBackend(KernelBackend):
             module, why_not = _hedgehog_kernels()
             if module is None:
                 return f"feature map 'hedgehog' has no Triton kernel here: {why_not}"
-        reason = super().unsupported(dtype, head_dim, value_dim, feature_dim, names)
+        reason = super().unsupported(dtype, head_dim, value_dim, feature_dim, names,
+                                     pre_attention)
         if reason is not None:
             return reason
         if HEDGEHOG in names:

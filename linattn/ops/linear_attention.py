@@ -10,7 +10,8 @@ A call shaped exactly like one that passed validation (same shapes, dtypes, devi
 mask, builtin maps, backend request) is recognised by one dictionary lookup, which returns its
 sizes and backend: the checks and the choice read nothing else (eps, which they also read, is
 checked every call). Hedgehog and user maps hold state the checks read, so their calls are
-checked in full.
+checked in full. The q/k norms and RoPE (linattn.pre_attention) hold the call's own weights and
+tables: they are resolved on every call, against the remembered sizes.
 """
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .. import feature_maps
+from .. import feature_maps, pre_attention
 from ..backends import ENV_VARIABLE, REFERENCE, choose_backend, on_clear_cache
 from ..feature_maps import BUILTIN_MAPS, FeatureMap
+from ..pre_attention import QKNorm, RoPE
+from ..pre_attention import reference as pre_reference
 from .autograd import apply_kernels
 from .execute import Settings
 from .reference import linear_attention_reference
@@ -63,9 +66,11 @@ on_clear_cache(_checked_calls.clear)
 _STATELESS_MAPS = tuple(BUILTIN_MAPS.values())
 
 
-def _call_key(q, k, v, layout, mask, q_map, k_map, backend) -> Optional[tuple]:
+def _call_key(q, k, v, layout, mask, q_map, k_map, backend, has_pre) -> Optional[tuple]:
     """What validation and the backend choice read, or None where that is more (a map with
-    state, a non-tensor argument: those calls take the full path, which also words errors)."""
+    state, a non-tensor argument: those calls take the full path, which also words errors).
+    has_pre: q/k norms or RoPE are passed (the backend choice asks whether they are fused;
+    their own tensors are checked on every call)."""
     if not (isinstance(q, Tensor) and isinstance(k, Tensor) and isinstance(v, Tensor)
             and (mask is None or isinstance(mask, Tensor))
             and type(q_map) in _STATELESS_MAPS and type(k_map) in _STATELESS_MAPS):
@@ -73,17 +78,19 @@ def _call_key(q, k, v, layout, mask, q_map, k_map, backend) -> Optional[tuple]:
     return (backend, os.environ.get(ENV_VARIABLE) if backend == "auto" else None, layout,
             q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device,
             type(q_map), type(k_map), None if mask is None else (mask.shape, mask.dtype,
-                                                                mask.device))
+                                                                mask.device), has_pre)
 
 
 @torch.compiler.assume_constant_result
 def _choose_backend(requested: str, device: torch.device, dtype: torch.dtype, head_dim: int,
-                    value_dim: int, feature_dim: int, map_names: tuple[str, str]) -> str:
+                    value_dim: int, feature_dim: int, map_names: tuple[str, str],
+                    pre_attention: bool) -> str:
     """choose_backend, which a trace does not follow: torch.compile runs it once, as Python, and
     keeps its answer as a constant of the graph (its arguments are constants there too), so
     availability checks and imports inside it cannot break the graph."""
     return choose_backend(requested, device, dtype, head_dim, value_dim, feature_dim, map_names,
-                          stacklevel=5)  # the warning points at linear_attention's caller
+                          stacklevel=5,  # the warning points at linear_attention's caller
+                          pre_attention=pre_attention)
 
 
 def _kernel_map_names(q_map: FeatureMap, k_map: FeatureMap) -> tuple[str, str]:
@@ -103,9 +110,15 @@ def _without_masked_keys(k: Tensor, key_padding_mask: Optional[Tensor]) -> Tenso
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMapArg = "relu",
                      eps: float = 1e-6, layout: str = "bnhd",
-                     key_padding_mask: Optional[Tensor] = None, backend: str = "auto") -> Tensor:
+                     key_padding_mask: Optional[Tensor] = None, backend: str = "auto",
+                     q_norm: Optional[QKNorm] = None, k_norm: Optional[QKNorm] = None,
+                     rope: Optional[RoPE] = None) -> Tensor:
     """Non-causal linear attention: o_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps),
     S = Σ_j φ(k_j) v_jᵀ and z = Σ_j φ(k_j) accumulated in float32 (float64 for float64 inputs).
+
+    With q_norm, k_norm or rope, φ applies to RoPE(q_norm(q)) and RoPE(k_norm(k)): pass the
+    projected q and k as the DiT computes them and the kernels normalise and rotate them while
+    loading, never writing the results to memory (linattn/pre_attention/spec.py).
 
     Args:
         q: (B, Nq, H, D) queries ((B, H, Nq, D) with layout="bhnd").
@@ -123,19 +136,25 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
             exactly 0 too. The same on every backend.
         backend: "auto" (fastest available for the device; LINATTN_BACKEND overrides),
             "reference" (float64 PyTorch oracle), "cpu", "triton".
+        q_norm, k_norm: linattn.QKNorm: RMSNorm or LayerNorm of q / k over each head or over
+            all heads of a token, with optional weight and bias (which get gradients).
+        rope: linattn.RoPE: rotary embedding of q and k (interleaved pairs or halves), on the
+            tokens its tables cover.
 
     Returns:
-        (B, Nq, H, Dv) (or (B, H, Nq, Dv)) in q's dtype. Differentiable in q, k, v and the
-        feature maps' parameters on every backend.
+        (B, Nq, H, Dv) (or (B, H, Nq, Dv)) in q's dtype. Differentiable in q, k, v, the
+        feature maps' parameters and the norms' weights and biases on every backend.
     """
     q_map, k_map = _resolve_maps(feature_map)
     compiling = torch.compiler.is_compiling()
+    has_pre = q_norm is not None or k_norm is not None or rope is not None
     key = None if compiling else _call_key(q, k, v, layout, key_padding_mask, q_map, k_map,
-                                           backend)
+                                           backend, has_pre)
     checked = None if key is None else _checked_calls.get(key)
     if checked is not None:
         check_eps(eps)
-        (_, _, _, _, D, Dv, F), name = checked
+        problem, name = checked
+        D, Dv, F = problem.head_dim, problem.value_dim, problem.feature_dim
     else:
         problem = validate(q, k, v, layout=layout, eps=eps, key_padding_mask=key_padding_mask,
                            q_map=q_map, k_map=k_map)
@@ -145,20 +164,32 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
             # on the head dims (the kernels do anyway), never on B or N. operator.index is what
             # dynamo turns into a constant (int() keeps the symbol).
             D, Dv, F = operator.index(D), operator.index(Dv), operator.index(F)
+        # Norms and RoPE reach the kernels only where both maps have kernels (below).
+        fused_pre = has_pre and q_map.kernel_name is not None and k_map.kernel_name is not None
         name = _choose_backend(backend, q.device, q.dtype,
                                D if q_map.kernel_name is not None else F, Dv, F,
-                               _kernel_map_names(q_map, k_map))
+                               _kernel_map_names(q_map, k_map), fused_pre)
         if key is not None:
             if len(_checked_calls) >= 4096:  # a process cycling through endless shapes
                 _checked_calls.clear()
             _checked_calls[key] = (problem, name)
+    # The norms and RoPE hold this call's tensors: checked every call (shapes, dtypes, devices
+    # against the sizes above) and turned into the views the kernels take.
+    pre = None if not has_pre else pre_attention.resolve(
+        q_norm, k_norm, rope, batch=problem.batch, heads=problem.heads, head_dim=D,
+        q_len=problem.q_len, kv_len=problem.kv_len, dtype=q.dtype, device=q.device)
     bhnd = layout == "bhnd"
     if bhnd:
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if name == REFERENCE:
-        out = linear_attention_reference(q, k, v, q_map, k_map, eps, key_padding_mask)
+        out = linear_attention_reference(q, k, v, q_map, k_map, eps, key_padding_mask, pre=pre)
         return out.transpose(1, 2).contiguous() if bhnd else out
 
+    if pre is not None and (q_map.kernel_name is None or k_map.kernel_name is None):
+        # A map no kernel knows runs in PyTorch (below), so the norms and RoPE before it must too.
+        q = pre_reference.apply(q, pre.q_norm, pre.rope)
+        k = pre_reference.apply(_without_masked_keys(k, key_padding_mask), pre.k_norm, pre.rope)
+        pre = None
     # A map no kernel knows is applied here, in PyTorch (autograd differentiates it), and the
     # kernels run with the identity map on its output. Documented in feature_maps/base.py.
     q_name, k_name = _kernel_map_names(q_map, k_map)
@@ -167,5 +198,5 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, feature_map: FeatureMap
     if k_map.kernel_name is None:
         k, k_map = k_map(_without_masked_keys(k, key_padding_mask)), _IDENTITY
     out = apply_kernels(q, k, v, key_padding_mask, q_map.kernel_params(), k_map.kernel_params(),
-                        Settings(q_name, k_name, float(eps), bhnd, name), compiling)
+                        Settings(q_name, k_name, float(eps), bhnd, name), compiling, pre)
     return out.transpose(1, 2) if bhnd else out
