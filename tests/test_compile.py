@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import linattn
+from linattn import pre_attention
 from linattn.ops.custom_op import forward_op
+from linattn.pre_attention import NO_PRE_ATTENTION
 
 from numerics import assert_close_to_reference
 
@@ -35,7 +37,26 @@ def test_opcheck_forward(bhnd):
     v = torch.randn(2, 23, 2, 8)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     mask = torch.rand(2, 23) < 0.8
-    torch.library.opcheck(forward_op, (q, k, v, mask, [], [], "relu", "relu", 1e-6, bhnd, "cpu"))
+    torch.library.opcheck(forward_op, (q, k, v, mask, [], [], "relu", "relu", 1e-6, bhnd, "cpu",
+                                       None, None, None, None, None, None, NO_PRE_ATTENTION))
+
+
+@pytest.mark.parametrize("over", ["head", "heads"])
+def test_opcheck_forward_with_pre_attention(over):
+    """The norm weight and bias get gradients through the op's autograd registration, and the
+    statistics outputs of a norm over heads have the fake shapes."""
+    B, N, H, D = 2, 19, 2, 16
+    q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+    shape = (D,) if over == "head" else (H * D,)
+    weight, bias = (torch.randn(shape, requires_grad=True) for _ in range(2))
+    angles = torch.randn(N - 3, D // 2)
+    pre = pre_attention.resolve(linattn.QKNorm("layer", weight, bias, over=over),
+                                linattn.QKNorm("rms", weight, over=over),
+                                linattn.RoPE(angles.cos(), angles.sin(), start=3), batch=B,
+                                heads=H, head_dim=D, q_len=N, kv_len=N, dtype=q.dtype,
+                                device=q.device)
+    torch.library.opcheck(forward_op, (q, k, v, None, [], [], "elu", "elu", 1e-6, False, "cpu",
+                                       *pre.tensors(), pre.code()))
 
 
 @pytest.mark.parametrize("layout", ["bnhd", "bhnd"])

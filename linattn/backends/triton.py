@@ -59,6 +59,7 @@ def _hedgehog_kernels():
 class TritonBackend(KernelBackend):
     name = "triton"
     supported_dtypes = frozenset({torch.float16, torch.bfloat16, torch.float32})
+    supports_pre_attention = True
 
     @property
     def supported_maps(self) -> frozenset:  # type: ignore[override]
@@ -104,28 +105,31 @@ class TritonBackend(KernelBackend):
         from ..kernels.triton.plan import unsupported_dims
         return unsupported_dims(head_dim, value_dim, dtype.itemsize)
 
-    def forward(self, q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser) -> None:
+    def forward(self, q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser,
+                pre=None) -> None:
         with _on_device(q.device):
             if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
                 hedgehog = self._hedgehog(q_map.name, k_map.name)
                 # The op validated the inputs and allocated the outputs: no second check.
                 hedgehog.hedgehog_forward(q, k, v, key_mask, q_map.params[0], k_map.params[0],
-                                          eps, o, state, normaliser, check=False)
+                                          eps, o, state, normaliser, check=False, pre=pre)
                 return
             _builtin_kernels().forward.forward(q, k, v, key_mask, q_map.name, k_map.name, eps,
-                                               o, state, normaliser)
+                                               o, state, normaliser, pre)
 
     def backward(self, do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
-                 d_q_params, d_k_params) -> None:
+                 d_q_params, d_k_params, pre=None, d_pre=(None, None, None, None)) -> None:
         with _on_device(q.device):
             if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
                 hedgehog = self._hedgehog(q_map.name, k_map.name)
                 hedgehog.hedgehog_backward(do, q, k, v, key_mask, q_map.params[0],
                                            k_map.params[0], eps, state, normaliser, dq, dk, dv,
-                                           d_q_params[0], d_k_params[0], check=False)
+                                           d_q_params[0], d_k_params[0], check=False,
+                                           pre=pre, d_pre=d_pre)
                 return
             _builtin_kernels().backward.backward(do, q, k, v, key_mask, q_map.name, k_map.name,
-                                                 eps, state, normaliser, dq, dk, dv)
+                                                 eps, state, normaliser, dq, dk, dv, pre,
+                                                 tuple(d_pre))
 
     def _hedgehog(self, q_name: str, k_name: str):
         """The Hedgehog kernels module; raises when the pair or the module cannot run."""

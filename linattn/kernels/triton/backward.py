@@ -30,6 +30,12 @@ the key pass computes dφ(k_j) = dS_op v_j + (dz' − dS_op m), where dz' = dz +
 in fp32 by the dq pass (φ·dden' per query: no operand rounding). That is dS v_j + dz exactly,
 and the operand's error multiplies v_j − m, which no longer adds up: dk 2x and that sum 300x
 more accurate in a float64 emulation, nothing lost for zero-mean values.
+
+Pre-attention work (q/k norm and RoPE, pre_attention.py): the dq and dk passes recompute what φ
+saw from the raw q or k block, take φ's gradient back through RoPE and the norm, and write each
+program's share of the norm's dw and db (one fp32 row per split and batch, summed in order by
+reduce.py). A norm over all heads reads the per-token statistics the forward wrote, also writes
+per-(token, head) sums, and a per-token kernel finishes dq or dk once every head is done.
 """
 from __future__ import annotations
 
@@ -46,6 +52,9 @@ from .common import (block_offsets, bnhd_strides, cdiv, check_state, emulate_bf1
                      to_operand, to_storage)
 from .feature_maps import feature_map, feature_map_backward, map_id
 from .forward import qkv_bytes
+from .pre_attention import (PreLaunch, finish_norm_over_heads, head_offsets, pre_backward,
+                            pre_forward, pre_params, reduce_norm_grads, store_norm_grads,
+                            store_norm_sums)
 from .reduce import split_targets
 
 
@@ -53,9 +62,14 @@ from .reduce import split_targets
 def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
                H, N, D, DV, chunk, eps, ds_split_stride, dz_split_stride, first_tile,
                s_qb, s_qn, s_qh, s_qd, s_gb, s_gn, s_gh, s_gd, s_xb, s_xn, s_xh, s_xd,
+               pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd,
+               s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
+               pg_ptr, s_pgr, psum_ptr, s_psb, s_psn,
                MAP: tl.constexpr, ATOMIC: tl.constexpr, COMPUTE_DQ: tl.constexpr,
                D_PAD: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_DV: tl.constexpr, FP32: tl.constexpr, EMULATE_BF16: tl.constexpr):
+               BLOCK_DV: tl.constexpr, FP32: tl.constexpr, EMULATE_BF16: tl.constexpr,
+               NORM: tl.constexpr, NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr,
+               NORM_B: tl.constexpr, ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     tile = first_tile + tl.program_id(2)
@@ -64,17 +78,21 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
     dtype = q_ptr.dtype.element_ty
     q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
     do_base = do_ptr + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh
-    q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
+    q_offs, d_ok = head_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD, ROPE)
     dot_offs, t_ok = block_offsets(s_gn, s_gd, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
     dot_offs += tile * BLOCK_DV * s_gd
     rows = tl.arange(0, BLOCK_N)
     start, end = split_range(split, chunk, N)
+    w_pre, b_pre = pre_params(pw_ptr, pb_ptr, h, D, s_pwh, s_pwd, s_pbh, s_pbd, D_PAD, NORM_W,
+                              NORM_B, ROPE)
 
     d = tl.arange(0, D_PAD)
     z = tl.load(z_ptr + bh * D + d, mask=d < D, other=0.0)
     if COMPUTE_DQ:
         dq_base = dq_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
-        dq_offs, _ = block_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD)
+        dq_offs, _ = head_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD, ROPE)
+        dw_acc = tl.zeros((D_PAD,), dtype=tl.float32)
+        db_acc = tl.zeros((D_PAD,), dtype=tl.float32)
         do_offs, e_ok = block_offsets(s_gn, s_gd, DV, BLOCK_N, DV_PAD)
         e = tl.arange(0, DV_PAD)
         # Sᵀ of the head (DV_PAD, D_PAD), centred and scaled before it is rounded to the operand
@@ -91,8 +109,11 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
 
     for n0 in range(start, end, BLOCK_N):
         row_ok = rows < end - n0
+        tok = n0 + rows
         x = tl.load(q_base + n0 * s_qn + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        x = x.to(tl.float32)
+        x = pre_forward(x.to(tl.float32), b, h, tok, row_ok, w_pre, b_pre, D, pst_ptr, cos_ptr,
+                        sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
+                        r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
         phi = tl.where(row_ok[:, None], feature_map(x, d_ok, MAP), 0.0)
         inv_den = 1.0 / (tl.sum(phi * z[None, :], axis=1) + eps)
         if COMPUTE_DQ:
@@ -105,6 +126,18 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
             dden = (eps * mu - tl.sum(phi * g, axis=1)) * inv_den * inv_den
             dphi = g * inv_den[:, None] + z[None, :] * dden[:, None]
             dx = feature_map_backward(x, phi, dphi, MAP)
+            if NORM != 0 or ROPE != 0:
+                # The raw block again (an L1/L2 hit): cheaper than keeping it live beside φ.
+                x_raw = tl.load(q_base + n0 * s_qn + q_offs,
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                dx, dw, db, sum_g, sum_gx = pre_backward(
+                    dx, x_raw.to(tl.float32), b, h, tok, row_ok, w_pre, D, pst_ptr, cos_ptr,
+                    sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
+                    r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+                dw_acc += dw
+                db_acc += db
+                store_norm_sums(psum_ptr, b, h, tok, row_ok & (tok >= p_start) & (tok < p_stop),
+                                sum_g, sum_gx, s_psb, s_psn, H, NORM_HEADS)
             tl.store(dq_base + n0 * s_xn + dq_offs, to_storage(dx, dq_ptr.dtype.element_ty,
                                                                EMULATE_BF16),
                      mask=row_ok[:, None] & d_ok[None, :])
@@ -130,6 +163,8 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
     else:
         tl.store(ds_ptr + ds_offs, ds_acc, mask=ds_ok)
     if COMPUTE_DQ:
+        store_norm_grads(pg_ptr, split * (tl.num_programs(0) // H) + b, h, dw_acc, db_acc, D,
+                         s_pgr, H * D, D_PAD, NORM, ROPE)
         dz_offs = split * dz_split_stride + bh * D + d
         if ATOMIC:
             tl.atomic_add(dz_ptr + dz_offs, dz_acc, mask=d < D, sem="relaxed")
@@ -142,10 +177,15 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
                  H, N, D, DV, chunk, first_tile,
                  s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn,
                  s_xb, s_xn, s_xh, s_xd, s_yb, s_yn, s_yh, s_yd,
+                 pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd,
+                 s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start,
+                 r_stop, pg_ptr, s_pgr, psum_ptr, s_psb, s_psn,
                  MAP: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_DK: tl.constexpr,
                  COMPUTE_DV: tl.constexpr, D_PAD: tl.constexpr, DV_PAD: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, FP32: tl.constexpr,
-                 EMULATE_BF16: tl.constexpr):
+                 EMULATE_BF16: tl.constexpr, NORM: tl.constexpr, NORM_HEADS: tl.constexpr,
+                 NORM_W: tl.constexpr, NORM_B: tl.constexpr, ROPE: tl.constexpr,
+                 ROPE_PAIRS: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     tile = first_tile + tl.program_id(2)
@@ -153,9 +193,11 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
     h = bh % H
     dtype = k_ptr.dtype.element_ty
     k_base = k_ptr + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    k_offs, d_ok = block_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD)
+    k_offs, d_ok = head_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD, ROPE)
     rows = tl.arange(0, BLOCK_N)
     start, end = split_range(split, chunk, N)
+    w_pre, b_pre = pre_params(pw_ptr, pb_ptr, h, D, s_pwh, s_pwd, s_pbh, s_pbd, D_PAD, NORM_W,
+                              NORM_B, ROPE)
     if HAS_MASK:
         m_base = mask_ptr + b.to(tl.int64) * s_mb
     d = tl.arange(0, D_PAD)
@@ -170,7 +212,9 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
         v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
         dk_base = dk_ptr + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh
         v_offs, e_ok = block_offsets(s_vn, s_vd, DV, BLOCK_N, DV_PAD)
-        dk_offs, _ = block_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD)
+        dk_offs, _ = head_offsets(s_xn, s_xd, D, BLOCK_N, D_PAD, ROPE)
+        dw_acc = tl.zeros((D_PAD,), dtype=tl.float32)
+        db_acc = tl.zeros((D_PAD,), dtype=tl.float32)
         # dSᵀ of the whole head (DV_PAD, D_PAD), for dφ(k) = v dSᵀ + dz; when the dv tile is
         # all of dS it is reused (a second copy would double the shared memory).
         if COMPUTE_DV and BLOCK_DV == DV_PAD:
@@ -192,8 +236,11 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
         if HAS_MASK:
             flags = tl.load(m_base + (n0 + rows) * s_mn, mask=row_ok, other=0)
             keep = keep & (flags != 0)
+        tok = n0 + rows
         x = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :], other=0.0)
-        x = x.to(tl.float32)
+        x = pre_forward(x.to(tl.float32), b, h, tok, keep, w_pre, b_pre, D, pst_ptr, cos_ptr,
+                        sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
+                        r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
         phi = tl.where(keep[:, None], feature_map(x, d_ok, MAP), 0.0)
         if COMPUTE_DK:
             vals = tl.load(v_base + n0 * s_vn + v_offs, mask=keep[:, None] & e_ok[None, :],
@@ -202,6 +249,17 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
                        tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32), FP32) + dz[None, :]
             # A masked key contributed nothing, so its gradient is exactly 0.
             dx = tl.where(keep[:, None], feature_map_backward(x, phi, dphi, MAP), 0.0)
+            if NORM != 0 or ROPE != 0:
+                x_raw = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :],
+                                other=0.0)
+                dx, dw, db, sum_g, sum_gx = pre_backward(
+                    dx, x_raw.to(tl.float32), b, h, tok, keep, w_pre, D, pst_ptr, cos_ptr,
+                    sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
+                    r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+                dw_acc += dw
+                db_acc += db
+                store_norm_sums(psum_ptr, b, h, tok, keep & (tok >= p_start) & (tok < p_stop),
+                                sum_g, sum_gx, s_psb, s_psn, H, NORM_HEADS)
             tl.store(dk_base + n0 * s_xn + dk_offs, to_storage(dx, dk_ptr.dtype.element_ty,
                                                                EMULATE_BF16),
                      mask=row_ok[:, None] & d_ok[None, :])
@@ -212,6 +270,9 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
             tl.store(dv_base + n0 * s_yn + dv_offs, to_storage(dv, dv_ptr.dtype.element_ty,
                                                                EMULATE_BF16),
                      mask=row_ok[:, None] & t_ok[None, :])
+    if COMPUTE_DK:
+        store_norm_grads(pg_ptr, split * (tl.num_programs(0) // H) + b, h, dw_acc, db_acc, D,
+                         s_pgr, H * D, D_PAD, NORM, ROPE)
 
 
 def _launch_options(config: plan.KernelConfig, dtype: torch.dtype) -> dict:
@@ -222,44 +283,58 @@ def _launch_options(config: plan.KernelConfig, dtype: torch.dtype) -> dict:
 def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
                     state: torch.Tensor, normaliser: torch.Tensor, dq: torch.Tensor,
                     d_state: torch.Tensor, d_normaliser: torch.Tensor, centre: torch.Tensor,
-                    qkv_size: int) -> None:
+                    qkv_size: int, q_pre: Optional[PreLaunch] = None,
+                    d_norm: tuple = (None, None)) -> None:
     """dq, and dS (B·H·D·Dv), dz' = dz + dS m (B·H·D) and m (B·H·Dv) into contiguous fp32
-    buffers (m: common.state_centre of the forward's S, z; the module docstring says why).
+    buffers (m: common.state_centre of the forward's S, z; the module docstring says why), and
+    the q norm's weight and bias gradients into d_norm.
     qkv_size: bytes of q, k and v (the scratch budget's reference)."""
+    q_pre = q_pre or PreLaunch(None, "q")
     B, N, H, D = q.shape
     Dv = do.shape[-1]
     p = plan.plan_kernel("dq", q.device, N, B * H, D, Dv, q.element_size(), reduces=True,
                          qkv_bytes=qkv_size)
     targets = split_targets(d_state, d_normaliser, p.split.count, plan.atomic_reduce())
+    partials = q_pre.grad_partials(p.split.count * B, H, D, q.device)
+    sums = q_pre.row_sums(q)
     args = (q, do, state, normaliser, dq, targets.matrix, targets.vector, centre, H, N, D, Dv,
             p.split.chunk, eps, targets.matrix_stride, targets.vector_stride)
-    strides = (*bnhd_strides(q), *bnhd_strides(do), *bnhd_strides(dq))
+    strides = (*bnhd_strides(q), *bnhd_strides(do), *bnhd_strides(dq), *q_pre.args(),
+               *q_pre.grad_args(partials, sums))
     meta = dict(MAP=map_id(q_map), ATOMIC=targets.atomic, D_PAD=p.d_pad, DV_PAD=p.dv_pad,
                 BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
-                **_launch_options(p.config, q.dtype))
+                **_launch_options(p.config, q.dtype), **q_pre.meta())
     grid = (B * H, p.split.count)
     launch(_dq_kernel, (*grid, 1), *args, 0, *strides, COMPUTE_DQ=True, **meta)
     if p.tiles > 1:
         launch(_dq_kernel, (*grid, p.tiles - 1), *args, 1, *strides, COMPUTE_DQ=False, **meta)
     targets.finish()
+    reduce_norm_grads(partials, *d_norm)
+    if q_pre.over_heads:
+        finish_norm_over_heads(q, dq, q_pre, sums, None)
 
 
 def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
                   k_map: str, d_state: torch.Tensor, d_normaliser: torch.Tensor,
-                  centre: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor) -> None:
-    """dk = φ'(k)ᵀ(dS v + dz) and dv = dSᵀ φ(k); 0 for masked keys. d_normaliser holds
-    dz' = dz + dS m and centre m (state_gradients)."""
+                  centre: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
+                  k_pre: Optional[PreLaunch] = None, d_norm: tuple = (None, None)) -> None:
+    """dk = φ'(k)ᵀ(dS v + dz) and dv = dSᵀ φ(k); 0 for masked keys (and the k norm's weight and
+    bias gradients into d_norm). d_normaliser holds dz' = dz + dS m and centre m
+    (state_gradients)."""
+    k_pre = k_pre or PreLaunch(None, "k")
     B, N, H, D = k.shape
     Dv = v.shape[-1]
     p = plan.plan_kernel("dkdv", k.device, N, B * H, D, Dv, k.element_size())
     tiles = p.tiles
     mask, s_mb, s_mn = mask_args(key_mask)
+    partials = k_pre.grad_partials(p.split.count * B, H, D, k.device)
+    sums = k_pre.row_sums(k)
     args = (k, v, mask, d_state, d_normaliser, centre, dk, dv, H, N, D, Dv, p.split.chunk)
     strides = (*bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn, *bnhd_strides(dk),
-               *bnhd_strides(dv))
+               *bnhd_strides(dv), *k_pre.args(), *k_pre.grad_args(partials, sums))
     meta = dict(MAP=map_id(k_map), HAS_MASK=key_mask is not None, D_PAD=p.d_pad,
                 DV_PAD=p.dv_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
-                **_launch_options(p.config, k.dtype))
+                **_launch_options(p.config, k.dtype), **k_pre.meta())
     grid = (B * H, p.split.count)
     if p.config.fused:
         # dk and the first dv tile in one pass over k and v; further dv tiles after it.
@@ -274,13 +349,17 @@ def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
                **meta)
         launch(_dkdv_kernel, (*grid, tiles), *args, 0, *strides, COMPUTE_DK=False,
                COMPUTE_DV=True, **meta)
+    reduce_norm_grads(partials, *d_norm)
+    if k_pre.over_heads:
+        finish_norm_over_heads(k, dk, k_pre, sums, key_mask)
 
 
 def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              key_mask: Optional[torch.Tensor], q_map: str, k_map: str, eps: float,
              state: torch.Tensor, normaliser: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-             dv: torch.Tensor) -> None:
-    """Fills dq, dk, dv (KernelBackend.backward's contract, builtin maps)."""
+             dv: torch.Tensor, pre=None, d_pre: tuple = (None, None, None, None)) -> None:
+    """Fills dq, dk, dv (KernelBackend.backward's contract, builtin maps), and the q/k norms'
+    weight and bias gradients (d_pre) when `pre` has norms."""
     check_state(state, normaliser, "backward")
     B, _, H, D = q.shape
     Dv = v.shape[-1]
@@ -288,5 +367,6 @@ def backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     grads = alloc.empty(B * H * (D * (Dv + 1) + Dv), dtype=torch.float32, device=q.device)
     d_state, d_normaliser, centre = grads.split([B * H * D * Dv, B * H * D, B * H * Dv])
     state_gradients(do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser, centre,
-                    qkv_bytes(q, k, v))
-    key_gradients(k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv)
+                    qkv_bytes(q, k, v), PreLaunch(pre, "q"), d_pre[:2])
+    key_gradients(k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
+                  PreLaunch(pre, "k"), d_pre[2:])

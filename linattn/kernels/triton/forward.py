@@ -21,6 +21,11 @@ steps, 4.4e-7 at 1024, 5e-8 split 8 ways, against 1-3e-7 for PyTorch's fp32 eins
 like √steps, so very long sequences on a small grid would gain from a two-level sum; at the
 video shapes it is the einsum's level. For 16-bit inputs it is dwarfed by the rounding of φ(k)
 to a bf16 operand (S: 2.8e-5 at N = 4096, 6e-6 at 65536).
+
+Pre-attention work (q/k norm and RoPE, pre_attention.py) is applied to each block of k or q right
+after it is loaded, before φ; a norm over all heads first gets its per-token statistics from
+pre_attention.norm_statistics. Without it the kernels are what they were (the helpers compile
+away).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from . import plan
 from .common import (block_offsets, bnhd_strides, check_state, emulate_bf16, launch, mask_args,
                      mma, split_range, state_scale, to_operand, to_storage)
 from .feature_maps import feature_map, map_id
+from .pre_attention import PreLaunch, head_offsets, norm_statistics, pre_forward, pre_params
 from .reduce import split_targets
 
 
@@ -41,9 +47,13 @@ from .reduce import split_targets
 def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
                   H, N, D, DV, chunk, s_split_stride, z_split_stride,
                   s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn,
+                  pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd,
+                  s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
                   MAP: tl.constexpr, HAS_MASK: tl.constexpr, ATOMIC: tl.constexpr,
                   D_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  FP32: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                  FP32: tl.constexpr, EMULATE_BF16: tl.constexpr, NORM: tl.constexpr,
+                  NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr, NORM_B: tl.constexpr,
+                  ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     tile = tl.program_id(2)
@@ -54,10 +64,12 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
     v_base = v_ptr + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + tile * BLOCK_DV * s_vd
     if HAS_MASK:
         m_base = mask_ptr + b.to(tl.int64) * s_mb
-    k_offs, d_ok = block_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD)
+    k_offs, d_ok = head_offsets(s_kn, s_kd, D, BLOCK_N, D_PAD, ROPE)
     v_offs, e_ok = block_offsets(s_vn, s_vd, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
     rows = tl.arange(0, BLOCK_N)
     start, end = split_range(split, chunk, N)
+    w_pre, b_pre = pre_params(pw_ptr, pb_ptr, h, D, s_pwh, s_pwd, s_pbh, s_pbd, D_PAD, NORM_W,
+                              NORM_B, ROPE)
 
     acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
     z_acc = tl.zeros((D_PAD,), dtype=tl.float32)
@@ -68,7 +80,11 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
             keep = keep & (flags != 0)
         # Masked keys are never loaded, so inf or NaN in padding cannot reach S or z.
         x = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :], other=0.0)
-        phi = tl.where(keep[:, None], feature_map(x.to(tl.float32), d_ok, MAP), 0.0)
+        x = pre_forward(x.to(tl.float32), b, h, n0 + rows, keep, w_pre, b_pre, D, pst_ptr,
+                        cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn,
+                        s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
+                        BLOCK_N, D_PAD)
+        phi = tl.where(keep[:, None], feature_map(x, d_ok, MAP), 0.0)
         vals = tl.load(v_base + n0 * s_vn + v_offs, mask=keep[:, None] & e_ok[None, :],
                        other=0.0)
         # z sums the φ(k) that S multiplies (rounded to the operand dtype), so (S, z) is the
@@ -96,8 +112,13 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
 def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
                    H, N, D, DV, chunk, eps,
                    s_qb, s_qn, s_qh, s_qd, s_ob, s_on, s_oh, s_od,
+                   pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd,
+                   s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start,
+                   r_stop,
                    MAP: tl.constexpr, D_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_DV: tl.constexpr, FP32: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                   BLOCK_DV: tl.constexpr, FP32: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                   NORM: tl.constexpr, NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr,
+                   NORM_B: tl.constexpr, ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
     tile = tl.program_id(2)
@@ -106,10 +127,12 @@ def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
     dtype = q_ptr.dtype.element_ty
     q_base = q_ptr + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
     o_base = o_ptr + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + tile * BLOCK_DV * s_od
-    q_offs, d_ok = block_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD)
+    q_offs, d_ok = head_offsets(s_qn, s_qd, D, BLOCK_N, D_PAD, ROPE)
     o_offs, e_ok = block_offsets(s_on, s_od, DV - tile * BLOCK_DV, BLOCK_N, BLOCK_DV)
     rows = tl.arange(0, BLOCK_N)
     start, end = split_range(split, chunk, N)
+    w_pre, b_pre = pre_params(pw_ptr, pb_ptr, h, D, s_pwh, s_pwd, s_pbh, s_pbd, D_PAD, NORM_W,
+                              NORM_B, ROPE)
 
     d = tl.arange(0, D_PAD)
     col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -126,7 +149,11 @@ def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
     for n0 in range(start, end, BLOCK_N):
         row_ok = rows < end - n0
         x = tl.load(q_base + n0 * s_qn + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        phi = feature_map(x.to(tl.float32), d_ok, MAP)
+        x = pre_forward(x.to(tl.float32), b, h, n0 + rows, row_ok, w_pre, b_pre, D, pst_ptr,
+                        cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn,
+                        s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
+                        BLOCK_N, D_PAD)
+        phi = feature_map(x, d_ok, MAP)
         # den in fp32 from unrounded φ(q) and z: it is a sum of positive terms for the
         # positive maps, and rounding it would bias every output of the row alike.
         den = tl.sum(phi * z[None, :], axis=1) + eps
@@ -145,11 +172,12 @@ def qkv_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
 
 def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
                   k_map: str, state: torch.Tensor, normaliser: torch.Tensor,
-                  qkv_size: int) -> None:
+                  qkv_size: int, k_pre: Optional[PreLaunch] = None) -> None:
     """state (B, H, D, Dv) <- Σ_j φ(k_j) v_jᵀ and normaliser (B, H, D) <- Σ_j φ(k_j), fp32.
     qkv_size: bytes of q, k and v (the scratch budget's reference)."""
     B, N, H, D = k.shape
     Dv = v.shape[-1]
+    k_pre = k_pre or PreLaunch(None, "k")
     check_state(state, normaliser, "forward")
     p = plan.plan_kernel("state", k.device, N, B * H, D, Dv, k.element_size(), reduces=True,
                          qkv_bytes=qkv_size)
@@ -159,7 +187,7 @@ def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
         _state_kernel, (B * H, p.split.count, p.tiles),
         k, v, mask, targets.matrix, targets.vector, H, N, D, Dv, p.split.chunk,
         targets.matrix_stride, targets.vector_stride,
-        *bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn,
+        *bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn, *k_pre.args(), **k_pre.meta(),
         MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=targets.atomic,
         D_PAD=p.d_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
         FP32=k.dtype == torch.float32, EMULATE_BF16=emulate_bf16(k.dtype),
@@ -168,16 +196,18 @@ def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
 
 
 def compute_output(q: torch.Tensor, q_map: str, eps: float, state: torch.Tensor,
-                   normaliser: torch.Tensor, o: torch.Tensor) -> None:
+                   normaliser: torch.Tensor, o: torch.Tensor,
+                   q_pre: Optional[PreLaunch] = None) -> None:
     """o <- φ(q)ᵀ S / (φ(q)ᵀ z + eps) in o's dtype."""
     B, N, H, D = q.shape
+    q_pre = q_pre or PreLaunch(None, "q")
     Dv = o.shape[-1]
     check_state(state, normaliser, "forward")
     p = plan.plan_kernel("output", q.device, N, B * H, D, Dv, q.element_size())
     launch(
         _output_kernel, (B * H, p.split.count, p.tiles),
         q, state, normaliser, o, H, N, D, Dv, p.split.chunk, eps,
-        *bnhd_strides(q), *bnhd_strides(o),
+        *bnhd_strides(q), *bnhd_strides(o), *q_pre.args(), **q_pre.meta(),
         MAP=map_id(q_map), D_PAD=p.d_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,
         FP32=q.dtype == torch.float32, EMULATE_BF16=emulate_bf16(q.dtype),
         num_warps=p.config.num_warps, num_stages=p.config.num_stages)
@@ -185,7 +215,12 @@ def compute_output(q: torch.Tensor, q_map: str, eps: float, state: torch.Tensor,
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
             q_map: str, k_map: str, eps: float, o: torch.Tensor, state: torch.Tensor,
-            normaliser: torch.Tensor) -> None:
-    """Fills o, state and normaliser (KernelBackend.forward's contract, builtin maps)."""
-    compute_state(k, v, key_mask, k_map, state, normaliser, qkv_bytes(q, k, v))
-    compute_output(q, q_map, eps, state, normaliser, o)
+            normaliser: torch.Tensor, pre=None) -> None:
+    """Fills o, state and normaliser (KernelBackend.forward's contract, builtin maps), and the
+    statistics of q/k norms over all heads when `pre` has them."""
+    q_pre, k_pre = PreLaunch(pre, "q"), PreLaunch(pre, "k")
+    for x, side in ((k, k_pre), (q, q_pre)):
+        if side.over_heads:
+            norm_statistics(x, side)
+    compute_state(k, v, key_mask, k_map, state, normaliser, qkv_bytes(q, k, v), k_pre)
+    compute_output(q, q_map, eps, state, normaliser, o, q_pre)
