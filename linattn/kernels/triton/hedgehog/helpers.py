@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from ..common import mma, to_operand, to_storage
+from ..pre_attention import head_columns
 
 
 @triton.jit
@@ -79,13 +80,14 @@ def hedgehog_logits_grad(a, c, da, dc):
 
 @triton.jit
 def load_weight(w_ptr, h, D, F, s_wh, s_wd, s_wf, D_PAD: tl.constexpr, F_PAD: tl.constexpr,
-                TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr, ROPE: tl.constexpr = 0):
     """Head h's W (D, F), zero-padded to (D_PAD, F_PAD), as a dot operand in the input dtype
-    (loaded once per program; xW and the backward's dL Wᵀ multiply these same values)."""
-    offs_d = tl.arange(0, D_PAD)
+    (loaded once per program; xW and the backward's dL Wᵀ multiply these same values). Its rows
+    follow the column order of the q or k blocks (pre_attention.head_columns)."""
+    offs_d, d_ok = head_columns(D, D_PAD, ROPE)
     offs_f = tl.arange(0, F_PAD)
     ptrs = w_ptr + h.to(tl.int64) * s_wh + offs_d[:, None] * s_wd + offs_f[None, :] * s_wf
-    w = tl.load(ptrs, mask=(offs_d[:, None] < D) & (offs_f[None, :] < F), other=0.0)
+    w = tl.load(ptrs, mask=d_ok[:, None] & (offs_f[None, :] < F), other=0.0)
     return to_operand(w.to(tl.float32), TOKEN, EMULATE_BF16)
 
 

@@ -26,6 +26,8 @@ head in the backward (1% of q, k, v in bf16 at D = 128).
 ``block_n`` and ``num_splits`` are keyword-only overrides for tests and benchmarks; ``check``
 (default True) checks every argument, which the "triton" backend skips (the op validated the
 inputs and allocated the outputs: checking again costs more host time than small kernels).
+``pre`` (a backend PreCall) and ``d_pre`` carry the q/k norms and RoPE that the kernels apply
+while loading q and k (../pre_attention.py), and their weight and bias gradients.
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ from torch import Tensor
 from ....ops import alloc
 from . import plan
 from ..common import cdiv, launch, mask_args, padded_dim
+from ..pre_attention import (PreLaunch, finish_norm_over_heads, norm_statistics,
+                             reduce_norm_grads)
 from .backward_kernels import (hedgehog_key_grad_kernel, hedgehog_query_grad_kernel,
                                    hedgehog_state_grad_kernel)
 from .forward_kernels import hedgehog_output_kernel, hedgehog_state_kernel
@@ -219,10 +223,11 @@ def _weight_grad_target(splits: int, n: _Sizes, dw: Tensor) -> tuple[Tensor, tup
 def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], w_q: Tensor,
                      w_k: Tensor, eps: float, o: Tensor, state: Tensor, normaliser: Tensor, *,
                      block_n: Optional[int] = None, num_splits: Optional[int] = None,
-                     check: bool = True) -> None:
-    """Fill o (B, Nq, H, Dv), state S (B, H, 2F, Dv) and normaliser z (B, H, 2F). check=False
-    skips the argument checks: for the "triton" backend, whose caller (the op) validated the
-    inputs and allocated the outputs already."""
+                     check: bool = True, pre=None) -> None:
+    """Fill o (B, Nq, H, Dv), state S (B, H, 2F, Dv) and normaliser z (B, H, 2F) (and the
+    statistics of q/k norms over all heads, when `pre` has them). check=False skips the
+    argument checks: for the "triton" backend, whose caller (the op) validated the inputs and
+    allocated the outputs already."""
     if check:
         n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
         _check_like("o", o, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
@@ -231,6 +236,10 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
         n = _sizes(q, k, v, w_q)
     run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
     mask, s_mb, s_mn = mask_args(key_mask)
+    q_pre, k_pre = PreLaunch(pre, "q"), PreLaunch(pre, "k")
+    for x, side in ((k, k_pre), (q, q_pre)):
+        if side.over_heads:
+            norm_statistics(x, side)
 
     cfg = run.config("state")
     num_blocks, splits, per_split = run.splits(
@@ -241,7 +250,7 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
         hedgehog_state_kernel, (2, splits, n.B * n.H),
         k, v, mask, w_k, s_part, z_part, n.Nk, n.H, n.D, n.F, n.Dv, num_blocks, per_split,
         *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(), *s_part.stride(), *z_part.stride(),
-        HAS_MASK=key_mask is not None, **run.flags(cfg))
+        *k_pre.args(), HAS_MASK=key_mask is not None, **run.flags(cfg), **k_pre.meta())
     if splits > 1:
         _sum_partials(s_part, state, z_part, normaliser)
     del s_part, z_part
@@ -252,7 +261,7 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
         hedgehog_output_kernel, (splits, n.B * n.H),
         q, w_q, state, normaliser, o, float(eps), n.Nq, n.H, n.D, n.F, n.Dv, num_blocks,
         per_split, *q.stride(), *w_q.stride(), *state.stride(), *normaliser.stride(),
-        *o.stride(), **run.flags(cfg))
+        *o.stride(), *q_pre.args(), **run.flags(cfg), **q_pre.meta())
 
 
 # ----------------------------------------------------------------------------- backward
@@ -262,9 +271,11 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
                       w_q: Tensor, w_k: Tensor, eps: float, state: Tensor, normaliser: Tensor,
                       dq: Tensor, dk: Tensor, dv: Tensor, dw_q: Tensor, dw_k: Tensor, *,
                       block_n: Optional[int] = None, num_splits: Optional[int] = None,
-                      check: bool = True) -> None:
+                      check: bool = True, pre=None,
+                      d_pre=(None, None, None, None)) -> None:
     """Fill dq, dk, dv and dw_q, dw_k (the gradients of W_q, W_k) from do and the forward's
-    state and normaliser. check=False: as in hedgehog_forward."""
+    state and normaliser (and the q/k norms' weight and bias gradients d_pre). check=False: as
+    in hedgehog_forward."""
     if check:
         n = _check_inputs(q, k, v, key_mask, w_q, w_k, eps)
         _check_like("do", do, (n.B, n.Nq, n.H, n.Dv), q.dtype, q.device)
@@ -281,6 +292,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     run = _Launcher(n, q.dtype, q.device, block_n, num_splits)
     budget = plan.scratch_budget(_nbytes(q, k, v))
     weight_slab = n.B * n.H * n.D * n.F * 4
+    q_pre, k_pre = PreLaunch(pre, "q"), PreLaunch(pre, "k")
 
     # Pass 1: dq, dW_q, 1/den and dden' of every query (B, H, 2, Nq) for pass 2, and the
     # centre m (B, H, Dv) for pass 3 (backward_kernels.py).
@@ -289,16 +301,21 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     per_query = alloc.empty(n.B, n.H, 2, n.Nq, dtype=torch.float32, device=q.device)
     centre = alloc.empty(n.B, n.H, n.Dv, dtype=torch.float32, device=q.device)
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_q)
+    norm_part, sums = q_pre.grad_partials(splits * n.B, n.H, n.D, q.device), q_pre.row_sums(q)
     launch(
         hedgehog_query_grad_kernel, (splits, n.B * n.H),
         q, do, w_q, state, normaliser, dq, dw_part, per_query, centre, float(eps), n.Nq, n.H,
         n.D, n.F, n.Dv, num_blocks, per_split, *q.stride(), *do.stride(), *w_q.stride(),
         *state.stride(),
         *normaliser.stride(), *dq.stride(), *dw_strides, *per_query.stride()[:3],
-        EMULATE_DW=_emulates_bf16(dw_q.dtype), **run.flags(cfg))
+        *q_pre.args(), *q_pre.grad_args(norm_part, sums),
+        EMULATE_DW=_emulates_bf16(dw_q.dtype), **run.flags(cfg), **q_pre.meta())
     if dw_part is not dw_q:
         _sum_partials(dw_part.flatten(0, 1), dw_q)
     del dw_part
+    reduce_norm_grads(norm_part, *d_pre[:2])
+    if q_pre.over_heads:
+        finish_norm_over_heads(q, dq, q_pre, sums, None)
 
     # Pass 2: dS (B, H, 2F, Dv) and dz (B, H, 2F), fp32 scratch.
     cfg = run.config("state_grad")
@@ -311,7 +328,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
         hedgehog_state_grad_kernel, (2, splits, n.B * n.H),
         q, do, w_q, per_query, ds_part, dz_part, n.Nq, n.H, n.D, n.F, n.Dv, num_blocks,
         per_split, *q.stride(), *do.stride(), *w_q.stride(), *per_query.stride()[:3],
-        *ds_part.stride(), *dz_part.stride(), **run.flags(cfg))
+        *ds_part.stride(), *dz_part.stride(), *q_pre.args(), **run.flags(cfg), **q_pre.meta())
     del per_query
     if splits > 1:
         _sum_partials(ds_part, d_state, dz_part, d_norm)
@@ -322,11 +339,17 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     mask, s_mb, s_mn = mask_args(key_mask)
     num_blocks, splits, per_split = run.splits(n.Nk, cfg, n.B * n.H, weight_slab, budget)
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_k)
+    norm_part, sums = k_pre.grad_partials(splits * n.B, n.H, n.D, k.device), k_pre.row_sums(k)
     launch(
         hedgehog_key_grad_kernel, (splits, n.B * n.H),
         k, v, mask, w_k, d_state, d_norm, centre, dk, dv, dw_part, n.Nk, n.H, n.D, n.F, n.Dv,
         num_blocks, per_split, *k.stride(), *v.stride(), s_mb, s_mn, *w_k.stride(),
         *d_state.stride(), *d_norm.stride(), *dk.stride(), *dv.stride(), *dw_strides,
-        HAS_MASK=key_mask is not None, EMULATE_DW=_emulates_bf16(dw_k.dtype), **run.flags(cfg))
+        *k_pre.args(), *k_pre.grad_args(norm_part, sums),
+        HAS_MASK=key_mask is not None, EMULATE_DW=_emulates_bf16(dw_k.dtype), **run.flags(cfg),
+        **k_pre.meta())
     if dw_part is not dw_k:
         _sum_partials(dw_part.flatten(0, 1), dw_k)
+    reduce_norm_grads(norm_part, *d_pre[2:])
+    if k_pre.over_heads:
+        finish_norm_over_heads(k, dk, k_pre, sums, key_mask)
