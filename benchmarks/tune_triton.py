@@ -13,7 +13,14 @@ never sweep configs at run time. Two ways to choose it:
               counts allow (at most 2). This is what the shipped table is: resource-checked,
               not timed.
 
+  --check-pre without a GPU: compiles the table's configs (plan.kernel_config) for --arch with
+              each family's pre-attention work fused (q/k norms and RoPE: Wan/LTX-style RMSNorm
+              over heads with pair tables, CogVideoX-style per-head LayerNorm with bias on the
+              video tokens, half-rotation RoPE) and reports registers, spills and shared memory
+              beside the same kernels without it, for the video-DiT classes.
+
 Usage:
+  python benchmarks/tune_triton.py --check-pre --arch sm90
   python benchmarks/tune_triton.py --static --arch sm90 --arch sm80 --write
   python benchmarks/tune_triton.py --measure --write          # on the GPU to tune for
   python benchmarks/tune_triton.py --static --arch sm90 --classes 128x128:2   # print only
@@ -50,7 +57,10 @@ sys.path.insert(0, str(ROOT))
 from linattn.kernels.triton import backward as tbackward  # noqa: E402
 from linattn.kernels.triton import forward as tforward  # noqa: E402
 from linattn.kernels.triton import plan  # noqa: E402
+from linattn.backends.base import PreCall  # noqa: E402
 from linattn.kernels.triton.common import capture_launches  # noqa: E402
+from linattn.kernels.triton.pre_attention import PreLaunch  # noqa: E402
+from linattn.pre_attention import NormCall, PreAttentionCall, RopeCall  # noqa: E402
 
 TABLE_PATH = ROOT / "linattn" / "kernels" / "triton" / "tuned_configs.py"
 
@@ -82,13 +92,17 @@ def _budget_spent() -> bool:
     return time.monotonic() > _deadline
 
 
-def candidates(kind: str, d_pad: int, dv_pad: int, itemsize: int) -> Iterator[plan.KernelConfig]:
-    """Candidates in order of preference (the static mode keeps the first that fits)."""
+def candidates(kind: str, d_pad: int, dv_pad: int, itemsize: int,
+               max_block_n: int = 128) -> Iterator[plan.KernelConfig]:
+    """Candidates in order of preference (the static mode keeps the first that fits), with at
+    most max_block_n tokens per step."""
+    kind = kind.removesuffix(plan.PRE_SUFFIX)
     widest = min(dv_pad, max(16, plan.ACC_ELEMENTS // d_pad))
     block_dvs = [bdv for bdv in (widest, widest // 2) if bdv >= 16]
     block_ns = (128, 64, 32, 16) if kind in ("output", "dkdv") else (64, 32, 16)
     if itemsize == 4:
         block_ns = tuple(n for n in block_ns if n <= 64)
+    block_ns = tuple(n for n in block_ns if n <= max_block_n) or (16,)
     fused_options = (True, False) if kind == "dkdv" else (True,)
     for fused in fused_options:
         for block_dv in block_dvs:
@@ -143,31 +157,118 @@ class Problem:
 TUNE_MAP = "softmax"
 
 
-def run_kind(kind: str, p: Problem) -> None:
-    """Calls the host function that launches the kernel of `kind` (plus its reductions)."""
+def run_kind(kind: str, p: Problem, pre=None) -> None:
+    """Calls the host function that launches the kernel of `kind` (plus its reductions), with
+    the pre-attention work `pre` (a backend PreCall) fused when given."""
     qkv_size = tforward.qkv_bytes(p.q, p.k, p.v)
+    q_pre, k_pre = PreLaunch(pre, "q"), PreLaunch(pre, "k")
+    d_norm = (None, None)
+    if pre is not None and pre.spec.q_norm is not None:
+        d_norm = tuple(None if t is None else torch.empty_like(t)
+                       for t in (pre.spec.q_norm.weight, pre.spec.q_norm.bias))
     if kind == "state":
-        tforward.compute_state(p.k, p.v, p.mask, TUNE_MAP, p.state, p.normaliser, qkv_size)
+        tforward.compute_state(p.k, p.v, p.mask, TUNE_MAP, p.state, p.normaliser, qkv_size,
+                               k_pre)
     elif kind == "output":
-        tforward.compute_output(p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.o)
+        tforward.compute_output(p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.o, q_pre)
     elif kind == "dq":
         tbackward.state_gradients(p.do, p.q, TUNE_MAP, 1e-6, p.state, p.normaliser, p.dq,
-                                  p.d_state, p.d_normaliser, p.centre, qkv_size)
+                                  p.d_state, p.d_normaliser, p.centre, qkv_size, q_pre,
+                                  d_norm)
     elif kind == "dkdv":
         tbackward.key_gradients(p.k, p.v, p.mask, TUNE_MAP, p.d_state, p.d_normaliser,
-                                p.centre, p.dk, p.dv)
+                                p.centre, p.dk, p.dv, k_pre, d_norm)
     else:
         raise ValueError(f"kind: {kind!r}")
 
 
 def record_launches(kind: str, config: plan.KernelConfig, d: int, dv: int,
-                    dtype: torch.dtype, splits: int = 2) -> list:
+                    dtype: torch.dtype, splits: int = 2, pre_variant: Optional[str] = None) -> list:
     """The launches the host code makes for `kind` with `config` (on meta tensors: nothing
     runs; two sequence splits, so the reduction launch is among them)."""
     problem = Problem.make(d, dv, dtype, torch.device("meta"))
+    pre = None if pre_variant is None else PRE_VARIANTS[pre_variant](problem)
     with plan.forced(splits=splits, configs={kind: config}), capture_launches() as launches:
-        run_kind(kind, problem)
+        run_kind(kind, problem, pre)
     return launches
+
+
+# --- the pre-attention work of the DiT families, on a problem's meta tensors ------------------
+
+def _table(*shape, device) -> torch.Tensor:
+    """Nothing on meta tensors (compile only); values in [0, 1) where the kernels will run."""
+    if device.type == "meta":
+        return torch.empty(*shape, device=device)
+    return torch.rand(*shape, device=device)
+
+
+def _pre_call(p: Problem, norm: NormCall, rope: RopeCall) -> PreCall:
+    B, N = p.q.shape[:2]
+    stats = _table(B, N, 2, device=p.q.device) if norm.over_heads else None
+    return PreCall(PreAttentionCall(norm, norm, rope), stats, stats)
+
+
+def _wan_pre(p: Problem) -> PreCall:
+    """RMSNorm over all heads (weight (H·D,)), interleaved RoPE from pair tables (Wan, LTX)."""
+    B, N, H, D = p.q.shape
+    weight = _table(H * D, device=p.q.device).view(H, D)
+    table = _table(1, N, 1, D, device=p.q.device)
+    return _pre_call(p, NormCall(1, True, 1e-6, 0, N, weight, None),
+                     RopeCall(1, table[..., 0::2], table[..., 1::2], 0, True))
+
+
+def _cogvideox_pre(p: Problem) -> PreCall:
+    """Per-head LayerNorm with weight and bias (D,), RoPE from full tables on the video tokens
+    after 226 text tokens (CogVideoX; HunyuanVideo's and Mochi's norms are per-head RMSNorms)."""
+    B, N, H, D = p.q.shape
+    weight, bias = (_table(D, device=p.q.device).expand(H, D) for _ in range(2))
+    table = _table(N - 226, D, device=p.q.device)[None, :, None, :]
+    return _pre_call(p, NormCall(2, False, 1e-6, 0, N, weight, bias),
+                     RopeCall(1, table, table, 226, False))
+
+
+def _half_pre(p: Problem) -> PreCall:
+    """Per-head RMSNorm and half-rotation RoPE (columns loaded in interleaved order)."""
+    B, N, H, D = p.q.shape
+    weight = _table(D, device=p.q.device).expand(H, D)
+    table = _table(N, D, device=p.q.device)[None, :, None, :]
+    return _pre_call(p, NormCall(1, False, 1e-6, 0, N, weight, None),
+                     RopeCall(2, table, table, 0, False))
+
+
+PRE_VARIANTS = {"wan": _wan_pre, "cogvideox": _cogvideox_pre, "half": _half_pre}
+#: The classes the DiT families run (kernels.md): D = Dv = 64 (CogVideoX, LTX) and 128 (Wan,
+#: HunyuanVideo, Mochi), bf16 and fp32.
+PRE_CLASSES = [(64, 64, 2), (128, 128, 2), (64, 64, 4), (128, 128, 4)]
+
+
+def check_pre(arch: str, classes: list, kinds: list) -> list[str]:
+    """Compiles the table's config of every (class, kind) with and without each pre-attention
+    variant; prints their resources and returns the launches that spill or do not fit."""
+    limits = ARCH_LIMITS[arch]
+    problems = []
+    for d, dv, size in classes:
+        for kind in kinds:
+            for variant in (None, *PRE_VARIANTS):
+                table_kind = kind if variant is None else kind + plan.PRE_SUFFIX
+                entry = read_table()[0].get((arch, table_kind, d, dv, size))
+                config = (plan.KernelConfig(*entry) if entry is not None
+                          else plan.heuristic_config(arch, table_kind, d, dv, size, TUNE_TOKENS))
+                launches = [launch for launch in record_launches(
+                    kind, config, d, dv, ITEMSIZES[size], pre_variant=variant)
+                    if launch[0].__name__ != "_sum_splits_kernel"]
+                if variant is not None:
+                    print(f"  ({table_kind} config {config.as_tuple()})", flush=True)
+                for kernel, _grid, args, kwargs in launches:
+                    usage = compile_launch(kernel, args, kwargs, arch)
+                    fits = usage.stack == 0 and usage.smem <= limits["smem_block"]
+                    line = (f"{arch} {kind:6s} D{d} Dv{dv} {size}B {variant or 'none':9s} "
+                            f"{kernel.__name__:16s} regs {usage.regs:3d} stack {usage.stack:4d} "
+                            f"smem {usage.smem // 1024:3d} KiB {'ok' if fits else 'SPILLS/NO FIT'}")
+                    print(line, flush=True)
+                    if not fits:
+                        problems.append(line)
+    return problems
 
 
 # --- static mode: compile for an architecture this machine need not have ---------------------
@@ -226,16 +327,45 @@ def compile_launch(kernel, args, kwargs, arch: str) -> Usage:
     return Usage(int(found.group(1)), int(found.group(2)), compiled.metadata.shared, seconds)
 
 
+#: Launches a config does not shape (reductions and the per-token kernels of norms over heads).
+_NOT_CONFIGURED = ("_sum_splits_kernel", "_stats_kernel", "_finish_kernel")
+
+
+def configured_launches(kind: str, config: plan.KernelConfig, d_pad: int, dv_pad: int,
+                        dtype: torch.dtype) -> list:
+    """The launches `config` shapes; a "+pre" kind's are those of every pre-attention variant
+    (its config must fit them all)."""
+    if kind.endswith(plan.PRE_SUFFIX):
+        base = kind.removesuffix(plan.PRE_SUFFIX)
+        launches = [launch for variant in PRE_VARIANTS
+                    for launch in record_launches(base, config, d_pad, dv_pad, dtype,
+                                                  pre_variant=variant)]
+    else:
+        launches = record_launches(kind, config, d_pad, dv_pad, dtype)
+    return [launch for launch in launches if launch[0].__name__ not in _NOT_CONFIGURED]
+
+
+def _max_block_n(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str) -> int:
+    """A "+pre" kernel holds more token tiles live than the plain one, whose chosen config
+    (the table's) already used what the registers allow: its search starts at half the plain
+    config's tokens per step. Other kinds search every size."""
+    if not kind.endswith(plan.PRE_SUFFIX):
+        return 128
+    entry = read_table()[0].get((arch, kind.removesuffix(plan.PRE_SUFFIX), d_pad, dv_pad,
+                                 itemsize))
+    return 128 if entry is None else max(16, plan.KernelConfig(*entry).block_n // 2)
+
+
 def static_choice(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str,
                   verbose: bool) -> tuple[plan.KernelConfig, str]:
     limits = ARCH_LIMITS[arch]
     dtype = ITEMSIZES[itemsize]
     fallback = None
-    for config in candidates(kind, d_pad, dv_pad, itemsize):
+    for config in candidates(kind, d_pad, dv_pad, itemsize,
+                             _max_block_n(kind, d_pad, dv_pad, itemsize, arch)):
         if _budget_spent():
             break
-        launches = [launch for launch in record_launches(kind, config, d_pad, dv_pad, dtype)
-                    if launch[0].__name__ != "_sum_splits_kernel"]
+        launches = configured_launches(kind, config, d_pad, dv_pad, dtype)
         usages = [compile_launch(kernel, args, kwargs, arch)
                   for kernel, _grid, args, kwargs in launches]
         worst = max(usages, key=lambda u: (u.stack, u.smem, u.regs))
@@ -284,15 +414,17 @@ def measure_choice(kind: str, d_pad: int, dv_pad: int, itemsize: int, arch: str,
         if _budget_spent():
             break
         usages = [compile_launch(kernel, args, kwargs, arch) for kernel, _g, args, kwargs in
-                  record_launches(kind, config, d_pad, dv_pad, dtype)
-                  if kernel.__name__ != "_sum_splits_kernel"]
+                  configured_launches(kind, config, d_pad, dv_pad, dtype)]
         if any(u.stack or u.smem > limits["smem_block"] for u in usages):
             continue
         for programs_per_sm in (1, 2):
             trial = plan.KernelConfig(config.block_n, config.block_dv, config.num_warps,
                                       config.num_stages, programs_per_sm, config.fused)
+            base = kind.removesuffix(plan.PRE_SUFFIX)
+            # A "+pre" config is timed with Wan's pre-attention work (RMSNorm over heads, RoPE).
+            pre = PRE_VARIANTS["wan"](problem) if base != kind else None
             with plan.forced(configs={kind: trial}):
-                ms = triton.testing.do_bench(lambda: run_kind(kind, problem), warmup=25,
+                ms = triton.testing.do_bench(lambda: run_kind(base, problem, pre), warmup=25,
                                              rep=100, return_mode="median")
             if verbose:
                 print(f"  {kind} D{d_pad} Dv{dv_pad} {itemsize}B {trial}: {ms:.4f} ms", flush=True)
@@ -369,10 +501,16 @@ def main() -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--static", action="store_true", help="compile-only choice (no GPU)")
     mode.add_argument("--measure", action="store_true", help="time candidates on this GPU")
+    mode.add_argument("--check-pre", action="store_true",
+                      help="compile the table's configs with fused q/k norms and RoPE (no GPU)")
     parser.add_argument("--arch", action="append", choices=sorted(ARCH_LIMITS),
                         help="static mode: architectures to compile for (repeatable)")
     parser.add_argument("--classes", help="e.g. 128x128:2,64x64:4 (padded D x Dv : bytes)")
     parser.add_argument("--kinds", default=",".join(plan.KINDS))
+    parser.add_argument("--pre", action="store_true",
+                        help="static mode: choose the configs of kernels with fused q/k norms and "
+                             "RoPE (kinds with the '+pre' suffix; classes default to the "
+                             "video-DiT ones)")
     parser.add_argument("--write", action="store_true", help=f"update {TABLE_PATH.name}")
     parser.add_argument("--budget-seconds", type=float, default=None,
                         help="stop compiling/timing candidates after this long (see above)")
@@ -380,6 +518,15 @@ def main() -> None:
     options = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter compiles nothing")
+
+    if options.check_pre:
+        classes = parse_classes(options.classes) if options.classes else PRE_CLASSES
+        problems = []
+        for arch in options.arch or ["sm90"]:
+            problems += check_pre(arch, classes, options.kinds.split(","))
+        if problems:
+            sys.exit("launches that spill or do not fit:\n  " + "\n  ".join(problems))
+        return
 
     if options.measure:
         if not torch.cuda.is_available():
@@ -401,6 +548,10 @@ def main() -> None:
         _deadline = time.monotonic() + options.budget_seconds
     table, notes, sources = read_table()
     kinds = options.kinds.split(",")
+    if options.pre:
+        kinds = [kind + plan.PRE_SUFFIX for kind in kinds]
+        if not options.classes:
+            options.classes = ",".join(f"{d}x{dv}:{size}" for d, dv, size in PRE_CLASSES)
     failures = []
     for arch in archs:
         for d, dv, size in parse_classes(options.classes):

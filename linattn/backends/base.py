@@ -16,7 +16,7 @@ Shapes and dtypes a backend receives:
     normaliser z (B, H, D') in the state dtype (float32, float64 for float64 inputs); dq, dk, dv
     like q, k, v; d_q_params / d_k_params like each param (float32 for float32 params).
   backward receives the S and z its forward wrote.
-  pre: None, or a PreCall: the q/k norms and RoPE (linattn.pre_attention.PreAttention, canonical:
+  pre: None, or a PreCall: the q/k norms and RoPE (linattn.pre_attention.PreAttentionCall, canonical:
     norm weight and bias (H, D) views, RoPE tables (B | 1, Nr, H | 1, W) views) that φ must see
     applied, RoPE(norm(x)), and, for a norm over all heads, the (B, N, 2) statistics tensor of
     that side, in the state dtype: the forward writes every element (mean and rstd of each
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..pre_attention import PreAttention
+    from ..pre_attention import PreAttentionCall
 
 
 class MapCall(NamedTuple):
@@ -45,7 +45,7 @@ class MapCall(NamedTuple):
 
 class PreCall(NamedTuple):
     """The pre-attention work of one call (see the module docstring)."""
-    spec: "PreAttention"
+    spec: "PreAttentionCall"
     q_stats: Optional[Tensor]
     k_stats: Optional[Tensor]
 

@@ -11,10 +11,10 @@ write one for a user's own DiT); processor.py is the module a converted layer ru
 """
 from . import transfer
 from .convert import convert, revert
-from .processor import LinAttnProcessor
+from .processor import LinAttnProcessor, set_fuse_pre_attention
 from .selectors import Projection, Selector
 from .serialization import load_converted
 from .summary import LayerReport, layer_report, summary
 
 __all__ = ["convert", "revert", "load_converted", "summary", "layer_report", "LayerReport",
-           "transfer", "Selector", "Projection", "LinAttnProcessor"]
+           "transfer", "Selector", "Projection", "LinAttnProcessor", "set_fuse_pre_attention"]

@@ -17,7 +17,8 @@ Plan = list[tuple[str, nn.Module, str, nn.Module, nn.Module]]
 
 def convert(transformer: nn.Module, layers: LayersArg = "all",
             feature_map: maps.FeatureMapArg = "hedgehog", mode: str = "linear", *,
-            selector: Union[None, str, Selector] = None, backend: str = "auto") -> nn.Module:
+            selector: Union[None, str, Selector] = None, backend: str = "auto",
+            fuse_pre_attention: bool = True) -> nn.Module:
     """Convert the chosen self-attention layers of `transformer` to linear attention, in place.
 
     Args:
@@ -34,6 +35,10 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
         selector: None (the built-in selector of the model's family), a built-in name, or a
             linattn.dit.Selector for a user's own DiT.
         backend: the linattn.linear_attention backend the layers use ("auto" by default).
+        fuse_pre_attention: the linear branch hands the layer's q/k norm and RoPE to the op's
+            kernels, which apply them while loading q and k (True, the default, for selectors
+            that describe them, as the built-in ones do), or runs them in PyTorch first (False;
+            linattn.dit.set_fuse_pre_attention switches a converted model).
 
     Returns the same model. Feature maps and gates become trainable parameters under it.
     """
@@ -47,7 +52,7 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
         heads, head_dim = sel.head_shape(attn)
         q_map, k_map = maps.build_pair(feature_map, heads, head_dim, name, device_of(attn))
         plan.append((name, attn, mode, q_map, k_map))
-    install(transformer, sel, plan, backend)
+    install(transformer, sel, plan, backend, fuse_pre_attention)
     return transformer
 
 
@@ -77,7 +82,8 @@ def device_of(attn: nn.Module):
     return next((p.device for p in attn.parameters()), None)
 
 
-def install(model: nn.Module, selector: Selector, plan: Plan, backend: str) -> None:
+def install(model: nn.Module, selector: Selector, plan: Plan, backend: str,
+            fuse_pre_attention: bool = True) -> None:
     """Set a LinAttnProcessor on every planned layer and rewrite the model's record."""
     others = {p.selector.name for _, _, p in converted_layers(model)} - {selector.name}
     if plan and others:
@@ -85,7 +91,7 @@ def install(model: nn.Module, selector: Selector, plan: Plan, backend: str) -> N
                          f"{sorted(others)}, not {selector.name!r}; one model uses one selector")
     for _, attn, mode, q_map, k_map in plan:
         set_processor(attn, LinAttnProcessor(selector, mode, q_map, k_map, attn.processor,
-                                             backend, device_of(attn)))
+                                             backend, device_of(attn), fuse_pre_attention))
     record.sync(model)
 
 

@@ -11,6 +11,13 @@ mode "hybrid": o = r · SoftmaxAttn(q, k, v) + (1 − r) · LinearAttn(q, k, v) 
 
 The family-specific parts (q/k/v path, the stock softmax call, the output path) come from the
 layer's selector; this module only chooses and mixes the branches.
+
+Where the selector hands over q and k as projected with their norm and RoPE (Projection.pre),
+the linear branch passes them to the op, whose kernels apply norm -> RoPE -> φ while loading q
+and k (``fuse_pre_attention = True``, the default). With ``fuse_pre_attention = False`` it runs
+the stock norm and RoPE in PyTorch first, then the op: the same maths, unfused (for comparisons
+and benchmarks). RoPE tables that need gradients (Mochi's, built from a learnable parameter,
+while training it) also take the unfused path: the kernels give no gradient to tables.
 """
 from __future__ import annotations
 
@@ -33,13 +40,15 @@ class LinAttnProcessor(nn.Module):
     _parallel_config = None
 
     def __init__(self, selector: Selector, mode: str, q_map: FeatureMap, k_map: FeatureMap,
-                 original: Any, backend: str = "auto", device: Optional[torch.device] = None):
+                 original: Any, backend: str = "auto", device: Optional[torch.device] = None,
+                 fuse_pre_attention: bool = True):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
         self.selector = selector
         self.mode = mode
         self.backend = backend
+        self.fuse_pre_attention = bool(fuse_pre_attention)
         self.q_map = q_map
         self.k_map = k_map
         if mode == "hybrid":
@@ -55,7 +64,7 @@ class LinAttnProcessor(nn.Module):
     def as_linear(self) -> "LinAttnProcessor":
         """A linear-only processor sharing this one's maps (finalize() of a layer with r → 0)."""
         linear = LinAttnProcessor(self.selector, "linear", self.q_map, self.k_map, self.original,
-                                  self.backend)
+                                  self.backend, fuse_pre_attention=self.fuse_pre_attention)
         linear._attention_backend = self._attention_backend
         linear._parallel_config = self._parallel_config
         return linear
@@ -74,24 +83,30 @@ class LinAttnProcessor(nn.Module):
                 image_rotary_emb: Any):
         p = self.selector.project(attn, hidden_states, encoder_hidden_states, attention_mask,
                                   image_rotary_emb)
-        o = self._linear(p)
+        o = self._linear(attn, p)
         if self.mode == "hybrid":
             r = self.gate
             o = r * self.selector.softmax(attn, p, self) + (1 - r) * o
         return self.selector.finish(attn, o, p)
 
-    def _linear(self, p) -> Tensor:
+    def _linear(self, attn: nn.Module, p) -> Tensor:
         if self._parallel_config is not None:
             # Each rank would see a slice of the keys; S and z would need an all-reduce first.
             raise ValueError("linattn: converted layers do not support diffusers' context "
                              "parallelism (the linear branch would see only this rank's keys)")
-        return linear_attention(p.q, p.k, p.v, feature_map=(self.q_map, self.k_map),
+        if p.pre is not None and self.fuse_pre_attention and not _learns_rope(p.pre):
+            q, k, pre = p.q, p.k, p.pre.kwargs()
+        else:
+            (q, k), pre = self.selector.attention_qk(attn, p), {}
+        return linear_attention(q, k, p.v, feature_map=(self.q_map, self.k_map),
                                 key_padding_mask=p.key_padding_mask, layout=p.layout,
-                                backend=self.backend)
+                                backend=self.backend, **pre)
 
     def extra_repr(self) -> str:
         gate = f", r={self.gate.item():.4f}" if self.gate is not None else ""
-        return f"selector={self.selector.name!r}, mode={self.mode!r}{gate}, backend={self.backend!r}"
+        fused = "" if self.fuse_pre_attention else ", fuse_pre_attention=False"
+        return (f"selector={self.selector.name!r}, mode={self.mode!r}{gate}, "
+                f"backend={self.backend!r}{fused}")
 
 
 def set_processor(attn: nn.Module, processor: Any) -> None:
@@ -114,6 +129,20 @@ def restore_original(attn: nn.Module, processor: LinAttnProcessor) -> None:
         if hasattr(original, attribute):
             setattr(original, attribute, getattr(processor, attribute))
     set_processor(attn, original)
+
+
+def _learns_rope(pre) -> bool:
+    """Whether the RoPE tables must get gradients (Mochi builds them from a learnable parameter,
+    pos_frequencies): the kernels give none, so such a call runs its norm and RoPE in PyTorch."""
+    return (pre.rope is not None and torch.is_grad_enabled()
+            and (pre.rope.cos.requires_grad or pre.rope.sin.requires_grad))
+
+
+def set_fuse_pre_attention(model: nn.Module, enabled: bool) -> None:
+    """Turn the fused q/k norm and RoPE of every converted layer of `model` on or off (off: the
+    stock norm and RoPE run in PyTorch before the op; results agree to rounding)."""
+    for _, _, processor in converted_layers(model):
+        processor.fuse_pre_attention = bool(enabled)
 
 
 def converted_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, LinAttnProcessor]]:

@@ -7,11 +7,17 @@ A selector is what lets linattn convert a model. It answers three questions for 
 2. ``project(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)``: q, k, v
    exactly as the stock processor computes them, after its q/k normalisation and RoPE (φ is applied
    to what softmax attention would see, method.md §2 [choice]), returned as a ``Projection``.
+   A selector may instead return q and k as projected, before the norm and RoPE, with
+   ``Projection.pre`` saying what they are (a linattn.PreAttention of QKNorm and RoPE specs): the
+   linear branch then hands them to the op, whose kernels apply norm -> RoPE -> φ while loading q
+   and k (nothing normalised or rotated is written to memory), and ``attention_qk`` gives the
+   normalised, rotated q and k wherever they are needed in PyTorch (the softmax branch, and the
+   unfused path of a layer with ``fuse_pre_attention = False``). The built-in families do this.
 3. ``finish(attn, o, projection)``: the stock processor's output path (merge heads, output
    projection, split joint sequences) applied to the attention output o.
 
-``softmax(attn, projection, processor)`` runs the stock softmax attention on a projection; a
-hybrid layer mixes it with the linear branch. The base class runs
+``softmax(attn, projection, processor)`` runs the stock softmax attention on a projection (and
+returns its output in the projection's layout); a hybrid layer mixes it with the linear branch. The base class runs
 ``F.scaled_dot_product_attention`` honouring the key padding mask; the built-in families override
 it with the exact call of their stock processor, so that a hybrid layer with r = 1 reproduces the
 original model bit for bit.
@@ -50,6 +56,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..pre_attention import PreAttention
+from ..pre_attention import reference as pre_reference
+
 
 @dataclass
 class Projection:
@@ -59,6 +68,8 @@ class Projection:
         branch's S and z. None: every key is real.
     softmax_mask: whatever the family's softmax branch passes as its attention mask.
     context: what the family's finish() needs (sequence lengths of joint streams, ...).
+    pre: None when q and k are what attention sees; else q and k are as projected and `pre` is
+        the norm and RoPE still to apply (see Selector.attention_qk).
     """
 
     q: Tensor
@@ -68,6 +79,7 @@ class Projection:
     key_padding_mask: Optional[Tensor] = None
     softmax_mask: Any = None
     context: dict = field(default_factory=dict)
+    pre: Optional[PreAttention] = None
 
 
 class Selector(abc.ABC):
@@ -94,10 +106,41 @@ class Selector(abc.ABC):
     def finish(self, attn: nn.Module, o: Tensor, projection: Projection) -> Any:
         """The stock output path applied to the attention output o (projection's layout)."""
 
+    def attention_qk(self, attn: nn.Module, projection: Projection) -> tuple[Tensor, Tensor]:
+        """q and k as attention sees them, in the projection's layout: projection.q and .k, or,
+        with projection.pre, those after the norm and RoPE. This default applies `pre` with
+        linattn's PyTorch definition (linattn/pre_attention/reference.py); the built-in families
+        override it with their stock processor's own code, so that softmax layers and hybrid
+        layers at r = 1 stay bit-identical to the original. Computed once per projection."""
+        p = projection
+        if p.pre is None:
+            return p.q, p.k
+        if "attention_qk" not in p.context:
+            from ..ops.validation import to_bnhd
+            from ..pre_attention import resolve
+            qb, kb = to_bnhd(p.q, p.layout), to_bnhd(p.k, p.layout)
+            B, Nq, H, D = qb.shape
+            call = resolve(p.pre.q_norm, p.pre.k_norm, p.pre.rope, batch=B, heads=H, head_dim=D,
+                           q_len=Nq, kv_len=kb.shape[1], dtype=qb.dtype, device=qb.device)
+            q = pre_reference.apply(qb, call.q_norm, call.rope)
+            k = pre_reference.apply(kb, call.k_norm, call.rope)
+            p.context["attention_qk"] = (to_bnhd(q, p.layout), to_bnhd(k, p.layout))
+        return p.context["attention_qk"]
+
+    def output_dtype(self, projection: Projection, o: Tensor) -> torch.dtype:
+        """The dtype a stock processor casts the attention output to, its q's: that of
+        attention_qk's q where it was computed (the softmax branch, the unfused path), else o's
+        (the op returns its q's dtype)."""
+        computed = projection.context.get("attention_qk")
+        if computed is not None:
+            return computed[0].dtype
+        return projection.q.dtype if projection.pre is None else o.dtype
+
     def softmax(self, attn: nn.Module, projection: Projection, processor: nn.Module) -> Tensor:
         """Softmax attention on a projection, in its layout. Override with the stock call."""
         p = projection
-        q, k, v = (t if p.layout == "bhnd" else t.transpose(1, 2) for t in (p.q, p.k, p.v))
+        q, k = self.attention_qk(attn, p)
+        q, k, v = (t if p.layout == "bhnd" else t.transpose(1, 2) for t in (q, k, p.v))
         mask = None if p.key_padding_mask is None else p.key_padding_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return o if p.layout == "bhnd" else o.transpose(1, 2)

@@ -9,7 +9,7 @@ fake shape functions, so graphs have no break. Both paths run the same functions
 so they compute the same results (tests/test_compile.py).
 
 With pre-attention work (q/k norms, RoPE: linattn.pre_attention) the norms' weights and biases
-are inputs of the autograd function too (their (H, D) views, as PreAttention holds them), so
+are inputs of the autograd function too (their (H, D) views, as PreAttentionCall holds them), so
 autograd carries their gradients back to the caller's parameters, and the forward's per-token
 statistics of a norm over all heads are saved for the backward.
 """
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..pre_attention import NO_PRE_ATTENTION, PreAttention
+from ..pre_attention import NO_PRE_ATTENTION, PreAttentionCall
 from .custom_op import forward_op
 from .execute import Settings, run_backward, run_forward
 
@@ -32,7 +32,7 @@ class _LinearAttention(torch.autograd.Function):
     for the backward."""
 
     @staticmethod
-    def forward(ctx, settings: Settings, num_q_params: int, pre: Optional[PreAttention],
+    def forward(ctx, settings: Settings, num_q_params: int, pre: Optional[PreAttentionCall],
                 q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_norm_weight: Optional[Tensor], q_norm_bias: Optional[Tensor],
                 k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor],
@@ -85,7 +85,7 @@ def _backward_with_graph(ctx, do: Tensor):
 
 def apply_kernels(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                   q_params: Sequence[Tensor], k_params: Sequence[Tensor], settings: Settings,
-                  compiling: bool, pre: Optional[PreAttention] = None) -> Tensor:
+                  compiling: bool, pre: Optional[PreAttentionCall] = None) -> Tensor:
     """o for (B, N, H, D)-indexed q, k, v on the kernel backend settings.backend; `compiling`:
     torch.compiler.is_compiling(), which the caller has asked already; `pre`: the resolved
     q/k norms and RoPE the kernels apply before φ."""

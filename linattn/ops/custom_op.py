@@ -10,7 +10,7 @@ Arguments are plain tensors, lists of tensors and scalars (which is what a custo
 feature maps travel as their kernel name plus their parameter tensors (base.py of
 linattn.feature_maps), the scalars in execute.Settings' order, and the pre-attention work (q/k
 norms, RoPE) as its six optional tensors plus its code string (linattn.pre_attention.
-PreAttention.code). q, k, v are (B, N, H, D)-indexed views; `bhnd` says which memory layout the
+PreAttentionCall.code). q, k, v are (B, N, H, D)-indexed views; `bhnd` says which memory layout the
 outputs are allocated in, so a (B, H, N, D) caller gets its layout back without a copy.
 
 The forward also returns the per-token statistics of q and k norms over all heads ((B, N, 2) in
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..feature_maps import map_width
-from ..pre_attention import NO_PRE_ATTENTION, PreAttention
+from ..pre_attention import NO_PRE_ATTENTION, PreAttentionCall
 from .execute import Settings, run_backward, run_forward, state_dtype
 
 
@@ -50,7 +50,7 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                k_norm_weight: Optional[Tensor], k_norm_bias: Optional[Tensor],
                rope_cos: Optional[Tensor], rope_sin: Optional[Tensor],
                pre_code: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    pre = PreAttention.decode(pre_code, q.shape[-1], q_norm_weight, q_norm_bias, k_norm_weight,
+    pre = PreAttentionCall.decode(pre_code, q.shape[-1], q_norm_weight, q_norm_bias, k_norm_weight,
                               k_norm_bias, rope_cos, rope_sin)
     o, state, normaliser, q_stats, k_stats = run_forward(
         q, k, v, key_mask, q_params, k_params, Settings(q_map, k_map, eps, bhnd, backend), pre)
@@ -81,7 +81,7 @@ def backward_op(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[
                 q_stats: Tensor, k_stats: Tensor) -> list[Tensor]:
     """[dq, dk, dv, *d_q_params, *d_k_params, *d_norm_params] (norm weights and biases present,
     in the order q weight, q bias, k weight, k bias)."""
-    pre = PreAttention.decode(pre_code, q.shape[-1], q_norm_weight, q_norm_bias, k_norm_weight,
+    pre = PreAttentionCall.decode(pre_code, q.shape[-1], q_norm_weight, q_norm_bias, k_norm_weight,
                               k_norm_bias, rope_cos, rope_sin)
     dq, dk, dv, dqp, dkp, d_norms = run_backward(
         do, q, k, v, key_mask, q_params, k_params, state, normaliser,

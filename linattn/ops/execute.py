@@ -8,8 +8,8 @@ A new keyword argument of the op that reaches the kernels is a new field here (a
 of the custom ops, in the same place); tensor arguments go beside q, k, v.
 
 The pre-attention work (q/k norms and RoPE, linattn.pre_attention) arrives resolved, as the
-canonical PreAttention whose tensors are views of the caller's weights and tables; the custom ops
-carry it as those tensors plus PreAttention.code() and decode it before calling here. A norm
+canonical PreAttentionCall whose tensors are views of the caller's weights and tables; the custom ops
+carry it as those tensors plus PreAttentionCall.code() and decode it before calling here. A norm
 over all heads of a token needs per-token statistics (mean, rstd) before the per-head passes:
 the forward allocates them, the backend's forward writes them once, and the backward reads them
 instead of computing them again.
@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..backends import MapCall, PreCall, get_kernel_backend
 from ..feature_maps import map_width
-from ..pre_attention import PreAttention
+from ..pre_attention import PreAttentionCall
 from . import alloc
 
 
@@ -48,7 +48,7 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def run_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_params: Sequence[Tensor], k_params: Sequence[Tensor], settings: Settings,
-                pre: Optional[PreAttention] = None
+                pre: Optional[PreAttentionCall] = None
                 ) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """(o, S, z, q_stats, k_stats): o like (B, Nq, H, Dv) in q's dtype, S (B, H, D', Dv),
     z (B, H, D'); q_stats, k_stats (B, N, 2) in the state dtype, the statistics of a q or k
@@ -85,14 +85,14 @@ _NO_NORM_GRADS = (None, None, None, None)
 
 def run_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                  q_params: Sequence[Tensor], k_params: Sequence[Tensor], state: Tensor,
-                 normaliser: Tensor, settings: Settings, pre: Optional[PreAttention] = None,
+                 normaliser: Tensor, settings: Settings, pre: Optional[PreAttentionCall] = None,
                  q_stats: Optional[Tensor] = None, k_stats: Optional[Tensor] = None
                  ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor], tuple]:
     """(dq, dk, dv, d_q_params, d_k_params, d_norms) from do and the forward's S, z (and norm
     statistics). dq, dk, dv are laid out like q, k, v (a (B, H, N, D) input gets a (B, H, N, D)
     gradient); the parameters' gradients are contiguous (the Hedgehog kernels sum partials into
     them by flat offset). d_norms: the gradients of (q weight, q bias, k weight, k bias) of the
-    norms, (H, D) each like PreAttention's views, None where absent."""
+    norms, (H, D) each like PreAttentionCall's views, None where absent."""
     dq, dk, dv = alloc.empty_like(q), alloc.empty_like(k), alloc.empty_like(v)
     d_q_params = [alloc.empty(*p.shape, dtype=p.dtype, device=p.device) for p in q_params]
     d_k_params = [alloc.empty(*p.shape, dtype=p.dtype, device=p.device) for p in k_params]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..feature_maps import FeatureMap
-from ..pre_attention import PreAttention
+from ..pre_attention import PreAttentionCall
 from ..pre_attention import reference as pre_reference
 
 
@@ -20,7 +20,7 @@ def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor, q_map: FeatureMa
                                k_map: FeatureMap, eps: float,
                                key_padding_mask: Optional[Tensor] = None,
                                compute_dtype: torch.dtype = torch.float64,
-                               pre: Optional[PreAttention] = None) -> Tensor:
+                               pre: Optional[PreAttentionCall] = None) -> Tensor:
     """o_i = φ(q_i)ᵀ S / (φ(q_i)ᵀ z + eps), S = Σ_j φ(k_j) v_jᵀ, z = Σ_j φ(k_j).
 
     With `pre`, φ is applied to RoPE(norm(q)) and RoPE(norm(k)) (linattn/pre_attention).

@@ -4,7 +4,8 @@ arguments of linattn.linear_attention that the kernels fuse into their loads of 
 spec.py: the public specs (QKNorm, RoPE), their checks and the canonical form backends receive;
 reference.py: the readable PyTorch definition, the oracle of the kernels.
 """
-from .spec import NO_PRE_ATTENTION, NormCall, PreAttention, QKNorm, RopeCall, RoPE, resolve
+from .spec import (NO_PRE_ATTENTION, NormCall, PreAttention, PreAttentionCall, QKNorm, RopeCall,
+                   RoPE, resolve)
 
-__all__ = ["QKNorm", "RoPE", "PreAttention", "NormCall", "RopeCall", "resolve",
+__all__ = ["QKNorm", "RoPE", "PreAttention", "PreAttentionCall", "NormCall", "RopeCall", "resolve",
            "NO_PRE_ATTENTION"]

@@ -15,8 +15,9 @@ written to memory (kernels.md, issue 12).
   (``style="half"``, GPT-NeoX style), applied to the tokens [start, start + len(table)) only, so
   text tokens concatenated before or after the video keep their values.
 
-This module checks the specs against the inputs and turns them into the canonical form every
-backend receives (``PreAttention``: per side a ``NormCall``, and one shared ``RopeCall``), whose
+``PreAttention`` bundles the three for a layer to pass around. This module checks the specs
+against the inputs and turns them into the canonical form every backend receives
+(``PreAttentionCall``: per side a ``NormCall``, and one shared ``RopeCall``), whose
 tensors are views (never copies) built with differentiable PyTorch ops, so that autograd maps the
 kernels' (H, D) weight gradients back onto a weight of shape (D,) or (H·D,).
 """
@@ -92,6 +93,19 @@ class RoPE:
     start: int = 0
 
 
+@dataclass(frozen=True, eq=False)
+class PreAttention:
+    """The pre-attention work of one attention call, bundled: what a DiT layer hands to
+    linattn.linear_attention as ``**pre.kwargs()`` (linattn.dit's selectors return one)."""
+
+    q_norm: Optional[QKNorm] = None
+    k_norm: Optional[QKNorm] = None
+    rope: Optional[RoPE] = None
+
+    def kwargs(self) -> dict:
+        return dict(q_norm=self.q_norm, k_norm=self.k_norm, rope=self.rope)
+
+
 class NormCall(NamedTuple):
     """One side's normalisation as the kernels take it."""
     kind: int                 # NORM_KINDS value
@@ -115,7 +129,7 @@ class RopeCall(NamedTuple):
         return self.cos.shape[1]
 
 
-class PreAttention(NamedTuple):
+class PreAttentionCall(NamedTuple):
     """Everything applied to q and k before φ, checked and in canonical form; None parts are
     identities. A backend receives this (or None when there is nothing to apply)."""
     q_norm: Optional[NormCall]
@@ -145,8 +159,8 @@ class PreAttention(NamedTuple):
     @staticmethod
     def decode(code: str, head_dim: int, q_weight: Optional[Tensor], q_bias: Optional[Tensor],
                k_weight: Optional[Tensor], k_bias: Optional[Tensor], cos: Optional[Tensor],
-               sin: Optional[Tensor]) -> Optional["PreAttention"]:
-        """The inverse of (code(), tensors()); None for code() of an empty PreAttention."""
+               sin: Optional[Tensor]) -> Optional["PreAttentionCall"]:
+        """The inverse of (code(), tensors()); None for code() of an empty PreAttentionCall."""
         if code == NO_PRE_ATTENTION:
             return None
         q_code, k_code, rope_code = code.split(";")
@@ -161,7 +175,7 @@ class PreAttention(NamedTuple):
         if rope_code != "-":
             style, start = rope_code.split(",")
             rope = RopeCall(int(style), cos, sin, int(start), 2 * cos.shape[-1] == head_dim)
-        return PreAttention(norm(q_code, q_weight, q_bias), norm(k_code, k_weight, k_bias), rope)
+        return PreAttentionCall(norm(q_code, q_weight, q_bias), norm(k_code, k_weight, k_bias), rope)
 
 
 NO_PRE_ATTENTION = "-;-;-"
@@ -300,13 +314,13 @@ def _resolve_rope(rope, batch: int, heads: int, head_dim: int, seq_lens: tuple[i
 
 
 def resolve(q_norm, k_norm, rope, *, batch: int, heads: int, head_dim: int, q_len: int,
-            kv_len: int, dtype: torch.dtype, device) -> Optional[PreAttention]:
+            kv_len: int, dtype: torch.dtype, device) -> Optional[PreAttentionCall]:
     """Check the pre-attention arguments of one call ((B, N, H, D) sizes of q and k) and return
     their canonical form, or None when all three are None."""
     if q_norm is None and k_norm is None and rope is None:
         return None
     lens = (q_len, kv_len)
-    return PreAttention(
+    return PreAttentionCall(
         _resolve_norm("q_norm", q_norm, heads, head_dim, lens, dtype, device),
         _resolve_norm("k_norm", k_norm, heads, head_dim, lens, dtype, device),
         _resolve_rope(rope, batch, heads, head_dim, lens, device))

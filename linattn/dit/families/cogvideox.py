@@ -4,6 +4,10 @@ Stock path (CogVideoXAttnProcessor2_0): joint attention over [text; video]; proj
 heads into (B, H, N, D), per-head LayerNorm of q and k, RoPE on the video tokens only (the
 pipeline passes it as image_rotary_emb), F.scaled_dot_product_attention, merge heads, to_out,
 split back into (video, text). CogVideoX does not mask its padded text: every token is a key.
+
+The projection hands the op q and k as projected, (B, N, H, D) views of the joint projection,
+with the per-head LayerNorms and RoPE from the (S, D) tables on the tokens after the text
+(diffusers' apply_rotary_emb: interleaved pairs, one angle per dim).
 """
 from __future__ import annotations
 
@@ -11,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 
+from ...pre_attention import PreAttention, QKNorm, RoPE
 from ..selectors import Projection, Selector
+
+
+def _norm(module):
+    return None if module is None else QKNorm.from_module(module, over="head")
 
 
 class CogVideoXSelector(Selector):
@@ -33,26 +42,45 @@ class CogVideoXSelector(Selector):
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
-        query, key, value = (t.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
-                             for t in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        if rotary_emb is not None:
-            # In place on the video slice, as the stock processor does.
-            query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], rotary_emb)
-            key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary_emb)
-        return Projection(query, key, value, "bhnd", context={"text_len": text_len})
+        # The stock processor's views, kept (B, N, H, D): it transposes them to (B, H, N, D).
+        query, key, value = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
+        rope = None if rotary_emb is None else RoPE(*rotary_emb, style="interleaved",
+                                                    start=text_len)
+        pre = PreAttention(_norm(attn.norm_q), _norm(attn.norm_k), rope)
+        return Projection(query, key, value, "bnhd", pre=pre,
+                          context={"text_len": text_len, "rotary_emb": rotary_emb})
+
+    def attention_qk(self, attn, projection):
+        """The stock processor's norms and RoPE (CogVideoXAttnProcessor2_0), bit for bit, in
+        its (B, H, N, D) tensors, returned as (B, N, H, D) views."""
+        p = projection
+        if "attention_qk" not in p.context:
+            # Copies where there is no norm: the RoPE below writes in place, and the projection
+            # (which the op may have saved for its backward) must keep its values.
+            query = p.q.transpose(1, 2) if attn.norm_q is not None else p.q.transpose(1, 2).clone()
+            key = p.k.transpose(1, 2) if attn.norm_k is not None else p.k.transpose(1, 2).clone()
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            rotary_emb, text_len = p.context["rotary_emb"], p.context["text_len"]
+            if rotary_emb is not None:
+                # In place on the video slice, as the stock processor does.
+                query[:, :, text_len:] = apply_rotary_emb(query[:, :, text_len:], rotary_emb)
+                key[:, :, text_len:] = apply_rotary_emb(key[:, :, text_len:], rotary_emb)
+            p.context["attention_qk"] = (query.transpose(1, 2), key.transpose(1, 2))
+        return p.context["attention_qk"]
 
     def softmax(self, attn, projection, processor):
-        p = projection
-        return F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=None, dropout_p=0.0,
-                                              is_causal=False)
+        query, key = self.attention_qk(attn, projection)
+        o = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
+                                           projection.v.transpose(1, 2), attn_mask=None,
+                                           dropout_p=0.0, is_causal=False)
+        return o.transpose(1, 2)
 
     def finish(self, attn, o, projection):
-        batch, heads, _, head_dim = o.shape
-        hidden_states = o.transpose(1, 2).reshape(batch, -1, heads * head_dim)
+        batch, _, heads, head_dim = o.shape
+        hidden_states = o.reshape(batch, -1, heads * head_dim)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         text_len = projection.context["text_len"]

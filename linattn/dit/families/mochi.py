@@ -8,6 +8,10 @@ that sample's valid text tokens (encoder_attention_mask), zero rows for the padd
 heads, split (video, text), output projections. The linear branch runs the whole batch at once
 with the text mask as its key padding mask, so padded text adds nothing to S and z; outputs of
 padded text queries never reach a valid token (they are masked as keys in every layer).
+
+The projection hands the op [video; text] in (B, N, H, D): the video q and k as projected, with
+the per-head RMSNorm and RoPE (interleaved pairs from Mochi's per-head (S, H, D/2) tables) on the
+video tokens; the text q and k normalised in PyTorch by their own norms (a few hundred tokens).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import MochiAttention
 
+from ...pre_attention import PreAttention, QKNorm, RoPE
 from ..selectors import Projection, Selector
 
 
@@ -42,32 +47,55 @@ class MochiSelector(Selector):
                              "encoder_attention_mask); got attention_mask=None")
         query, key, value = (f(hidden_states).unflatten(2, (attn.heads, -1))
                              for f in (attn.to_q, attn.to_k, attn.to_v))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
         text_q, text_k, text_v = (f(encoder_hidden_states).unflatten(2, (attn.heads, -1))
                                   for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
         if attn.norm_added_q is not None:
             text_q = attn.norm_added_q(text_q)
         if attn.norm_added_k is not None:
             text_k = attn.norm_added_k(text_k)
-        if rotary_emb is not None:
-            query = _rope_pairs(query, *rotary_emb)
-            key = _rope_pairs(key, *rotary_emb)
-        video = tuple(t.transpose(1, 2) for t in (query, key, value))
-        text = tuple(t.transpose(1, 2) for t in (text_q, text_k, text_v))
-        joint = [torch.cat([a, b], dim=2) for a, b in zip(video, text)]
         batch, video_len = hidden_states.shape[:2]
+        tokens = (0, video_len)
+        norms = [None if m is None else QKNorm.from_module(m, over="head", tokens=tokens)
+                 for m in (attn.norm_q, attn.norm_k)]
+        rope = None if rotary_emb is None else RoPE(*rotary_emb, style="interleaved")
         video_keys = torch.ones(batch, video_len, dtype=torch.bool, device=hidden_states.device)
         padding = torch.cat([video_keys, attention_mask.bool()], dim=1)
-        return Projection(*joint, layout="bhnd", key_padding_mask=padding,
-                          softmax_mask=attention_mask,
-                          context={"video": video, "text": text, "video_len": video_len})
+        joint = [torch.cat([a, b], dim=1) for a, b in
+                 zip((query, key, value), (text_q, text_k, text_v))]
+        return Projection(*joint, layout="bnhd", key_padding_mask=padding,
+                          softmax_mask=attention_mask, pre=PreAttention(*norms, rope),
+                          context={"raw_video": (query, key, value),
+                                   "text": (text_q, text_k, text_v), "video_len": video_len,
+                                   "rotary_emb": rotary_emb})
+
+    def _stock_video_text(self, attn, projection):
+        """The stock processor's (B, H, N, D) video and text q, k, v: norms and RoPE, bit for
+        bit."""
+        p = projection
+        if "stock" not in p.context:
+            query, key, value = p.context["raw_video"]
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            if p.context["rotary_emb"] is not None:
+                query = _rope_pairs(query, *p.context["rotary_emb"])
+                key = _rope_pairs(key, *p.context["rotary_emb"])
+            video = tuple(t.transpose(1, 2) for t in (query, key, value))
+            text = tuple(t.transpose(1, 2) for t in p.context["text"])
+            p.context["stock"] = (video, text)
+        return p.context["stock"]
+
+    def attention_qk(self, attn, projection):
+        p = projection
+        if "attention_qk" not in p.context:
+            (query, key, _), (text_q, text_k, _) = self._stock_video_text(attn, p)
+            p.context["attention_qk"] = tuple(torch.cat([a, b], dim=2).transpose(1, 2)
+                                              for a, b in ((query, text_q), (key, text_k)))
+        return p.context["attention_qk"]
 
     def softmax(self, attn, projection, processor):
-        (query, key, value), (text_q, text_k, text_v) = (projection.context["video"],
-                                                         projection.context["text"])
+        (query, key, value), (text_q, text_k, text_v) = self._stock_video_text(attn, projection)
         mask = projection.softmax_mask
         total = query.size(2) + text_q.size(2)
         outputs = []
@@ -78,11 +106,11 @@ class MochiSelector(Selector):
             v = torch.cat([value[idx:idx + 1], text_v[idx:idx + 1, :, valid, :]], dim=2)
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
             outputs.append(F.pad(o, (0, 0, 0, total - o.size(2))))
-        return torch.cat(outputs, dim=0)
+        return torch.cat(outputs, dim=0).transpose(1, 2)
 
     def finish(self, attn, o, projection):
         video_len = projection.context["video_len"]
-        hidden_states = o.transpose(1, 2).flatten(2, 3)
+        hidden_states = o.flatten(2, 3)
         hidden_states, encoder_hidden_states = hidden_states.split_with_sizes(
             (video_len, hidden_states.size(1) - video_len), dim=1)
         hidden_states = attn.to_out[0](hidden_states)

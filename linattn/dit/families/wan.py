@@ -3,12 +3,18 @@
 Stock path (WanAttnProcessor): q/k/v projections (fused or not), RMSNorm over all heads, split
 heads, RoPE on interleaved pairs, dispatch_attention_fn in (B, N, H, D), merge heads, to_out.
 ``attn2`` (cross-attention to text, and to the image in I2V) is never listed.
+
+The projection hands the op q and k as projected (views of a fused qkv projection when the layer
+has one), with RMSNorm over heads (norm_q, norm_k) and RoPE from Wan's tables: its rotation
+uses cos[..., 0::2] and sin[..., 1::2] of the (1, S, 1, D) tables, one angle per pair, passed as
+those strided views.
 """
 from __future__ import annotations
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, _get_qkv_projections
 
+from ...pre_attention import PreAttention, QKNorm, RoPE
 from ..selectors import Projection, Selector, key_padding_mask_from
 from .dispatch import dispatch_softmax
 
@@ -39,20 +45,35 @@ class WanSelector(Selector):
             raise ValueError("wan: a converted self-attention layer got encoder_hidden_states; "
                              "only self-attention (attn1) can be converted")
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query)
-        key = attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))
+        rope = None
         if rotary_emb is not None:
-            query = _rope_interleaved(query, *rotary_emb)
-            key = _rope_interleaved(key, *rotary_emb)
+            freqs_cos, freqs_sin = rotary_emb
+            rope = RoPE(freqs_cos[..., 0::2], freqs_sin[..., 1::2], style="interleaved")
+        pre = PreAttention(QKNorm.from_module(attn.norm_q, over="heads"),
+                           QKNorm.from_module(attn.norm_k, over="heads"), rope)
         padding = key_padding_mask_from(attention_mask, key.shape[0], key.shape[1], "wan")
         return Projection(query, key, value, "bnhd", key_padding_mask=padding,
-                          softmax_mask=attention_mask)
+                          softmax_mask=attention_mask, pre=pre,
+                          context={"rotary_emb": rotary_emb})
+
+    def attention_qk(self, attn, projection):
+        """The stock processor's norm and RoPE (WanAttnProcessor), bit for bit."""
+        p = projection
+        if "attention_qk" not in p.context:
+            query = attn.norm_q(p.q.flatten(2, 3)).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(p.k.flatten(2, 3)).unflatten(2, (attn.heads, -1))
+            if p.context["rotary_emb"] is not None:
+                query = _rope_interleaved(query, *p.context["rotary_emb"])
+                key = _rope_interleaved(key, *p.context["rotary_emb"])
+            p.context["attention_qk"] = (query, key)
+        return p.context["attention_qk"]
 
     def softmax(self, attn, projection, processor):
-        return dispatch_softmax(projection, processor)
+        query, key = self.attention_qk(attn, projection)
+        return dispatch_softmax(query, key, projection, processor)
 
     def finish(self, attn, o, projection):
-        hidden_states = o.flatten(2, 3).type_as(projection.q)
+        hidden_states = o.flatten(2, 3).to(self.output_dtype(projection, o))
         hidden_states = attn.to_out[0](hidden_states)
         return attn.to_out[1](hidden_states)

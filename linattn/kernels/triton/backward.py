@@ -293,7 +293,7 @@ def state_gradients(do: torch.Tensor, q: torch.Tensor, q_map: str, eps: float,
     B, N, H, D = q.shape
     Dv = do.shape[-1]
     p = plan.plan_kernel("dq", q.device, N, B * H, D, Dv, q.element_size(), reduces=True,
-                         qkv_bytes=qkv_size)
+                         qkv_bytes=qkv_size, pre=q_pre.active)
     targets = split_targets(d_state, d_normaliser, p.split.count, plan.atomic_reduce())
     partials = q_pre.grad_partials(p.split.count * B, H, D, q.device)
     sums = q_pre.row_sums(q)
@@ -324,7 +324,8 @@ def key_gradients(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
     k_pre = k_pre or PreLaunch(None, "k")
     B, N, H, D = k.shape
     Dv = v.shape[-1]
-    p = plan.plan_kernel("dkdv", k.device, N, B * H, D, Dv, k.element_size())
+    p = plan.plan_kernel("dkdv", k.device, N, B * H, D, Dv, k.element_size(),
+                         pre=k_pre.active)
     tiles = p.tiles
     mask, s_mb, s_mn = mask_args(key_mask)
     partials = k_pre.grad_partials(p.split.count * B, H, D, k.device)

@@ -180,7 +180,7 @@ def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
     k_pre = k_pre or PreLaunch(None, "k")
     check_state(state, normaliser, "forward")
     p = plan.plan_kernel("state", k.device, N, B * H, D, Dv, k.element_size(), reduces=True,
-                         qkv_bytes=qkv_size)
+                         qkv_bytes=qkv_size, pre=k_pre.active)
     targets = split_targets(state, normaliser, p.split.count, plan.atomic_reduce())
     mask, s_mb, s_mn = mask_args(key_mask)
     launch(
@@ -203,7 +203,8 @@ def compute_output(q: torch.Tensor, q_map: str, eps: float, state: torch.Tensor,
     q_pre = q_pre or PreLaunch(None, "q")
     Dv = o.shape[-1]
     check_state(state, normaliser, "forward")
-    p = plan.plan_kernel("output", q.device, N, B * H, D, Dv, q.element_size())
+    p = plan.plan_kernel("output", q.device, N, B * H, D, Dv, q.element_size(),
+                         pre=q_pre.active)
     launch(
         _output_kernel, (B * H, p.split.count, p.tiles),
         q, state, normaliser, o, H, N, D, Dv, p.split.chunk, eps,

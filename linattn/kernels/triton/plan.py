@@ -34,6 +34,9 @@ import triton
 from .common import cdiv, interpreting, padded_dim
 
 KINDS = ("state", "output", "dq", "dkdv")
+#: A kernel that also applies q/k norms and RoPE (pre_attention.py) holds a few more token tiles
+#: live, so it has configs of its own: the table key's kind gets this suffix.
+PRE_SUFFIX = "+pre"
 
 #: Largest head dim and value dim the kernels hold in one block (masked up from smaller dims).
 MAX_DIM = 256
@@ -118,6 +121,14 @@ def heuristic_config(arch: str, kind: str, d_pad: int, dv_pad: int, itemsize: in
                      n_tokens: int = 0) -> KernelConfig:
     """An untuned config from register and shared-memory budgets (see tuned_configs.py).
     n_tokens (the sequence the kernel streams) matters only to the interpreter's config."""
+    if kind.endswith(PRE_SUFFIX):
+        # Half the tokens per step of the plain kernel's config (ptxas, sm_90: the plain
+        # 64-token state config spills 224 B with a fused RMSNorm + RoPE, the 32-token one none).
+        base = heuristic_config(arch, kind[:-len(PRE_SUFFIX)], d_pad, dv_pad, itemsize, n_tokens)
+        if arch == "interpreter":
+            return base
+        return KernelConfig(max(16, base.block_n // 2), base.block_dv, base.num_warps,
+                            min(base.num_stages, 2), base.programs_per_sm, base.fused)
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
     block_dv = min(dv_pad, max(16, ACC_ELEMENTS // d_pad))
@@ -226,7 +237,7 @@ def forced(splits: Optional[int] = None,
     """
     global _forced_splits, _forced_configs
     for kind in (configs or {}):
-        if kind not in KINDS:
+        if kind.removesuffix(PRE_SUFFIX) not in KINDS:
             raise ValueError(f"configs: unknown kernel kind {kind!r}; expected one of {KINDS}")
     previous = _forced_splits, _forced_configs
     _forced_splits, _forced_configs = splits, dict(configs or {})
@@ -237,10 +248,16 @@ def forced(splits: Optional[int] = None,
 
 
 def kernel_config(kind: str, device: torch.device, d_pad: int, dv_pad: int, itemsize: int,
-                  n_tokens: int) -> KernelConfig:
-    """The config of one kernel: forced (tests, tuning), else the table, else the heuristic."""
+                  n_tokens: int, pre: bool = False) -> KernelConfig:
+    """The config of one kernel: forced (tests, tuning), else the table, else the heuristic.
+    `pre`: the launch also applies q/k norms and RoPE (its own table entries, PRE_SUFFIX); a
+    config forced for the plain kind applies to it too."""
+    if pre and kind + PRE_SUFFIX in _forced_configs:
+        return _forced_configs[kind + PRE_SUFFIX]
     if kind in _forced_configs:
         return _forced_configs[kind]
+    if pre:
+        kind = kind + PRE_SUFFIX
     info = device_info(device)
     # Only the interpreter's blocks depend on the sequence length (heuristic_config).
     return _table_or_heuristic(info.arch, kind, d_pad, dv_pad, itemsize,
@@ -361,18 +378,19 @@ class KernelPlan(NamedTuple):
 
 def plan_kernel(kind: str, device: torch.device, n_tokens: int, batch_heads: int, head_dim: int,
                 value_dim: int, itemsize: int, reduces: bool = False,
-                qkv_bytes: int = 0) -> KernelPlan:
+                qkv_bytes: int = 0, pre: bool = False) -> KernelPlan:
     """The plan of one kernel launch. `reduces`: the kernel writes one fp32 partial of a
     (D, Dv) matrix and a D vector per (batch, head) and split (S, z or dS, dz), so its split
-    count is capped by the scratch budget of q, k and v's `qkv_bytes`.
+    count is capped by the scratch budget of q, k and v's `qkv_bytes`. `pre`: the kernel also
+    applies q/k norms and RoPE (kernel_config's PRE_SUFFIX configs).
 
     A pure function of its arguments and the device's DeviceInfo, so it is cached: planning a
     call is a dictionary lookup (forced plans, for tests and tuning, are not cached)."""
     if _forced_splits is not None or _forced_configs:
         return _plan_kernel(kind, device, n_tokens, batch_heads, head_dim, value_dim, itemsize,
-                            reduces, qkv_bytes)
+                            reduces, qkv_bytes, pre)
     return _cached_plan(kind, device_info(device), device, n_tokens, batch_heads, head_dim,
-                        value_dim, itemsize, reduces, qkv_bytes)
+                        value_dim, itemsize, reduces, qkv_bytes, pre)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -383,9 +401,9 @@ def _cached_plan(kind, _info: DeviceInfo, device, *args) -> KernelPlan:
 
 def _plan_kernel(kind: str, device: torch.device, n_tokens: int, batch_heads: int,
                  head_dim: int, value_dim: int, itemsize: int, reduces: bool,
-                 qkv_bytes: int) -> KernelPlan:
+                 qkv_bytes: int, pre: bool = False) -> KernelPlan:
     d_pad, dv_pad = padded_dim(head_dim), padded_dim(value_dim)
-    config = kernel_config(kind, device, d_pad, dv_pad, itemsize, n_tokens)
+    config = kernel_config(kind, device, d_pad, dv_pad, itemsize, n_tokens, pre)
     block_dv = min(config.block_dv, dv_pad)
     tiles = cdiv(value_dim, block_dv)
     if reduces:

@@ -103,37 +103,46 @@ def _row_stats(x, b, tok, rows, col_ok, D, pst_ptr, s_pstb, s_pstn, p_eps,
 
 
 @triton.jit
-def _rotate(y, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
-    """rot(y) for pairs of neighbouring columns: (y0, y1) -> (−y1, y0)."""
-    even, odd = tl.split(tl.reshape(y, (BLOCK_N, D_PAD // 2, 2)))
-    return tl.reshape(tl.join(-odd, even), (BLOCK_N, D_PAD))
+def _pairs(y, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    """The (first, second) members of each rotated pair, as two (BLOCK_N, D_PAD / 2) blocks
+    (neighbouring register columns: see head_columns)."""
+    return tl.split(tl.reshape(y, (BLOCK_N, D_PAD // 2, 2)))
 
 
 @triton.jit
-def _rotate_transposed(u, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
-    """rotᵀ(u): (u0, u1) -> (u1, −u0)."""
-    even, odd = tl.split(tl.reshape(u, (BLOCK_N, D_PAD // 2, 2)))
-    return tl.reshape(tl.join(odd, -even), (BLOCK_N, D_PAD))
+def _unpairs(first, second, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    return tl.reshape(tl.join(first, second), (BLOCK_N, D_PAD))
 
 
 @triton.jit
 def _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
             BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, ROPE: tl.constexpr,
             ROPE_PAIRS: tl.constexpr):
-    """cos and sin of each element of a block (register column order): 1 and 0 on rows RoPE does
-    not rotate (outside [r_start, r_stop), or not real) and in the padding."""
-    cols, col_ok = head_columns(D, D_PAD, ROPE)
-    if ROPE_PAIRS:
-        tcol = tl.arange(0, D_PAD) // 2
-    else:
-        tcol = cols
+    """(cos, sin) of the first members of each pair and (cos, sin) of the second members, as
+    (BLOCK_N, D_PAD / 2) blocks: 1 and 0 on rows RoPE does not rotate (outside
+    [r_start, r_stop), or not real) and in the padding. Tables of one angle per pair are read
+    once (both members share it); tables of one angle per dim are read at both members' dims."""
+    p = tl.arange(0, D_PAD // 2)
+    p_ok = p < D // 2
     rows = row_ok & (tok >= r_start) & (tok < r_stop)
-    offs = (b.to(tl.int64) * s_rb + h.to(tl.int64) * s_rh + (tok - r_start)[:, None] * s_rn
-            + tcol[None, :] * s_rd)
-    ok = rows[:, None] & col_ok[None, :]
-    cos = tl.load(cos_ptr + offs, mask=ok, other=1.0).to(tl.float32)
-    sin = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    return cos, sin
+    ok = rows[:, None] & p_ok[None, :]
+    base = (b.to(tl.int64) * s_rb + h.to(tl.int64) * s_rh + (tok - r_start)[:, None] * s_rn)
+    if ROPE_PAIRS:
+        offs = base + p[None, :] * s_rd
+        cos_a = tl.load(cos_ptr + offs, mask=ok, other=1.0).to(tl.float32)
+        sin_a = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        return cos_a, sin_a, cos_a, sin_a
+    if ROPE == ROPE_HALF:
+        first, second = p, p + D // 2
+    else:
+        first, second = 2 * p, 2 * p + 1
+    offs_a = base + first[None, :] * s_rd
+    offs_b = base + second[None, :] * s_rd
+    cos_a = tl.load(cos_ptr + offs_a, mask=ok, other=1.0).to(tl.float32)
+    sin_a = tl.load(sin_ptr + offs_a, mask=ok, other=0.0).to(tl.float32)
+    cos_b = tl.load(cos_ptr + offs_b, mask=ok, other=1.0).to(tl.float32)
+    sin_b = tl.load(sin_ptr + offs_b, mask=ok, other=0.0).to(tl.float32)
+    return cos_a, sin_a, cos_b, sin_b
 
 
 @triton.jit
@@ -153,9 +162,13 @@ def pre_forward(x, b, h, tok, row_ok, w, bias, D,
         normed = (x - mean[:, None]) * rstd[:, None] * w[None, :] + bias[None, :]
         y = tl.where(rows[:, None], normed, x)
     if ROPE != ROPE_NONE:
-        cos, sin = _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb, s_rn, s_rh, s_rd,
-                           r_start, r_stop, BLOCK_N, D_PAD, ROPE, ROPE_PAIRS)
-        y = y * cos + _rotate(y, BLOCK_N, D_PAD) * sin
+        # Pair (a, b) -> (a·cos_a − b·sin_a, b·cos_b + a·sin_b).
+        cos_a, sin_a, cos_b, sin_b = _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb,
+                                             s_rn, s_rh, s_rd, r_start, r_stop, BLOCK_N, D_PAD,
+                                             ROPE, ROPE_PAIRS)
+        first, second = _pairs(y, BLOCK_N, D_PAD)
+        y = _unpairs(first * cos_a - second * sin_a, second * cos_b + first * sin_b, BLOCK_N,
+                     D_PAD)
     return y
 
 
@@ -171,9 +184,14 @@ def pre_backward(dy, x, b, h, tok, row_ok, w, D,
     go to the finish kernel."""
     dn = dy
     if ROPE != ROPE_NONE:
-        cos, sin = _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb, s_rn, s_rh, s_rd,
-                           r_start, r_stop, BLOCK_N, D_PAD, ROPE, ROPE_PAIRS)
-        dn = dy * cos + _rotate_transposed(dy * sin, BLOCK_N, D_PAD)
+        # The transpose of pre_forward's rotation: (da, db) -> (da·cos_a + db·sin_b,
+        # db·cos_b − da·sin_a).
+        cos_a, sin_a, cos_b, sin_b = _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb,
+                                             s_rn, s_rh, s_rd, r_start, r_stop, BLOCK_N, D_PAD,
+                                             ROPE, ROPE_PAIRS)
+        first, second = _pairs(dy, BLOCK_N, D_PAD)
+        dn = _unpairs(first * cos_a + second * sin_b, second * cos_b - first * sin_a, BLOCK_N,
+                      D_PAD)
     zero_cols = tl.zeros((D_PAD,), dtype=tl.float32)
     zero_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if NORM != NORM_NONE:
@@ -310,6 +328,11 @@ class PreLaunch:
         self.norm = None if spec is None else (spec.q_norm if side == "q" else spec.k_norm)
         self.rope = None if spec is None else spec.rope
         self.stats = None if pre is None else (pre.q_stats if side == "q" else pre.k_stats)
+
+    @property
+    def active(self) -> bool:
+        """Whether this side has any work before φ (its kernels then take the "+pre" configs)."""
+        return self.norm is not None or self.rope is not None
 
     @property
     def has_norm(self) -> bool:

@@ -162,8 +162,8 @@ class _Launcher:
         self.n, self.dtype, self.device = n, dtype, device
         self.block_n, self.num_splits = block_n, num_splits
 
-    def config(self, kind: str) -> plan.Config:
-        return plan.config(kind, self.dtype, self.n.pads, _INTERPRETED, self.block_n)
+    def config(self, kind: str, pre: bool = False) -> plan.Config:
+        return plan.config(kind, self.dtype, self.n.pads, _INTERPRETED, self.block_n, pre)
 
     def flags(self, cfg: plan.Config) -> dict:
         d, f, v = self.n.pads
@@ -241,7 +241,7 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
         if side.over_heads:
             norm_statistics(x, side)
 
-    cfg = run.config("state")
+    cfg = run.config("state", k_pre.active)
     num_blocks, splits, per_split = run.splits(
         n.Nk, cfg, 2 * n.B * n.H, slab_bytes=state.nbytes + normaliser.nbytes,
         budget_bytes=plan.scratch_budget(_nbytes(q, k, v)))
@@ -255,7 +255,7 @@ def hedgehog_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor]
         _sum_partials(s_part, state, z_part, normaliser)
     del s_part, z_part
 
-    cfg = run.config("output")
+    cfg = run.config("output", q_pre.active)
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H)
     launch(
         hedgehog_output_kernel, (splits, n.B * n.H),
@@ -296,7 +296,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
 
     # Pass 1: dq, dW_q, 1/den and dden' of every query (B, H, 2, Nq) for pass 2, and the
     # centre m (B, H, Dv) for pass 3 (backward_kernels.py).
-    cfg = run.config("query_grad")
+    cfg = run.config("query_grad", q_pre.active)
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, n.B * n.H, weight_slab, budget)
     per_query = alloc.empty(n.B, n.H, 2, n.Nq, dtype=torch.float32, device=q.device)
     centre = alloc.empty(n.B, n.H, n.Dv, dtype=torch.float32, device=q.device)
@@ -318,7 +318,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
         finish_norm_over_heads(q, dq, q_pre, sums, None)
 
     # Pass 2: dS (B, H, 2F, Dv) and dz (B, H, 2F), fp32 scratch.
-    cfg = run.config("state_grad")
+    cfg = run.config("state_grad", q_pre.active)
     d_state = alloc.empty(n.B, n.H, 2 * n.F, n.Dv, dtype=torch.float32, device=q.device)
     d_norm = alloc.empty(n.B, n.H, 2 * n.F, dtype=torch.float32, device=q.device)
     num_blocks, splits, per_split = run.splits(n.Nq, cfg, 2 * n.B * n.H,
@@ -335,7 +335,7 @@ def hedgehog_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opt
     del ds_part, dz_part
 
     # Pass 3: dk, dv, dW_k.
-    cfg = run.config("key_grad")
+    cfg = run.config("key_grad", k_pre.active)
     mask, s_mb, s_mn = mask_args(key_mask)
     num_blocks, splits, per_split = run.splits(n.Nk, cfg, n.B * n.H, weight_slab, budget)
     dw_part, dw_strides = _weight_grad_target(splits, n, dw_k)

@@ -94,9 +94,11 @@ class Config:
 
 @functools.lru_cache(maxsize=None)
 def config(kind: str, dtype: torch.dtype, pads: tuple[int, ...], interpreted: bool,
-           block_n: Optional[int]) -> Config:
+           block_n: Optional[int], pre: bool = False) -> Config:
     """Block size, warps and programs per SM of one kernel; block_n (tests, benchmarks)
-    overrides the size. Cached: a pure function of its arguments."""
+    overrides the size. `pre`: the kernel also applies q/k norms and RoPE to its blocks
+    (../pre_attention.py), which holds more token tiles live: it takes blocks half as long (at
+    least 16). Cached: a pure function of its arguments."""
     if block_n is not None and (block_n < 16 or block_n & (block_n - 1)):
         raise ValueError(f"block_n: must be a power of two >= 16 (a Triton dot dimension), "
                          f"got {block_n}")
@@ -105,6 +107,8 @@ def config(kind: str, dtype: torch.dtype, pads: tuple[int, ...], interpreted: bo
     sixteen_bit = dtype != torch.float32
     widest = max(64, *pads)
     n, warps = _GPU_CONFIGS[(sixteen_bit, widest)][kind]
+    if pre:
+        n = max(16, n // 2)
     return Config(block_n or n, warps,
                   programs_per_sm=RESIDENT_PROGRAMS.get((sixteen_bit, widest, kind), 1))
 
