@@ -21,6 +21,8 @@ from measure import copy_bandwidth
 
 ROWS: list[dict] = []
 OVERHEAD_ROWS: list[dict] = []
+#: One row per whole-model step (test_model_step.py).
+MODEL_ROWS: list[dict] = []
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +62,8 @@ def overhead_table(rows: list[dict]) -> str:
         lines.append(f"| {r['what']} | {r['impl']} | {r['seconds'] * 1e6:.1f} "
                      f"({r['min_seconds'] * 1e6:.1f}) | {ratio} |")
     return "\n".join(lines)
+def record_model_step(**row) -> None:
+    MODEL_ROWS.append(row)
 
 
 def _machine(device: torch.device) -> str:
@@ -95,17 +99,51 @@ def summary_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def model_step_table(rows: list[dict]) -> str:
+    """Per (model, step, mode): ms per step and per block, × vs all-SDPA of the same group, and
+    the share of the ceiling reached: the row's speed-up over the speed-up of the free
+    stand-in (o = v) on the same layers."""
+    groups = defaultdict(list)
+    for row in rows:
+        groups[(row["model"], row["step"], row["mode"])].append(row)
+    lines = []
+    for (model, step, mode), group in groups.items():
+        blocks = group[0]["blocks"]
+        sdpa = next((r for r in group if r["how"] == "sdpa"), None)
+        ceilings = {r["layers"]: r for r in group if r["how"] == "ceiling"}
+        lines += [f"\n{model}{f' ({blocks})' if blocks else ''}, {step}, {mode}\n",
+                  "| variant | layers | ms | ms per block | × vs all-SDPA | share of ceiling |",
+                  "|---|---|---|---|---|---|"]
+        for r in group:
+            ms = r["seconds"] * 1e3
+            per_block = f"{ms / r['block_count']:.2f}" if r["block_count"] else "n/a"
+            speedup = sdpa["seconds"] / r["seconds"] if sdpa else None
+            ceiling = ceilings.get(r["layers"])
+            share = "n/a"
+            if speedup and ceiling and r["how"] in ("fused", "unfused"):
+                share = f"{100 * speedup / (sdpa['seconds'] / ceiling['seconds']):.0f}%"
+            lines.append(f"| {r['variant']} | {r['layers']} | {ms:.1f} | {per_block} | "
+                         f"{'n/a' if speedup is None else f'{speedup:.2f}'} | {share} |")
+    return "\n".join(lines)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    if not ROWS and not OVERHEAD_ROWS:
+    if not ROWS and not OVERHEAD_ROWS and not MODEL_ROWS:
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     title = (f"linattn benchmarks: {_machine(device)}, torch {torch.__version__}, "
              f"{date.today().isoformat()}, commit {_commit()}")
-    text = title + "\n" + summary_table(ROWS)
-    if OVERHEAD_ROWS:
-        text += "\n" + overhead_table(OVERHEAD_ROWS)
-    terminalreporter.write_sep("=", "linattn side-by-side")
-    terminalreporter.write_line(text)
     out = Path(config.rootpath) / ".benchmarks"
     out.mkdir(exist_ok=True)
-    (out / "summary.md").write_text(text + "\n")
+    if ROWS or OVERHEAD_ROWS:
+        text = title + "\n" + summary_table(ROWS)
+        if OVERHEAD_ROWS:
+            text += "\n" + overhead_table(OVERHEAD_ROWS)
+        terminalreporter.write_sep("=", "linattn side-by-side")
+        terminalreporter.write_line(text)
+        (out / "summary.md").write_text(text + "\n")
+    if MODEL_ROWS:
+        text = title + "\n" + model_step_table(MODEL_ROWS)
+        terminalreporter.write_sep("=", "linattn whole-model steps")
+        terminalreporter.write_line(text)
+        (out / "model_step.md").write_text(text + "\n")

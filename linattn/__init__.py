@@ -8,6 +8,7 @@ from .pre_attention import PreAttention, QKNorm, RoPE
 
 __version__ = "0.1.0"
 
-__all__ = ["linear_attention", "QKNorm", "RoPE", "PreAttention", "LinearAttention", "linear_attention_reference", "backends", "feature_maps",
+__all__ = ["linear_attention", "QKNorm", "RoPE", "PreAttention",
+           "LinearAttention", "linear_attention_reference", "backends", "feature_maps",
            "BackendUnavailableError", "convert", "revert", "load_converted", "summary",
            "transfer", "__version__"]

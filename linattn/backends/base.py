@@ -16,9 +16,9 @@ Shapes and dtypes a backend receives:
     normaliser z (B, H, D') in the state dtype (float32, float64 for float64 inputs); dq, dk, dv
     like q, k, v; d_q_params / d_k_params like each param (float32 for float32 params).
   backward receives the S and z its forward wrote.
-  pre: None, or a PreCall: the q/k norms and RoPE (linattn.pre_attention.PreAttentionCall, canonical:
-    norm weight and bias (H, D) views, RoPE tables (B | 1, Nr, H | 1, W) views) that φ must see
-    applied, RoPE(norm(x)), and, for a norm over all heads, the (B, N, 2) statistics tensor of
+  pre: None, or a PreCall: the q/k norms and RoPE (linattn.pre_attention.PreAttentionCall,
+    canonical: norm weight and bias (H, D) views, RoPE tables (B | 1, Nr, H | 1, W) views) that
+    φ must see applied, RoPE(norm(x)), and, for a norm over all heads, the (B, N, 2) statistics tensor of
     that side, in the state dtype: the forward writes every element (mean and rstd of each
     normalised token), the backward reads it. Only backends with supports_pre_attention get one.
   d_pre: the backward's (d q weight, d q bias, d k weight, d k bias), (H, D) like the norm

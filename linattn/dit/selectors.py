@@ -16,11 +16,11 @@ A selector is what lets linattn convert a model. It answers three questions for 
 3. ``finish(attn, o, projection)``: the stock processor's output path (merge heads, output
    projection, split joint sequences) applied to the attention output o.
 
-``softmax(attn, projection, processor)`` runs the stock softmax attention on a projection (and
-returns its output in the projection's layout); a hybrid layer mixes it with the linear branch. The base class runs
-``F.scaled_dot_product_attention`` honouring the key padding mask; the built-in families override
-it with the exact call of their stock processor, so that a hybrid layer with r = 1 reproduces the
-original model bit for bit.
+``softmax(attn, projection, processor)`` runs the stock softmax attention on a projection
+(returning its output in the projection's layout); a hybrid layer mixes it with the linear
+branch. The base class runs ``F.scaled_dot_product_attention`` honouring the key padding mask;
+the built-in families override it with the exact call of their stock processor, so that a hybrid
+layer with r = 1 reproduces the original model bit for bit.
 
 The modules a selector lists must follow diffusers' processor protocol: the module calls
 ``self.processor(self, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)``

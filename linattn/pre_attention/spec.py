@@ -175,7 +175,8 @@ class PreAttentionCall(NamedTuple):
         if rope_code != "-":
             style, start = rope_code.split(",")
             rope = RopeCall(int(style), cos, sin, int(start), 2 * cos.shape[-1] == head_dim)
-        return PreAttentionCall(norm(q_code, q_weight, q_bias), norm(k_code, k_weight, k_bias), rope)
+        return PreAttentionCall(norm(q_code, q_weight, q_bias), norm(k_code, k_weight, k_bias),
+                                rope)
 
 
 NO_PRE_ATTENTION = "-;-;-"
@@ -232,14 +233,16 @@ def _resolve_norm(argument: str, norm, heads: int, head_dim: int, seq_lens: tupl
     if not isinstance(norm, QKNorm):
         raise TypeError(f"{argument}: expected a linattn.QKNorm or None, got {type(norm).__name__}")
     if norm.kind not in NORM_KINDS:
-        raise ValueError(f"{argument}.kind: expected one of {sorted(NORM_KINDS)}, got {norm.kind!r}")
+        raise ValueError(f"{argument}.kind: expected one of {sorted(NORM_KINDS)}, "
+                         f"got {norm.kind!r}")
     if norm.over not in NORM_OVER:
         raise ValueError(f"{argument}.over: expected 'head' (each head's D values) or 'heads' (all "
                          f"H·D values of a token), got {norm.over!r}")
     eps = torch.finfo(dtype).eps if norm.eps is None else norm.eps
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
             or eps <= 0:
-        raise ValueError(f"{argument}.eps: expected a finite number > 0 (or None), got {norm.eps!r}")
+        raise ValueError(f"{argument}.eps: expected a finite number > 0 (or None), "
+                         f"got {norm.eps!r}")
     if norm.over == "heads":
         shapes = {"(H·D,)": (heads * head_dim,), "(H, D)": (heads, head_dim)}
     else:

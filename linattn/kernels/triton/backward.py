@@ -111,9 +111,10 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
         row_ok = rows < end - n0
         tok = n0 + rows
         x = tl.load(q_base + n0 * s_qn + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        x = pre_forward(x.to(tl.float32), b, h, tok, row_ok, w_pre, b_pre, D, pst_ptr, cos_ptr,
-                        sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
-                        r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+        x = pre_forward(x.to(tl.float32), b, h, tok, row_ok, d_ok, w_pre, b_pre, D, pst_ptr,
+                        cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn,
+                        s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
+                        BLOCK_N, D_PAD)
         phi = tl.where(row_ok[:, None], feature_map(x, d_ok, MAP), 0.0)
         inv_den = 1.0 / (tl.sum(phi * z[None, :], axis=1) + eps)
         if COMPUTE_DQ:
@@ -131,9 +132,9 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
                 x_raw = tl.load(q_base + n0 * s_qn + q_offs,
                                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
                 dx, dw, db, sum_g, sum_gx = pre_backward(
-                    dx, x_raw.to(tl.float32), b, h, tok, row_ok, w_pre, D, pst_ptr, cos_ptr,
-                    sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
-                    r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+                    dx, x_raw.to(tl.float32), b, h, tok, row_ok, d_ok, w_pre, D, pst_ptr,
+                    cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh,
+                    s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
                 dw_acc += dw
                 db_acc += db
                 store_norm_sums(psum_ptr, b, h, tok, row_ok & (tok >= p_start) & (tok < p_stop),
@@ -238,9 +239,10 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
             keep = keep & (flags != 0)
         tok = n0 + rows
         x = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :], other=0.0)
-        x = pre_forward(x.to(tl.float32), b, h, tok, keep, w_pre, b_pre, D, pst_ptr, cos_ptr,
-                        sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
-                        r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+        x = pre_forward(x.to(tl.float32), b, h, tok, keep, d_ok, w_pre, b_pre, D, pst_ptr,
+                        cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn,
+                        s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
+                        BLOCK_N, D_PAD)
         phi = tl.where(keep[:, None], feature_map(x, d_ok, MAP), 0.0)
         if COMPUTE_DK:
             vals = tl.load(v_base + n0 * s_vn + v_offs, mask=keep[:, None] & e_ok[None, :],
@@ -253,9 +255,9 @@ def _dkdv_kernel(k_ptr, v_ptr, mask_ptr, ds_ptr, dz_ptr, m_ptr, dk_ptr, dv_ptr,
                 x_raw = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :],
                                 other=0.0)
                 dx, dw, db, sum_g, sum_gx = pre_backward(
-                    dx, x_raw.to(tl.float32), b, h, tok, keep, w_pre, D, pst_ptr, cos_ptr,
-                    sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
-                    r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+                    dx, x_raw.to(tl.float32), b, h, tok, keep, d_ok, w_pre, D, pst_ptr,
+                    cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh,
+                    s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
                 dw_acc += dw
                 db_acc += db
                 store_norm_sums(psum_ptr, b, h, tok, keep & (tok >= p_start) & (tok < p_stop),

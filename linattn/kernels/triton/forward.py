@@ -80,7 +80,7 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
             keep = keep & (flags != 0)
         # Masked keys are never loaded, so inf or NaN in padding cannot reach S or z.
         x = tl.load(k_base + n0 * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :], other=0.0)
-        x = pre_forward(x.to(tl.float32), b, h, n0 + rows, keep, w_pre, b_pre, D, pst_ptr,
+        x = pre_forward(x.to(tl.float32), b, h, n0 + rows, keep, d_ok, w_pre, b_pre, D, pst_ptr,
                         cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn,
                         s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
                         BLOCK_N, D_PAD)
@@ -149,7 +149,7 @@ def _output_kernel(q_ptr, s_ptr, z_ptr, o_ptr,
     for n0 in range(start, end, BLOCK_N):
         row_ok = rows < end - n0
         x = tl.load(q_base + n0 * s_qn + q_offs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        x = pre_forward(x.to(tl.float32), b, h, n0 + rows, row_ok, w_pre, b_pre, D, pst_ptr,
+        x = pre_forward(x.to(tl.float32), b, h, n0 + rows, row_ok, d_ok, w_pre, b_pre, D, pst_ptr,
                         cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn,
                         s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
                         BLOCK_N, D_PAD)

@@ -103,14 +103,16 @@ def _row_stats(x, b, tok, rows, col_ok, D, pst_ptr, s_pstb, s_pstn, p_eps,
 
 
 @triton.jit
-def _pairs(y, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
-    """The (first, second) members of each rotated pair, as two (BLOCK_N, D_PAD / 2) blocks
-    (neighbouring register columns: see head_columns)."""
-    return tl.split(tl.reshape(y, (BLOCK_N, D_PAD // 2, 2)))
-
-
-@triton.jit
-def _unpairs(first, second, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+def _rotate(y, cos_a, sin_a, cos_b, sin_b, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
+            TRANSPOSE: tl.constexpr):
+    """Rotate each pair (a, b) of neighbouring register columns (see head_columns):
+    (a·cos_a − b·sin_a, b·cos_b + a·sin_b), or with TRANSPOSE its transpose,
+    (a·cos_a + b·sin_b, b·cos_b − a·sin_a). Angles are (BLOCK_N, D_PAD / 2) blocks."""
+    a, b = tl.split(tl.reshape(y, (BLOCK_N, D_PAD // 2, 2)))
+    if TRANSPOSE:
+        first, second = a * cos_a + b * sin_b, b * cos_b - a * sin_a
+    else:
+        first, second = a * cos_a - b * sin_a, b * cos_b + a * sin_b
     return tl.reshape(tl.join(first, second), (BLOCK_N, D_PAD))
 
 
@@ -146,34 +148,30 @@ def _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb, s_rn, s_rh, s_rd, r_st
 
 
 @triton.jit
-def pre_forward(x, b, h, tok, row_ok, w, bias, D,
+def pre_forward(x, b, h, tok, row_ok, col_ok, w, bias, D,
                 pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
                 s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
                 NORM: tl.constexpr, NORM_HEADS: tl.constexpr, ROPE: tl.constexpr,
                 ROPE_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
     """RoPE(norm(x)) of an fp32 (BLOCK_N, D_PAD) block of tokens `tok` (int64); rows not
-    row_ok pass unchanged. w, bias from pre_params."""
+    row_ok pass unchanged. col_ok: the real columns (head_offsets); w, bias from pre_params."""
     y = x
     if NORM != NORM_NONE:
-        _, col_ok = head_columns(D, D_PAD, ROPE)
         rows = row_ok & (tok >= p_start) & (tok < p_stop)
         mean, rstd = _row_stats(x, b, tok, rows, col_ok, D, pst_ptr, s_pstb, s_pstn, p_eps,
                                 NORM, NORM_HEADS)
         normed = (x - mean[:, None]) * rstd[:, None] * w[None, :] + bias[None, :]
         y = tl.where(rows[:, None], normed, x)
     if ROPE != ROPE_NONE:
-        # Pair (a, b) -> (a·cos_a − b·sin_a, b·cos_b + a·sin_b).
         cos_a, sin_a, cos_b, sin_b = _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb,
                                              s_rn, s_rh, s_rd, r_start, r_stop, BLOCK_N, D_PAD,
                                              ROPE, ROPE_PAIRS)
-        first, second = _pairs(y, BLOCK_N, D_PAD)
-        y = _unpairs(first * cos_a - second * sin_a, second * cos_b + first * sin_b, BLOCK_N,
-                     D_PAD)
+        y = _rotate(y, cos_a, sin_a, cos_b, sin_b, BLOCK_N, D_PAD, False)
     return y
 
 
 @triton.jit
-def pre_backward(dy, x, b, h, tok, row_ok, w, D,
+def pre_backward(dy, x, b, h, tok, row_ok, col_ok, w, D,
                  pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
                  s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
                  NORM: tl.constexpr, NORM_HEADS: tl.constexpr, ROPE: tl.constexpr,
@@ -184,18 +182,13 @@ def pre_backward(dy, x, b, h, tok, row_ok, w, D,
     go to the finish kernel."""
     dn = dy
     if ROPE != ROPE_NONE:
-        # The transpose of pre_forward's rotation: (da, db) -> (da·cos_a + db·sin_b,
-        # db·cos_b − da·sin_a).
         cos_a, sin_a, cos_b, sin_b = _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb,
                                              s_rn, s_rh, s_rd, r_start, r_stop, BLOCK_N, D_PAD,
                                              ROPE, ROPE_PAIRS)
-        first, second = _pairs(dy, BLOCK_N, D_PAD)
-        dn = _unpairs(first * cos_a + second * sin_b, second * cos_b - first * sin_a, BLOCK_N,
-                      D_PAD)
+        dn = _rotate(dy, cos_a, sin_a, cos_b, sin_b, BLOCK_N, D_PAD, True)
     zero_cols = tl.zeros((D_PAD,), dtype=tl.float32)
     zero_rows = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if NORM != NORM_NONE:
-        _, col_ok = head_columns(D, D_PAD, ROPE)
         rows = row_ok & (tok >= p_start) & (tok < p_stop)
         mean, rstd = _row_stats(x, b, tok, rows, col_ok, D, pst_ptr, s_pstb, s_pstn, p_eps,
                                 NORM, NORM_HEADS)

@@ -58,16 +58,16 @@ def _store_weight_grad(dw_ptr, split, b, h, acc, D, F, s_ws, s_wb, s_wh, s_wd, s
 
 
 @triton.jit
-def _pre_grad(dx, x_ptrs, x_ok, b, h, tok, rows, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb,
+def _pre_grad(dx, x_ptrs, b, h, tok, rows, d_ok, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb,
               s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
               psum_ptr, s_psb, s_psn, H, NORM: tl.constexpr, NORM_HEADS: tl.constexpr,
               ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr, BLOCK_N: tl.constexpr,
               D_PAD: tl.constexpr):
     """dx of the raw block (reloaded from x_ptrs) from dx of what the map saw; returns it with
     the block's (dw, db) and stores a norm over heads' row sums."""
-    x_raw = tl.load(x_ptrs, mask=x_ok, other=0.0).to(tl.float32)
+    x_raw = tl.load(x_ptrs, mask=rows[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     dx, dw, db, sum_g, sum_gx = pre_backward(
-        dx, x_raw, b, h, tok, rows, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn,
+        dx, x_raw, b, h, tok, rows, d_ok, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn,
         p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
         ROPE_PAIRS, BLOCK_N, D_PAD)
     store_norm_sums(psum_ptr, b, h, tok, rows & (tok >= p_start) & (tok < p_stop), sum_g,
@@ -127,10 +127,10 @@ def hedgehog_query_grad_kernel(
         q = tl.load(q_base + start * s_qn + q_offs, mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if NORM != 0 or ROPE != 0:
-            q = pre_forward(q.to(tl.float32), b, h, offs_n, n_ok, w_pre, b_pre, D, pst_ptr,
-                                 cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb,
-                                 s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
-                                 ROPE_PAIRS, BLOCK_N, D_PAD)
+            q = pre_forward(q.to(tl.float32), b, h, offs_n, n_ok, d_ok, w_pre, b_pre,
+                            D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
+                            s_rb, s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
+                            ROPE_PAIRS, BLOCK_N, D_PAD)
         do = tl.load(do_base + start * s_don + do_offs, mask=n_ok[:, None] & v_ok[None, :],
                      other=0.0)
         a, c = hedgehog_features(q, w, f_ok, BLOCK_N, F_PAD, TOKEN, EMULATE_BF16)
@@ -152,10 +152,10 @@ def hedgehog_query_grad_kernel(
                  EMULATE_BF16)
         if NORM != 0 or ROPE != 0:
             dq, dw_blk, db_blk = _pre_grad(
-                dq, q_base + start * s_qn + q_offs, n_ok[:, None] & d_ok[None, :], b, h, offs_n,
-                n_ok, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop,
-                p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop, psum_ptr, s_psb, s_psn, H, NORM,
-                NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
+                dq, q_base + start * s_qn + q_offs, b, h, offs_n, n_ok, d_ok, w_pre, D, pst_ptr,
+                cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd,
+                r_start, r_stop, psum_ptr, s_psb, s_psn, H, NORM, NORM_HEADS, ROPE, ROPE_PAIRS,
+                BLOCK_N, D_PAD)
             dw_pre += dw_blk
             db_pre += db_blk
         tl.store(dq_base + start * s_dqn + dq_offs,
@@ -179,8 +179,9 @@ def hedgehog_state_grad_kernel(
         pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd, s_pstb, s_pstn,
         p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
         BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F_PAD: tl.constexpr, V_PAD: tl.constexpr,
-        TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr, NORM: tl.constexpr, NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr,
-        NORM_B: tl.constexpr, ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr):
+        TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr, NORM: tl.constexpr,
+        NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr, NORM_B: tl.constexpr, ROPE: tl.constexpr,
+        ROPE_PAIRS: tl.constexpr):
     """Pass 2: partial dS (split, b, h, 2F, Dv) and dz (split, b, h, 2F) of one half."""
     half = tl.program_id(0)
     split = tl.program_id(1)
@@ -207,10 +208,10 @@ def hedgehog_state_grad_kernel(
         q = tl.load(q_base + start * s_qn + q_offs, mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if NORM != 0 or ROPE != 0:
-            q = pre_forward(q.to(tl.float32), b, h, offs_n, n_ok, w_pre, b_pre, D, pst_ptr,
-                                 cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb,
-                                 s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
-                                 ROPE_PAIRS, BLOCK_N, D_PAD)
+            q = pre_forward(q.to(tl.float32), b, h, offs_n, n_ok, d_ok, w_pre, b_pre,
+                            D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
+                            s_rb, s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
+                            ROPE_PAIRS, BLOCK_N, D_PAD)
         do = tl.load(do_base + start * s_don + do_offs, mask=n_ok[:, None] & v_ok[None, :],
                      other=0.0).to(tl.float32)
         # Rows past Nq: 1/den = dden = 0 (and do = 0), so their (uniform) φ adds nothing.
@@ -281,10 +282,11 @@ def hedgehog_key_grad_kernel(
         k = tl.load(k_base + start * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :],
                     other=0.0)
         if NORM != 0 or ROPE != 0:
-            k = pre_forward(k.to(tl.float32), b, h, start + tl.arange(0, BLOCK_N), keep, w_pre, b_pre, D, pst_ptr,
-                                 cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb,
-                                 s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
-                                 ROPE_PAIRS, BLOCK_N, D_PAD)
+            tok = start + tl.arange(0, BLOCK_N)
+            k = pre_forward(k.to(tl.float32), b, h, tok, keep, d_ok, w_pre, b_pre,
+                            D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
+                            s_rb, s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
+                            ROPE_PAIRS, BLOCK_N, D_PAD)
         v = tl.load(v_base + start * s_vn + v_offs, mask=keep[:, None] & v_ok[None, :],
                     other=0.0)
         a, c = hedgehog_features(k, w, f_ok, BLOCK_N, F_PAD, TOKEN, EMULATE_BF16)
@@ -299,8 +301,8 @@ def hedgehog_key_grad_kernel(
                  EMULATE_BF16)
         if NORM != 0 or ROPE != 0:
             dk, dw_blk, db_blk = _pre_grad(
-                dk, k_base + start * s_kn + k_offs, keep[:, None] & d_ok[None, :], b, h,
-                start + tl.arange(0, BLOCK_N), keep, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb,
+                dk, k_base + start * s_kn + k_offs, b, h, start + tl.arange(0, BLOCK_N), keep,
+                d_ok, w_pre, D, pst_ptr, cos_ptr, sin_ptr, s_pstb,
                 s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
                 psum_ptr, s_psb, s_psn, H, NORM, NORM_HEADS, ROPE, ROPE_PAIRS, BLOCK_N, D_PAD)
             dw_pre += dw_blk

@@ -39,8 +39,9 @@ def hedgehog_state_kernel(
         p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
         HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr,
         F_PAD: tl.constexpr, V_PAD: tl.constexpr, TOKEN: tl.constexpr,
-        EMULATE_BF16: tl.constexpr, NORM: tl.constexpr, NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr,
-        NORM_B: tl.constexpr, ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr):
+        EMULATE_BF16: tl.constexpr, NORM: tl.constexpr, NORM_HEADS: tl.constexpr,
+        NORM_W: tl.constexpr, NORM_B: tl.constexpr, ROPE: tl.constexpr,
+        ROPE_PAIRS: tl.constexpr):
     """Partial S (split, b, h, 2F, Dv) and z (split, b, h, 2F): one split, one half."""
     half = tl.program_id(0)
     split = tl.program_id(1)
@@ -67,10 +68,11 @@ def hedgehog_state_kernel(
         k = tl.load(k_base + start * s_kn + k_offs, mask=keep[:, None] & d_ok[None, :],
                     other=0.0)
         if NORM != 0 or ROPE != 0:
-            k = pre_forward(k.to(tl.float32), b, h, start + tl.arange(0, BLOCK_N), keep, w_pre, b_pre, D, pst_ptr,
-                                 cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb,
-                                 s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
-                                 ROPE_PAIRS, BLOCK_N, D_PAD)
+            tok = start + tl.arange(0, BLOCK_N)
+            k = pre_forward(k.to(tl.float32), b, h, tok, keep, d_ok, w_pre, b_pre,
+                            D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
+                            s_rb, s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
+                            ROPE_PAIRS, BLOCK_N, D_PAD)
         v = tl.load(v_base + start * s_vn + v_offs, mask=keep[:, None] & v_ok[None, :],
                     other=0.0)
         logits = dot(k, w, tl.zeros((BLOCK_N, F_PAD), dtype=tl.float32), TOKEN, EMULATE_BF16)
@@ -94,8 +96,9 @@ def hedgehog_output_kernel(
         pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd, s_pstb, s_pstn,
         p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
         BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, F_PAD: tl.constexpr, V_PAD: tl.constexpr,
-        TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr, NORM: tl.constexpr, NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr,
-        NORM_B: tl.constexpr, ROPE: tl.constexpr, ROPE_PAIRS: tl.constexpr):
+        TOKEN: tl.constexpr, EMULATE_BF16: tl.constexpr, NORM: tl.constexpr,
+        NORM_HEADS: tl.constexpr, NORM_W: tl.constexpr, NORM_B: tl.constexpr, ROPE: tl.constexpr,
+        ROPE_PAIRS: tl.constexpr):
     """o for the query blocks of one split of one (b, h); W, S and z are loaded once."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -121,10 +124,11 @@ def hedgehog_output_kernel(
         q = tl.load(q_base + start * s_qn + q_offs, mask=n_ok[:, None] & d_ok[None, :],
                     other=0.0)
         if NORM != 0 or ROPE != 0:
-            q = pre_forward(q.to(tl.float32), b, h, start + tl.arange(0, BLOCK_N), n_ok, w_pre, b_pre, D, pst_ptr,
-                                 cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb,
-                                 s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
-                                 ROPE_PAIRS, BLOCK_N, D_PAD)
+            tok = start + tl.arange(0, BLOCK_N)
+            q = pre_forward(q.to(tl.float32), b, h, tok, n_ok, d_ok, w_pre, b_pre,
+                            D, pst_ptr, cos_ptr, sin_ptr, s_pstb, s_pstn, p_start, p_stop, p_eps,
+                            s_rb, s_rn, s_rh, s_rd, r_start, r_stop, NORM, NORM_HEADS, ROPE,
+                            ROPE_PAIRS, BLOCK_N, D_PAD)
         a, c = hedgehog_features(q, w, f_ok, BLOCK_N, F_PAD, TOKEN, EMULATE_BF16)
         num = dot(a, s_a, tl.zeros((BLOCK_N, V_PAD), dtype=tl.float32), TOKEN, EMULATE_BF16)
         num = dot(c, s_c, num, TOKEN, EMULATE_BF16)
