@@ -16,7 +16,8 @@ never sweep configs at run time. Two ways to choose it:
   --check-pre without a GPU: compiles the table's configs (plan.kernel_config) for --arch with
               each family's pre-attention work fused (q/k norms and RoPE: Wan/LTX-style RMSNorm
               over heads with pair tables, CogVideoX-style per-head LayerNorm with bias on the
-              video tokens, half-rotation RoPE) and reports registers, spills and shared memory
+              video tokens, HunyuanVideo-style per-head RMSNorm with full tables, half-rotation
+              RoPE) and reports registers, spills and shared memory
               beside the same kernels without it, for the video-DiT classes.
 
 Usage:
@@ -59,7 +60,7 @@ from linattn.kernels.triton import forward as tforward  # noqa: E402
 from linattn.kernels.triton import plan  # noqa: E402
 from linattn.backends.base import PreCall  # noqa: E402
 from linattn.kernels.triton.common import capture_launches  # noqa: E402
-from linattn.kernels.triton.pre_attention import PreLaunch  # noqa: E402
+from linattn.kernels.triton.pre_attention import PreLaunch, norm_statistics  # noqa: E402
 from linattn.pre_attention import NormCall, PreAttentionCall, RopeCall  # noqa: E402
 
 TABLE_PATH = ROOT / "linattn" / "kernels" / "triton" / "tuned_configs.py"
@@ -167,6 +168,8 @@ def run_kind(kind: str, p: Problem, pre=None) -> None:
         d_norm = tuple(None if t is None else torch.empty_like(t)
                        for t in (pre.spec.q_norm.weight, pre.spec.q_norm.bias))
     if kind == "state":
+        if k_pre.over_heads:  # the forward computes a norm over heads' statistics first
+            norm_statistics(p.k, k_pre)
         tforward.compute_state(p.k, p.v, p.mask, TUNE_MAP, p.state, p.normaliser, qkv_size,
                                k_pre)
     elif kind == "output":
@@ -227,6 +230,16 @@ def _cogvideox_pre(p: Problem) -> PreCall:
                      RopeCall(1, table, table, 226, False))
 
 
+def _hunyuan_pre(p: Problem) -> PreCall:
+    """Per-head RMSNorm with a (D,) weight on the video tokens (the text after them has its own
+    norms in dual-stream blocks), RoPE from full (S, D) tables (HunyuanVideo)."""
+    B, N, H, D = p.q.shape
+    weight = _table(D, device=p.q.device).expand(H, D)
+    table = _table(N - 256, D, device=p.q.device)[None, :, None, :]
+    return _pre_call(p, NormCall(1, False, 1e-6, 0, N - 256, weight, None),
+                     RopeCall(1, table, table, 0, False))
+
+
 def _half_pre(p: Problem) -> PreCall:
     """Per-head RMSNorm and half-rotation RoPE (columns loaded in interleaved order)."""
     B, N, H, D = p.q.shape
@@ -236,7 +249,8 @@ def _half_pre(p: Problem) -> PreCall:
                      RopeCall(2, table, table, 0, False))
 
 
-PRE_VARIANTS = {"wan": _wan_pre, "cogvideox": _cogvideox_pre, "half": _half_pre}
+PRE_VARIANTS = {"wan": _wan_pre, "cogvideox": _cogvideox_pre, "hunyuan": _hunyuan_pre,
+                "half": _half_pre}
 #: The classes the DiT families run (kernels.md): D = Dv = 64 (CogVideoX, LTX) and 128 (Wan,
 #: HunyuanVideo, Mochi), bf16 and fp32.
 PRE_CLASSES = [(64, 64, 2), (128, 128, 2), (64, 64, 4), (128, 128, 4)]

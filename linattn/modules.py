@@ -11,6 +11,7 @@ from . import feature_maps
 from .backends import BACKEND_NAMES
 from .feature_maps import FeatureMap, Hedgehog
 from .ops import linear_attention
+from .pre_attention import QKNorm, RoPE
 from .ops.validation import LAYOUTS
 
 MapSpec = Union[str, FeatureMap]
@@ -88,12 +89,15 @@ class LinearAttention(nn.Module):
         return feature_maps.resolve(spec, argument)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+                key_padding_mask: Optional[Tensor] = None, *, q_norm: Optional[QKNorm] = None,
+                k_norm: Optional[QKNorm] = None, rope: Optional[RoPE] = None) -> Tensor:
         """q (B, Nq, H, D), k (B, Nk, H, D), v (B, Nk, H, Dv) ((B, H, N, ·) with
-        layout="bhnd"); key_padding_mask (B, Nk) bool, True = keep. Returns o like q with Dv."""
+        layout="bhnd"); key_padding_mask (B, Nk) bool, True = keep; q_norm, k_norm, rope: the
+        q/k norms and RoPE the kernels apply before φ (linattn.linear_attention). Returns o like
+        q with Dv."""
         return linear_attention(q, k, v, feature_map=(self.q_map, self.k_map), eps=self.eps,
                                 layout=self.layout, key_padding_mask=key_padding_mask,
-                                backend=self.backend)
+                                backend=self.backend, q_norm=q_norm, k_norm=k_norm, rope=rope)
 
     def extra_repr(self) -> str:
         return (f"num_heads={self.num_heads}, head_dim={self.head_dim}, eps={self.eps}, "

@@ -44,6 +44,19 @@ A user's own DiT is converted by writing a small selector::
             return attn.to_out(o.flatten(2, 3))
 
     linattn.convert(model, layers="all", selector=MyDiTSelector())
+
+To have the kernels apply the layer's q/k norm and RoPE (no normalised or rotated q, k in
+memory), return them unapplied and say what they are::
+
+        def project(self, attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb):
+            q, k, v = (f(hidden_states).unflatten(-1, (attn.heads, -1))
+                       for f in (attn.to_q, attn.to_k, attn.to_v))
+            pre = linattn.PreAttention(QKNorm.from_module(attn.norm_q, over="head"),
+                                       QKNorm.from_module(attn.norm_k, over="head"),
+                                       RoPE(*rotary_emb, style="interleaved"))
+            return Projection(q, k, v, layout="bnhd", pre=pre)
+
+(``attention_qk`` then applies them in PyTorch where the softmax branch needs them.)
 """
 from __future__ import annotations
 

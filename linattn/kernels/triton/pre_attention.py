@@ -124,26 +124,26 @@ def _angles(cos_ptr, sin_ptr, b, h, tok, row_ok, D, s_rb, s_rn, s_rh, s_rd, r_st
     (BLOCK_N, D_PAD / 2) blocks: 1 and 0 on rows RoPE does not rotate (outside
     [r_start, r_stop), or not real) and in the padding. Tables of one angle per pair are read
     once (both members share it); tables of one angle per dim are read at both members' dims."""
-    p = tl.arange(0, D_PAD // 2)
-    p_ok = p < D // 2
     rows = row_ok & (tok >= r_start) & (tok < r_stop)
-    ok = rows[:, None] & p_ok[None, :]
     base = (b.to(tl.int64) * s_rb + h.to(tl.int64) * s_rh + (tok - r_start)[:, None] * s_rn)
     if ROPE_PAIRS:
+        p = tl.arange(0, D_PAD // 2)
+        ok = rows[:, None] & (p < D // 2)[None, :]
         offs = base + p[None, :] * s_rd
         cos_a = tl.load(cos_ptr + offs, mask=ok, other=1.0).to(tl.float32)
         sin_a = tl.load(sin_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         return cos_a, sin_a, cos_a, sin_a
-    if ROPE == ROPE_HALF:
-        first, second = p, p + D // 2
-    else:
-        first, second = 2 * p, 2 * p + 1
-    offs_a = base + first[None, :] * s_rd
-    offs_b = base + second[None, :] * s_rd
-    cos_a = tl.load(cos_ptr + offs_a, mask=ok, other=1.0).to(tl.float32)
-    sin_a = tl.load(sin_ptr + offs_a, mask=ok, other=0.0).to(tl.float32)
-    cos_b = tl.load(cos_ptr + offs_b, mask=ok, other=1.0).to(tl.float32)
-    sin_b = tl.load(sin_ptr + offs_b, mask=ok, other=0.0).to(tl.float32)
+    # One angle per dim: a (BLOCK_N, D_PAD) load of each table in the blocks' column order,
+    # split into the pairs' members (two loads, not four strided ones: fewer live addresses).
+    cols, col_ok = head_columns(D, D_PAD, ROPE)
+    offs = base + cols[None, :] * s_rd
+    ok_full = rows[:, None] & col_ok[None, :]
+    cos_a, cos_b = tl.split(tl.reshape(tl.load(cos_ptr + offs, mask=ok_full, other=1.0),
+                                       (BLOCK_N, D_PAD // 2, 2)))
+    sin_a, sin_b = tl.split(tl.reshape(tl.load(sin_ptr + offs, mask=ok_full, other=0.0),
+                                       (BLOCK_N, D_PAD // 2, 2)))
+    cos_a, cos_b = cos_a.to(tl.float32), cos_b.to(tl.float32)
+    sin_a, sin_b = sin_a.to(tl.float32), sin_b.to(tl.float32)
     return cos_a, sin_a, cos_b, sin_b
 
 

@@ -8,8 +8,9 @@ GPU: a program that needs more shared memory than the GPU has fails to launch.
 
 --pre compiles the kernels with a family's q/k norm and RoPE fused (../pre_attention.py): "wan"
 (RMSNorm over all heads, RoPE from one angle per pair), "cogvideox" (per-head LayerNorm with
-bias, RoPE from one angle per dim on the tokens after the text), "half" (per-head RMSNorm,
-half-rotation RoPE), with the smaller blocks plan.config gives such kernels.
+bias, RoPE from one angle per dim on the tokens after the text), "hunyuan" (per-head RMSNorm,
+RoPE from one angle per dim), "half" (per-head RMSNorm, half-rotation RoPE), with the smaller
+blocks plan.config gives such kernels.
 
 Integer arguments are specialised as Triton's JIT does for a contiguous (B, N, H, D) call of the
 Wan 1.3B shape (== 1: constant; multiple of 16: known divisible), so the code matches what a
@@ -48,6 +49,8 @@ PRE_VARIANTS = {
     "wan": dict(NORM=1, NORM_HEADS=True, NORM_W=True, NORM_B=False, ROPE=1, ROPE_PAIRS=True),
     "cogvideox": dict(NORM=2, NORM_HEADS=False, NORM_W=True, NORM_B=True, ROPE=1,
                       ROPE_PAIRS=False),
+    "hunyuan": dict(NORM=1, NORM_HEADS=False, NORM_W=True, NORM_B=False, ROPE=1,
+                    ROPE_PAIRS=False),
     "half": dict(NORM=1, NORM_HEADS=False, NORM_W=True, NORM_B=False, ROPE=2, ROPE_PAIRS=False),
 }
 
