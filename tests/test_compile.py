@@ -113,3 +113,46 @@ def test_dynamic_shapes_compile_once_with_fullgraph(backend):
         fmap.weight.grad = None
         first_frames = first_frames or counter.frame_count
     assert counter.frame_count == first_frames, "a new B or N recompiled"
+
+
+def test_dynamic_shapes_with_norms_and_rope_compile_once():
+    """q/k norms and RoPE under torch.compile(fullgraph=True, dynamic=True): the sequence
+    length changes (and the RoPE tables with it) without a recompile, and the output and every
+    gradient (q, k, v, norm weights and bias) match eager. A norm over all tokens keeps N out of
+    the graph's constants (PreAttentionCall.code)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    H, D = 2, 16
+    q_weight = torch.randn(H * D, requires_grad=True)
+    k_weight, k_bias = (torch.randn(D, requires_grad=True) for _ in range(2))
+
+    def attention(q, k, v, cos, sin):
+        return linattn.linear_attention(
+            q, k, v, feature_map="elu", backend="cpu",
+            q_norm=linattn.QKNorm("rms", q_weight, over="heads"),
+            k_norm=linattn.QKNorm("layer", k_weight, k_bias, over="head"),
+            rope=linattn.RoPE(cos, sin, start=3))  # three "text" tokens stay unrotated
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(attention, fullgraph=True, dynamic=True, backend=counter)
+    first_frames = None
+    leaves = None
+    for B, N in ((3, 37), (4, 50), (3, 91)):
+        q, k, v = (torch.randn(B, N, H, D, requires_grad=True) for _ in range(3))
+        angles = torch.randn(N - 3, D // 2)
+        leaves = (q, k, v, q_weight, k_weight, k_bias)
+        got = compiled(q, k, v, angles.cos(), angles.sin())
+        got.square().sum().backward()
+        got_grads = [t.grad.clone() for t in leaves]
+        for t in leaves:
+            t.grad = None
+        want = attention(q, k, v, angles.cos(), angles.sin())
+        want.square().sum().backward()
+        assert_close_to_reference(got, want.detach().double(), torch.float32, f"B={B} N={N}")
+        for name, g, t in zip(("dq", "dk", "dv", "dw_q", "dw_k", "db_k"), got_grads, leaves):
+            assert_close_to_reference(g, t.grad.double(), torch.float32, f"{name} B={B} N={N}")
+        for t in leaves:
+            t.grad = None
+        first_frames = first_frames or counter.frame_count
+    assert counter.frame_count == first_frames, "a new B or N recompiled"

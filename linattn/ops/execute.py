@@ -66,6 +66,7 @@ def run_forward(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
     if pre is None:
         backend.forward(q, k, v, key_mask, q_call, k_call, settings.eps, o, state, normaliser)
         return o, state, normaliser, None, None
+    pre = pre.bounded(Nq, k.shape[1])
     q_stats = _stats(pre.q_norm, q, sdt)
     k_stats = _stats(pre.k_norm, k, sdt)
     backend.forward(q, k, v, key_mask, q_call, k_call, settings.eps, o, state, normaliser,
@@ -104,6 +105,7 @@ def run_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional
         return dq, dk, dv, d_q_params, d_k_params, _NO_NORM_GRADS
     d_norms = tuple(None if t is None else alloc.empty(*t.shape, dtype=t.dtype, device=t.device)
                     for t in pre.tensors()[:4])
+    pre = pre.bounded(q.shape[1], k.shape[1])
     backend.backward(do, q, k, v, key_mask, q_call, k_call, settings.eps, state, normaliser,
                      dq, dk, dv, d_q_params, d_k_params, pre=PreCall(pre, q_stats, k_stats),
                      d_pre=d_norms)

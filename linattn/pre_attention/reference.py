@@ -16,9 +16,10 @@ from .spec import NORM_KINDS, ROPE_STYLES, NormCall, RopeCall
 
 def normalise(x: Tensor, norm: NormCall) -> Tensor:
     """(x − mean)·rsqrt(var + eps)·weight + bias over each head (or all heads) of the tokens in
-    [norm.start, norm.stop); other tokens unchanged."""
+    [norm.start, norm.stop) (stop None: through the last token); other tokens unchanged."""
     B, N, H, D = x.shape
-    part = x[:, norm.start:norm.stop]
+    stop = N if norm.stop is None else norm.stop
+    part = x[:, norm.start:stop]
     groups = part.reshape(B, -1, H * D) if norm.over_heads else part
     mean = groups.mean(-1, keepdim=True) if norm.kind == NORM_KINDS["layer"] else 0.0
     centred = groups - mean
@@ -28,7 +29,7 @@ def normalise(x: Tensor, norm: NormCall) -> Tensor:
         y = y * norm.weight.to(x.dtype)
     if norm.bias is not None:
         y = y + norm.bias.to(x.dtype)
-    return torch.cat([x[:, :norm.start], y, x[:, norm.stop:]], dim=1)
+    return torch.cat([x[:, :norm.start], y, x[:, stop:]], dim=1)
 
 
 def rotate(x: Tensor, style: int) -> Tensor:

@@ -47,7 +47,8 @@ class QKNorm:
         eps: added to the variance; None takes torch.finfo(q.dtype).eps (torch.nn.RMSNorm's
             default when built with eps=None).
         over: "head" (each head's D values) or "heads" (all H·D values of a token).
-        tokens: (start, stop): only these tokens are normalised; None: all of them.
+        tokens: (start, stop): only these tokens are normalised; None: all of them (every
+            token of q for q_norm, of k for k_norm, whatever their lengths).
     """
 
     kind: str
@@ -112,7 +113,7 @@ class NormCall(NamedTuple):
     over_heads: bool
     eps: float
     start: int
-    stop: int
+    stop: Optional[int]       # None: through the side's last token (bounded() fills it in)
     weight: Optional[Tensor]  # (H, D) view (head stride 0 when shared by every head)
     bias: Optional[Tensor]    # (H, D) view
 
@@ -147,12 +148,25 @@ class PreAttentionCall(NamedTuple):
         return (q and q.weight, q and q.bias, k and k.weight, k and k.bias,
                 r and r.cos, r and r.sin)
 
+    def bounded(self, q_len: int, kv_len: int) -> "PreAttentionCall":
+        """With every norm's stop an int: a norm over all tokens (stop None, which keeps the
+        sequence length out of code() and so out of a traced graph's constants) ends at its
+        side's length. What the backends receive (linattn/ops/execute.py)."""
+        q, k = self.q_norm, self.k_norm
+        q_open = q is not None and q.stop is None
+        k_open = k is not None and k.stop is None
+        if not (q_open or k_open):
+            return self
+        return self._replace(q_norm=q._replace(stop=q_len) if q_open else q,
+                             k_norm=k._replace(stop=kv_len) if k_open else k)
+
     def code(self) -> str:
         """Everything but the tensors, as one string (a custom op's plain argument)."""
         def norm(n: Optional[NormCall]) -> str:
             if n is None:
                 return "-"
-            return f"{n.kind},{int(n.over_heads)},{n.eps!r},{n.start},{n.stop}"
+            stop = "" if n.stop is None else n.stop
+            return f"{n.kind},{int(n.over_heads)},{n.eps!r},{n.start},{stop}"
         rope = "-" if self.rope is None else f"{self.rope.style},{self.rope.start}"
         return f"{norm(self.q_norm)};{norm(self.k_norm)};{rope}"
 
@@ -169,7 +183,8 @@ class PreAttentionCall(NamedTuple):
             if text == "-":
                 return None
             kind, over, eps, start, stop = text.split(",")
-            return NormCall(int(kind), over == "1", float(eps), int(start), int(stop), weight, bias)
+            return NormCall(int(kind), over == "1", float(eps), int(start),
+                            int(stop) if stop else None, weight, bias)
 
         rope = None
         if rope_code != "-":
@@ -211,22 +226,23 @@ def _as_heads(t: Optional[Tensor], heads: int, head_dim: int) -> Optional[Tensor
     return t.unflatten(0, (heads, head_dim))
 
 
-def _token_range(argument: str, tokens, seq_lens: tuple[int, ...]) -> tuple[int, int]:
-    shortest = min(seq_lens)
+def _token_range(argument: str, tokens, seq_len: int) -> tuple[int, Optional[int]]:
+    """(start, stop) of the normalised tokens; stop None for all of them (PreAttentionCall.
+    bounded)."""
     if tokens is None:
-        return 0, shortest
+        return 0, None
     if (not isinstance(tokens, (tuple, list)) or len(tokens) != 2
             or any(isinstance(t, bool) or not isinstance(t, int) for t in tokens)):
         raise TypeError(f"{argument}.tokens: expected None or (start, stop) ints, got {tokens!r}")
     start, stop = tokens
-    if not 0 <= start <= stop <= shortest:
-        raise ValueError(f"{argument}.tokens: need 0 <= start <= stop <= {shortest} (the sequence "
-                         f"length{'s' if len(set(seq_lens)) > 1 else ''} of q and k), got "
-                         f"{(start, stop)}")
+    side = argument.split("_")[0]
+    if not 0 <= start <= stop <= seq_len:
+        raise ValueError(f"{argument}.tokens: need 0 <= start <= stop <= {seq_len} (the sequence "
+                         f"length of {side}), got {(start, stop)}")
     return start, stop
 
 
-def _resolve_norm(argument: str, norm, heads: int, head_dim: int, seq_lens: tuple[int, ...],
+def _resolve_norm(argument: str, norm, heads: int, head_dim: int, seq_len: int,
                   dtype: torch.dtype, device) -> Optional[NormCall]:
     if norm is None:
         return None
@@ -251,7 +267,7 @@ def _resolve_norm(argument: str, norm, heads: int, head_dim: int, seq_lens: tupl
         t = getattr(norm, name)
         if t is not None:
             _check_param(f"{argument}.{name}", t, shapes, device)
-    start, stop = _token_range(argument, norm.tokens, seq_lens)
+    start, stop = _token_range(argument, norm.tokens, seq_len)
     return NormCall(NORM_KINDS[norm.kind], norm.over == "heads", float(eps), start, stop,
                     _as_heads(norm.weight, heads, head_dim), _as_heads(norm.bias, heads, head_dim))
 
@@ -322,8 +338,7 @@ def resolve(q_norm, k_norm, rope, *, batch: int, heads: int, head_dim: int, q_le
     their canonical form, or None when all three are None."""
     if q_norm is None and k_norm is None and rope is None:
         return None
-    lens = (q_len, kv_len)
     return PreAttentionCall(
-        _resolve_norm("q_norm", q_norm, heads, head_dim, lens, dtype, device),
-        _resolve_norm("k_norm", k_norm, heads, head_dim, lens, dtype, device),
-        _resolve_rope(rope, batch, heads, head_dim, lens, device))
+        _resolve_norm("q_norm", q_norm, heads, head_dim, q_len, dtype, device),
+        _resolve_norm("k_norm", k_norm, heads, head_dim, kv_len, dtype, device),
+        _resolve_rope(rope, batch, heads, head_dim, (q_len, kv_len), device))
