@@ -62,6 +62,8 @@ def overhead_table(rows: list[dict]) -> str:
         lines.append(f"| {r['what']} | {r['impl']} | {r['seconds'] * 1e6:.1f} "
                      f"({r['min_seconds'] * 1e6:.1f}) | {ratio} |")
     return "\n".join(lines)
+
+
 def record_model_step(**row) -> None:
     MODEL_ROWS.append(row)
 
