@@ -292,3 +292,23 @@ def test_odd_head_dim_with_rope_is_refused():
     q = torch.randn(1, 4, 1, 5)
     with pytest.raises(ValueError, match="odd"):
         linattn.linear_attention(q, q, q, rope=RoPE(torch.ones(4, 5), torch.zeros(4, 5)))
+
+
+def test_norm_without_tokens_covers_each_sides_own_length():
+    """tokens=None normalises every token of its side: all Nk keys when Nk > Nq (checked against
+    torch's own RMSNorm and LayerNorm applied before the op)."""
+    B, Nq, Nk, H, D = 2, 20, 33, 2, 8
+    q, k, v = torch.randn(B, Nq, H, D), torch.randn(B, Nk, H, D), torch.randn(B, Nk, H, D)
+    rms = torch.nn.RMSNorm(H * D, eps=1e-6)
+    layer = torch.nn.LayerNorm(D, eps=1e-6)
+    with torch.no_grad():
+        rms.weight.uniform_(0.5, 1.5)
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+        want = linattn.linear_attention(rms(q.flatten(2)).unflatten(2, (H, D)), layer(k), v,
+                                        backend="reference")
+        for backend in ("cpu", "reference"):
+            got = linattn.linear_attention(q, k, v, backend=backend,
+                                           q_norm=QKNorm.from_module(rms, over="heads"),
+                                           k_norm=QKNorm.from_module(layer, over="head"))
+            assert_close_to_reference(got, want.double(), torch.float32, f"{backend} output")
