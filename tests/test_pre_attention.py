@@ -77,7 +77,9 @@ CASES = [
     replace(BASE, norm="none", rope_start=10, rope_len=50, strided=True, layout="bhnd"),
     replace(BASE, rope="none", norm="layer", over="heads", affine="both", norm_tokens=(5, 60),
             masked=True),
-    replace(BASE, seq=1, rope_len=1, batch=1),
+    # Fewer tokens than any block. Not one: with a single key o = v·a/(a + eps), so dq is O(eps),
+    # pure rounding noise that no relative error can judge (it failed 1 run in 3 that way).
+    replace(BASE, seq=2, rope_len=2, batch=1),
     replace(BASE, seq=1000, heads=2, feature_map="relu"),
     replace(BASE, dtype=torch.bfloat16, seq=300, head_dim=64, norm="layer", over="head",
             affine="both", table="full", rope_start=26, masked=True),
