@@ -192,7 +192,8 @@ def test_tuning_table_entries_are_well_formed_and_used():
     for key, entry in TABLE.items():
         arch, kind, d_pad, dv_pad, itemsize = key
         assert arch in SOURCES, f"{key}: no SOURCES line says how {arch} was chosen"
-        assert kind in plan.KINDS and itemsize in (2, 4)
+        # A "+pre" kind: the same kernel with q/k norms and RoPE fused (plan.PRE_SUFFIX).
+        assert kind.removesuffix(plan.PRE_SUFFIX) in plan.KINDS and itemsize in (2, 4)
         config = KernelConfig(*entry)
         for size in (d_pad, dv_pad, config.block_n, config.block_dv):
             assert size >= 16 and size & (size - 1) == 0, f"{key}: {entry}"
@@ -203,6 +204,11 @@ def test_tuning_table_entries_are_well_formed_and_used():
         got = plan.kernel_config(key[1], torch.device("cpu"), key[2], key[3], key[4],
                                  n_tokens=1000)
     assert got == KernelConfig(*TABLE[key])
+    pre_key = next(k for k in TABLE if k[1].endswith(plan.PRE_SUFFIX))
+    with plan.assume_device(plan.DeviceInfo(pre_key[0], 132)):
+        got = plan.kernel_config(pre_key[1].removesuffix(plan.PRE_SUFFIX), torch.device("cpu"),
+                                 *pre_key[2:], n_tokens=1000, pre=True)
+    assert got == KernelConfig(*TABLE[pre_key])
     # A class the table lacks falls back to the heuristic of its architecture.
     with plan.assume_device(plan.DeviceInfo("sm_unknown", 132)):
         got = plan.kernel_config("state", torch.device("cpu"), 64, 64, 2, n_tokens=1000)
