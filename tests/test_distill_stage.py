@@ -177,3 +177,16 @@ def test_cli_routes_by_section(root, tmp_path, capsys):
     path.write_text(json.dumps(first_stage))
     assert cli_main(["sample", str(path)]) == 2
     assert "no `distill` section" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(root):
+    cfg = config(root, "bf16", steps=2, mixed_precision="bf16", gradient_checkpointing=True)
+    cfg["output"].update(eval_every=0, checkpoint_every=2)
+    cfg["model"]["teacher_dtype"] = "bfloat16"
+    result = distill(cfg, progress=False)
+    records = read_metrics(result.metrics_path)
+    assert result.step == 2
+    assert all(r["dmd_push"] > 0 and r["fake_score_loss"] > 0 for r in records[1:])
+    # The saved generator keeps float32 master weights.
+    model, _ = load_distilled(result.final_dir, backend="reference")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
