@@ -1,7 +1,10 @@
-"""The command line: ``linattn train CONFIG`` and ``linattn generate-data CONFIG``.
+"""The command line: ``linattn train CONFIG``, ``linattn generate-data CONFIG`` and
+``linattn sample CONFIG``.
 
-Both read a YAML/TOML config (linattn.train.config) and accept ``--set section.key=value``
-overrides. Under torchrun every process runs the same command:
+Each reads a YAML/TOML config and accepts ``--set section.key=value`` overrides. ``train`` runs
+the stage the config describes: linearisation (linattn.train.config) or, for a config with a
+``distill`` section, few-step distillation (linattn.train.distill). ``sample`` generates with
+a distilled model at its step count. Under torchrun every process runs the same command:
 
     torchrun --nproc_per_node 8 -m linattn.train train wan.yaml
 """
@@ -17,25 +20,50 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="linattn", description="linattn: LinVideo "
                                      "post-training of video DiTs with linear attention")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("train", "generate teacher data if needed, train with ADM and "
-                                 "selective transfer, finalize and save"),
+    for name, text in (("train", "run the stage the config describes: linearisation (generate "
+                                 "teacher data if needed, train with ADM and selective "
+                                 "transfer, finalize and save) or, for a config with a "
+                                 "`distill` section, few-step distillation (DMD2)"),
                        ("generate-data", "only sample the teacher's trajectories into "
-                                         "data.dir (resumable)")):
+                                         "data.dir (resumable; linearisation configs)"),
+                       ("sample", "generate with the distilled model of a distillation "
+                                  "config at its step count")):
         p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("config", help="a .yaml, .yml, .toml or .json training config")
+        p.add_argument("config", help="a .yaml, .yml, .toml or .json config")
         p.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE",
                        help="override one config entry (value parsed as YAML); repeatable")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        if name == "sample":
+            p.add_argument("--model", help="the distilled model folder (default: "
+                                           "output.dir/final)")
+            p.add_argument("--num", type=int, default=8, help="number of samples (default 8)")
+            p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+            p.add_argument("--batch-size", type=int, default=1)
+            p.add_argument("--out", help="safetensors file to write (default: "
+                                         "output.dir/samples-seed<SEED>.safetensors)")
+            p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+            p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                           help="model dtype (default bfloat16 on CUDA, float32 on the CPU)")
+            p.add_argument("--backend", default="auto",
+                           help="linattn.linear_attention backend of the linear layers")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     from .config import load_config
+    from .distill.config import is_distill_config, load_distill_config
 
     try:
-        config = load_config(args.config, args.overrides)
+        distill = is_distill_config(args.config, args.overrides)
+        if args.command == "sample" and not distill:
+            raise ValueError(f"{args.config!r} has no `distill` section; `linattn sample` "
+                             f"generates with a distilled model")
+        if args.command == "generate-data" and distill:
+            raise ValueError(f"{args.config!r} is a distillation config: it needs no teacher "
+                             f"data (the conditioning is all its data)")
+        config = (load_distill_config if distill else load_config)(args.config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"linattn {args.command}: {e}", file=sys.stderr)
         return 2
@@ -44,6 +72,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         made = generate_from_config(config, progress=not args.no_progress)
         print(f"linattn generate-data: {made} shard(s) written to {config.data.dir}")
+        return 0
+    if args.command == "sample":
+        from .distill.sample import sample_from_config
+
+        summary = sample_from_config(config, model_dir=args.model, num=args.num, seed=args.seed,
+                                     batch_size=args.batch_size, out=args.out,
+                                     device=args.device, dtype=args.dtype,
+                                     backend=args.backend, progress=not args.no_progress)
+        print(json.dumps(summary, indent=1))
+        return 0
+    if distill:
+        from .distill.trainer import distill as run_distill
+
+        result = run_distill(config, progress=not args.no_progress)
+        if result.model is not None:
+            print(json.dumps({"step": result.step, "final": result.final_dir,
+                              "metrics": result.metrics_path,
+                              "num_steps": result.sampler.num_steps,
+                              "times": list(result.sampler.times)}, indent=1))
         return 0
     from .trainer import train
 

@@ -278,7 +278,22 @@ def load_config(source: Union[str, os.PathLike, dict, TrainConfig],
     Relative paths (data.dir, output.dir, data.embeddings, ...) are relative to the working
     directory, as on the command line.
     """
-    if isinstance(source, TrainConfig):
+    return load_sections(TrainConfig, source, overrides)
+
+
+def load_sections(cls, source, overrides: Optional[list[str]] = None):
+    """A config dataclass ``cls`` (sections as fields, from_dict/to_dict/validate, like
+    TrainConfig) from a file, a dict or an instance, with "section.key=value" overrides; shared
+    by every stage's configuration."""
+    config = _build(cls, read_sections(source, overrides), "config")
+    config.validate()
+    return config
+
+
+def read_sections(source, overrides: Optional[list[str]] = None) -> dict:
+    """The raw mapping of sections of a file, a dict or a config instance (anything with
+    to_dict()), with overrides applied; nothing is validated yet."""
+    if hasattr(source, "to_dict"):
         data = source.to_dict()
     elif isinstance(source, dict):
         data = json.loads(json.dumps(source))
@@ -286,9 +301,7 @@ def load_config(source: Union[str, os.PathLike, dict, TrainConfig],
         data = _read_file(os.fspath(source))
     for item in overrides or []:
         _apply_override(data, item)
-    config = _build(TrainConfig, data, "config")
-    config.validate()
-    return config
+    return data
 
 
 def _read_file(path: str) -> dict:

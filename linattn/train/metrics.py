@@ -1,9 +1,11 @@
-"""The metrics log (JSON lines) and the plot of the selective-transfer gates over training.
+"""The metrics log (JSON lines) and its plots: the selective-transfer gates over training, and
+any logged quantities (the distillation stage's losses) over training.
 
-One line per logged step, written by rank 0: step, loss and its parts (objective, l_con,
-l_reg), alpha, lr, gates (every r_l in layer order), n_linear_rounded (how many gates round to
-linear), step_time_s, samples_per_s, and eval_* entries on evaluation steps. When a run is
-resumed, lines past the checkpoint's step are dropped so the log reads like one run.
+One line per logged step, written by rank 0. Linearisation: step, loss and its parts
+(objective, l_con, l_reg), alpha, lr, gates (every r_l in layer order), n_linear_rounded (how
+many gates round to linear); distillation: its losses (linattn.train.distill); both:
+step_time_s, samples_per_s, and eval_* entries on evaluation steps. When a run is resumed,
+lines past the checkpoint's step are dropped so the log reads like one run.
 """
 from __future__ import annotations
 
@@ -89,6 +91,48 @@ def plot_gates(metrics_path: str, png_path: str, layer_names: Optional[list[str]
     fig.tight_layout()
     tmp = png_path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return True
+
+
+def plot_series(metrics_path: str, png_path: str, keys, *, title: str = "",
+                eval_prefix: Optional[str] = None) -> bool:
+    """One panel per logged quantity against the step: each of ``keys`` that the log holds,
+    and every entry starting with ``eval_prefix`` (evaluations). False when the log holds none
+    of them."""
+    if not os.path.isfile(metrics_path):
+        return False
+    records = read_metrics(metrics_path)
+    names = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
+    if eval_prefix:
+        names += sorted({k for r in records for k, v in r.items()
+                         if k.startswith(eval_prefix) and isinstance(v, (int, float))})
+    if not names:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: training nodes have no display
+    import matplotlib.pyplot as plt
+
+    cols = min(len(names), 3)
+    rows = math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        points = [(r["step"], r[name]) for r in records
+                  if isinstance(r.get(name), (int, float))]
+        ax.plot([p[0] for p in points], [p[1] for p in points],
+                marker="o" if len(points) < 30 else None, markersize=3, linewidth=1.2)
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
     os.replace(tmp, png_path)
     return True

@@ -129,8 +129,15 @@ def adm_loss(x_hat: Tensor, u_teacher: Tensor, u_student: Tensor, t: Tensor, *,
                          f"{tuple(x_hat.shape)}, {tuple(u_teacher.shape)}, "
                          f"{tuple(u_student.shape)}")
     g = adm_push(u_teacher, u_student, t, weighting=weighting, t_min=t_min, eps=eps)
-    target = _wide(x_hat.detach()) - g
-    return 0.5 * (_wide(x_hat) - target).square().mean()
+    return push_loss(x_hat, g)
+
+
+def push_loss(x: Tensor, g: Tensor) -> Tensor:
+    """0.5 · mean((x − stopgrad(x − g))²), the DMD-style surrogate of a push g on samples x:
+    its value is 0.5 · mean(g²) and its gradient with respect to x is g / numel(x). Shared by
+    ADM and the distillation stage's generator loss (linattn.train.distill)."""
+    target = _wide(x.detach()) - g
+    return 0.5 * (_wide(x) - target).square().mean()
 
 
 def _guided(model: Velocity, x: Tensor, t: Tensor, batch: dict,

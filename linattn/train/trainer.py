@@ -10,33 +10,29 @@ depends on (learning rate, α, the data order) is a function of the step number,
 checkpoint's step plus the model, optimiser and RNG states resume the run bit for bit.
 
 Runs in one process or under torchrun (DDP or FSDP2), on the CPU (gloo) or CUDA (NCCL), with
-bf16 autocast and gradient checkpointing of the transformer blocks.
+bf16 autocast and gradient checkpointing of the transformer blocks. The loop itself (progress,
+logging, checkpoint cadence, resume) is linattn.train.loop's, shared with the distillation
+stage.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
-import math
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
-import numpy as np
 import torch
-import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
 from . import distributed as D
 from .config import TrainConfig, load_config
 from .data import BatchSchedule, TeacherDataset
 from .evaluate import EvalMetric, EvalSet, rel_mse_metric, rounded_gates, run_metrics
 from .flow import FlowModel
-from .metrics import MetricsLog, plot_gates
+from .loop import StageLoop, clip_grad, save_model
+from .metrics import plot_gates
 from .models import (DTYPES, freeze, layer_names, dit_api, load_transformer, make_student,
                      set_trainable, student_gates)
 from .objectives import (adm_objective, fake_score_loss, student_samples,
@@ -83,28 +79,14 @@ def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
         trainer.close()
 
 
-class Trainer:
+class Trainer(StageLoop):
     def __init__(self, config: TrainConfig, *, teacher: Optional[nn.Module] = None,
                  progress: bool = True,
                  eval_metrics: Optional[Sequence[EvalMetric]] = None):
+        super().__init__(config.train, config.output, progress=progress)
         self.cfg = config
-        self.progress = progress
         self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
-        self.ctx = D.setup(config.train.device)
-        self.strategy = D.resolve_strategy(config.train.strategy, self.ctx.world_size)
-        tc, oc = config.train, config.output
-        self.out_dir = oc.dir
-        self.ckpt_root = os.path.join(oc.dir, "checkpoints")
-        self.metrics = MetricsLog(os.path.join(oc.dir, "metrics.jsonl"), self.ctx.is_main)
-        _seed_everything(tc.seed + self.ctx.rank)
-
-        self.micro_batch = tc.micro_batch_size or tc.global_batch_size // self.ctx.world_size
-        per_rank = tc.global_batch_size // self.ctx.world_size
-        if tc.global_batch_size % self.ctx.world_size or per_rank % self.micro_batch:
-            raise ValueError(f"train.global_batch_size: {tc.global_batch_size} must split into "
-                             f"{self.ctx.world_size} processes x whole micro-batches of "
-                             f"{self.micro_batch}")
-        self.accumulation = per_rank // self.micro_batch
+        tc = config.train
 
         # Teacher: loaded (or given), frozen, on the device.
         if teacher is None:
@@ -175,7 +157,6 @@ class Trainer:
                                            eps=tc.adam_eps)
         self.schedule = BatchSchedule(len(self.dataset), tc.global_batch_size,
                                       self.ctx.world_size, tc.seed)
-        self.step = 0
         self._eval_cache = None
 
     # ------------------------------------------------------------------ data
@@ -184,98 +165,27 @@ class Trainer:
         ensure_teacher_data(self.teacher_module, self.cfg, self.ctx, self.progress)
         return TeacherDataset(self.cfg.data.dir)
 
-    def _to_device(self, batch: dict) -> dict:
-        return {k: v.to(self.ctx.device, non_blocking=True) for k, v in batch.items()}
+    # ------------------------------------------------------------------ loop hooks
 
-    # ------------------------------------------------------------------ loop
+    def stopped(self) -> TrainResult:
+        return TrainResult(self.step, self.out_dir, None, None, self.metrics.path, None)
 
-    def run(self, stop_at_step: Optional[int] = None) -> TrainResult:
-        tc, oc = self.cfg.train, self.cfg.output
-        self._resume_or_start()
-        bar = tqdm(total=tc.steps, initial=self.step, desc="linattn train", unit="step",
-                   disable=not (self.progress and self.ctx.is_main))
-        with bar:
-            while self.step < tc.steps:
-                if stop_at_step is not None and self.step >= stop_at_step:
-                    return TrainResult(self.step, self.out_dir, None, None, self.metrics.path,
-                                       None)
-                record = self.train_step()
-                self.step += 1
-                if oc.eval_every and self.step % oc.eval_every == 0:
-                    record.update(self.evaluate())
-                if self.step % oc.log_every == 0 or self.step == tc.steps:
-                    self.metrics.write(record)
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.4g}",
-                                linear=record.get("n_linear_rounded", "-"))
-                if self.step % oc.checkpoint_every == 0 or self.step == tc.steps:
-                    self.save_checkpoint()
-        return self.finish()
+    def start_record(self) -> dict:
+        return {"step": 0, **self._gate_record()}
 
-    def _resume_or_start(self) -> None:
-        oc = self.cfg.output
-        path = None
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if oc.resume == "auto":
-            path = latest
-        elif oc.resume != "never":
-            path = oc.resume
-        elif latest is not None:
-            # Starting over here would interleave this run's checkpoints with the old ones.
-            raise ValueError(f"output.resume: 'never', but {self.ckpt_root!r} holds checkpoints "
-                             f"of an earlier run (latest {os.path.basename(latest)}); use "
-                             f"another output.dir or remove them")
-        path = D.broadcast_object(path, self.ctx)
-        if path is not None:
-            state = ckpt.load_checkpoint(path, self.module, self.optimizer, self.ctx,
-                                         extra=self._extra_states())
-            self._check_resumable(state, path)
-            self.step = state["step"]
-            if self.ctx.is_main:
-                self.metrics.truncate_after(self.step)
-            return
-        if self.ctx.is_main:
-            os.makedirs(self.out_dir, exist_ok=True)
-            with open(os.path.join(self.out_dir, "config.yaml"), "w") as f:
-                yaml.safe_dump(self.cfg.to_dict(), f, sort_keys=False)
-            self.metrics.reset()
-        record = {"step": 0, **self._gate_record()}
-        if self.cfg.output.eval_every:
-            record.update(self.evaluate())
-        self.metrics.write(record)
+    def resume_keys(self) -> dict:
+        return {**super().resume_keys(), "num_points": len(self.dataset)}
 
-    def _check_resumable(self, state: dict, path: str) -> None:
-        tc = self.cfg.train
-        for key, now in (("global_batch_size", tc.global_batch_size), ("seed", tc.seed),
-                         ("num_points", len(self.dataset)), ("steps", tc.steps)):
-            if state.get(key) != now:
-                raise ValueError(f"output.resume: checkpoint {path!r} was written with "
-                                 f"{key}={state.get(key)!r}, this run has {now!r}; the data "
-                                 f"order and schedules would not continue the same run")
-
-    def _lr_scale(self, step: int) -> float:
-        """The model's learning-rate factor at ``step``: linear warmup, then constant or a
-        cosine decay to 0 at the last step. The gates keep gate_lr throughout: they must still
-        move while α reaches alpha_end at the end of the run."""
-        tc = self.cfg.train
-        if step < tc.warmup_steps:
-            return (step + 1) / tc.warmup_steps
-        if tc.lr_schedule == "cosine":
-            span = max(tc.steps - tc.warmup_steps - 1, 1)
-            return 0.5 * (1.0 + math.cos(math.pi * min((step - tc.warmup_steps) / span, 1.0)))
-        return 1.0
-
-    def _autocast(self):
-        if self.cfg.train.mixed_precision == "bf16":
-            return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def progress_postfix(self, record: dict) -> dict:
+        return {"loss": f"{record['loss']:.4g}", "linear": record.get("n_linear_rounded", "-")}
 
     def train_step(self) -> dict:
         """One optimiser step at self.step (not yet incremented); returns its log record."""
         tc = self.cfg.train
         transfer = dit_api("transfer") if self.gates else None
         start = time.perf_counter()
-        scale = self._lr_scale(self.step)
+        # The gates keep gate_lr throughout: they must still move while α reaches alpha_end.
+        scale = self.lr_scale(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * (scale if group["name"] == "model" else 1.0)
         alpha = (transfer.alpha_at(self.step, tc.steps, tc.alpha_start, tc.alpha_end)
@@ -290,10 +200,10 @@ class Trainer:
         objective_sum = torch.zeros((), device=self.ctx.device)
         extras = {}
         for i, micro in enumerate(micro_batches):
-            batch = self._to_device(self.dataset.batch(micro))
+            batch = self.to_device(self.dataset.batch(micro))
             last = i == self.accumulation - 1
             with D.maybe_no_sync(self.module, self.strategy, sync=last):
-                with self._autocast():
+                with self.autocast():
                     objective, info = self._objective(batch)
                 loss = objective / self.accumulation
                 if last and transfer:
@@ -310,7 +220,7 @@ class Trainer:
             D.all_reduce_grads(self.gates, self.ctx)
         grad_norm = None
         if tc.max_grad_norm is not None and self.model_params:
-            grad_norm = _clip(self.model_params, tc.max_grad_norm)
+            grad_norm = clip_grad(self.model_params, tc.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if transfer:
@@ -349,10 +259,10 @@ class Trainer:
         total = 0.0
         for _ in range(tc.fake_score_updates):
             for i, micro in enumerate(micro_batches):
-                batch = self._to_device(self.dataset.batch(micro))
+                batch = self.to_device(self.dataset.batch(micro))
                 last = i == len(micro_batches) - 1
                 with D.maybe_no_sync(self.fake_module, self.strategy, sync=last):
-                    with self._autocast():
+                    with self.autocast():
                         x_hat = student_samples(self.student_eval, batch,
                                                 guidance_scale=self.guidance_scale)
                         loss = fake_score_loss(self.fake_fn, x_hat, batch["t_next"],
@@ -360,7 +270,7 @@ class Trainer:
                     (loss / len(micro_batches)).backward()
                 total += float(loss.detach()) / len(micro_batches)
             if tc.max_grad_norm is not None:
-                _clip(self.fake_params, tc.max_grad_norm)
+                clip_grad(self.fake_params, tc.max_grad_norm)
             self.fake_optimizer.step()
             self.fake_optimizer.zero_grad(set_to_none=True)
         return total / tc.fake_score_updates
@@ -402,7 +312,7 @@ class Trainer:
                                negative_cond=negative, guidance_scale=spec.guidance_scale,
                                sampler=spec.sampler, num_steps=oc.eval_num_steps or spec.num_steps,
                                shift=spec.shift, trajectories=ids)
-            with torch.no_grad(), self._autocast():
+            with torch.no_grad(), self.autocast():
                 eval_set.teacher_samples = eval_set.sample(self.teacher)
             self._eval_cache = eval_set
         return self._eval_cache
@@ -416,7 +326,7 @@ class Trainer:
         was_training = self.student.training
         self.student.eval()
         try:
-            with self._autocast():
+            with self.autocast():
                 out = run_metrics(self.eval_metrics, eval_set.sample(self.student_eval),
                                   eval_set)
                 if self.gates:
@@ -430,26 +340,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints, end
 
-    def _extra_states(self) -> Optional[dict]:
-        if self.fake_module is None:
-            return None
-        return {"fake_score": (self.fake_module, self.fake_optimizer)}
+    def checkpoint_models(self):
+        extra = None
+        if self.fake_module is not None:
+            extra = {"fake_score": (self.fake_module, self.fake_optimizer)}
+        return self.module, self.optimizer, extra
 
-    def save_checkpoint(self) -> str:
+    def checkpoint_state(self) -> dict:
         tc = self.cfg.train
-        state = {"step": self.step, "data_position": self.schedule.position(self.step),
-                 "global_batch_size": tc.global_batch_size, "seed": tc.seed,
-                 "steps": tc.steps, "num_points": len(self.dataset),
-                 **self._gate_record()}
+        state = {"data_position": self.schedule.position(self.step), **self._gate_record()}
         if self.gates:
             state["alpha_next"] = dit_api("transfer").alpha_at(
                 self.step, tc.steps, tc.alpha_start, tc.alpha_end)
-        path = ckpt.save_checkpoint(self.ckpt_root, self.step, self.module, self.optimizer,
-                                    state, self.ctx, self.cfg.output.keep_checkpoints,
-                                    extra=self._extra_states())
-        if self.ctx.is_main:
-            self.plot()
-        return path
+        return state
 
     def plot(self) -> bool:
         return plot_gates(self.metrics.path, os.path.join(self.out_dir, "gates.png"),
@@ -489,29 +392,3 @@ class Trainer:
         model = make_student(load_transformer(self.cfg.model, torch.float32), self.cfg.convert)
         model.load_state_dict(full, strict=True)
         return model.to(self.ctx.device)
-
-    def close(self) -> None:
-        D.teardown(self.ctx)
-
-
-def save_model(model: nn.Module, directory: str) -> None:
-    """save_pretrained for a diffusers model (linattn.load_converted reads it back); the state
-    dict as model.safetensors for another module."""
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained(directory)
-        return
-    from safetensors.torch import save_model as save_safetensors
-
-    os.makedirs(directory, exist_ok=True)
-    save_safetensors(model, os.path.join(directory, "model.safetensors"))
-
-
-def _clip(params: list, max_norm: float) -> float:
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

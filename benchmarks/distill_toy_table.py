@@ -1,0 +1,154 @@
+"""The distillation stage measured on the trained toy teacher (linattn.toy, fidelity.md): the
+table of issue 13 and docs/distill.md.
+
+Rows, every one scored with linattn.toy.fidelity on the same sampling seeds, labels and
+starting noise (class accuracy, Fréchet distance, jitter, each mean ± std across seeds) and
+timed on the CPU (sampling wall time of one seed's videos, median over seeds):
+
+1. the teacher at its full step count (linattn.toy.SAMPLER: Euler, guidance);
+2. the linearised model (the first stage's final/) at the teacher's full step count;
+3. the linearised model at 4 Euler steps, guided, without distillation;
+4. the distilled linear 4-step model (this stage, generator = the linearised model);
+5. for reference, the distilled softmax 4-step model (generator = a copy of the teacher).
+
+    python benchmarks/distill_toy_table.py --linear runs/toy_linvideo/final --steps 500 \\
+        --out runs/distill_toy
+
+The linearised model comes from the first stage on the toy teacher (linattn train with the
+toy config). The distillation runs are ordinary stage runs (resumable; their output.dir is
+under --out); a finished run is reused. Writes --out/table.md and --out/grid.png (one row per
+model, the same noise). Target (issue 13): the distilled linear 4-step model within 1.5x the
+teacher's Fréchet distance and 2 points of its class accuracy, at >= 8x lower latency.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from linattn.toy.classifier import load_classifier  # noqa: F401  (fails early without the toy)
+from linattn.toy.fidelity import METRICS, Figure, sample_figures, teacher_reference
+from linattn.toy.grid import save_grid
+from linattn.toy.sampling import sample, sample_noise
+from linattn.toy.teacher import SAMPLER, Sampler, class_conditioning, embed_labels, load_teacher
+from linattn.toy.videos import VIDEO_SHAPE
+from linattn.train.distill import (distill, few_step_sample, load_distilled,
+                                   sample_step_noise)
+from linattn.train.distill.models import generator_folder, load_model_folder
+from linattn.train.flow import FlowModel
+
+SHOWN = ("class_accuracy", "frechet_distance", "jitter")
+
+
+def distill_config(out_dir: str, generator_path, args, embeddings: str) -> dict:
+    return {
+        "generator": {"path": generator_path},
+        "conditioning": {"embeddings": embeddings},
+        "distill": {"latent_shape": list(VIDEO_SHAPE), "num_steps": args.num_steps,
+                    "shift": SAMPLER.shift, "guidance_scale": SAMPLER.guidance_scale,
+                    "steps": args.steps, "fake_score_updates": args.fake_score_updates,
+                    "global_batch_size": args.batch_size, "lr": args.lr,
+                    "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
+                    "gradient_checkpointing": False, "seed": args.seed},
+        "output": {"dir": out_dir, "checkpoint_every": max(args.steps // 4, 1),
+                   "eval_every": max(args.steps // 10, 1), "eval_num_samples": 8,
+                   "eval_num_steps": SAMPLER.num_steps},
+    }
+
+
+def few_step_samples(model, times, labels, seed: int) -> torch.Tensor:
+    """The distilled model's samples from the toy's noise of (seed, i) (the teacher's)."""
+    indices = list(range(labels.numel()))
+    flow = FlowModel(model, input_dtype=torch.float32)
+    noise = sample_noise(labels.numel(), seed)
+    return few_step_sample(flow, noise, embed_labels(labels), times,
+                           lambda k: sample_step_noise(seed, indices, k, VIDEO_SHAPE))
+
+
+def score(name, sampler_fn, ref, rows):
+    """Sample every seed (timed) and score it; append the row."""
+    per_seed, times = [], []
+    for s in ref.seeds:
+        start = time.perf_counter()
+        videos = sampler_fn(s)
+        times.append(time.perf_counter() - start)
+        per_seed.append(sample_figures(videos, ref.labels, ref.classifier, ref.real_features,
+                                       ref.samples[s]))
+        if s == ref.seeds[0]:
+            rows.setdefault("_grid", []).append(videos[:4])
+    figures = {m: Figure.of([f[m] for f in per_seed]) for m in METRICS if m in per_seed[0]}
+    rows[name] = (figures, statistics.median(times))
+    print(f"{name}: " + ", ".join(f"{m} {figures[m]}" for m in SHOWN)
+          + f", {statistics.median(times):.2f} s / {ref.num_samples} videos", flush=True)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--linear", required=True, help="the first stage's final/ on the toy")
+    p.add_argument("--out", default="runs/distill_toy")
+    p.add_argument("--steps", type=int, default=500, help="distillation steps per run")
+    p.add_argument("--num-steps", type=int, default=4)
+    p.add_argument("--fake-score-updates", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--fake-score-lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.makedirs(args.out, exist_ok=True)
+
+    teacher = load_teacher()
+    embeddings = os.path.join(args.out, "class_conditioning.safetensors")
+    class_conditioning().save(embeddings)
+    ref = teacher_reference(teacher, seeds=args.seeds, num_samples=args.num_samples,
+                            progress=True)
+    linear = load_model_folder(generator_folder(args.linear)).eval()
+
+    rows: dict = {}
+    score(f"teacher, {SAMPLER.num_steps} steps", lambda s: sample(teacher, ref.labels, seed=s),
+          ref, rows)
+    score(f"linear, {SAMPLER.num_steps} steps", lambda s: sample(linear, ref.labels, seed=s),
+          ref, rows)
+    few = Sampler(num_steps=args.num_steps, shift=SAMPLER.shift,
+                  guidance_scale=SAMPLER.guidance_scale)
+    score(f"linear, {args.num_steps} steps, not distilled",
+          lambda s: sample(linear, ref.labels, seed=s, sampler=few), ref, rows)
+    for name, path in (("linear", args.linear), ("softmax", None)):
+        out_dir = os.path.join(args.out, f"distill_{name}")
+        cfg = distill_config(out_dir, path, args, embeddings)
+        if not os.path.isfile(os.path.join(out_dir, "final", "sampler.json")):
+            distill(cfg, teacher=load_teacher())
+        model, spec = load_distilled(out_dir)
+        score(f"{name} distilled, {spec.num_steps} steps",
+              lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
+
+    grid = rows.pop("_grid")
+    save_grid(torch.cat(grid), os.path.join(args.out, "grid.png"))
+    teacher_time = next(iter(rows.values()))[1]
+    lines = [f"| model | {' | '.join(SHOWN)} | CPU sampling s / {args.num_samples} videos "
+             f"| speed-up |", "|" + "---|" * (len(SHOWN) + 3)]
+    for name, (figures, seconds) in rows.items():
+        lines.append(f"| {name} | " + " | ".join(str(figures[m]) for m in SHOWN)
+                     + f" | {seconds:.2f} | {teacher_time / seconds:.1f}x |")
+    real = ref.real_figures
+    lines.append("| real videos | " + " | ".join(str(real[m]) if m in real else "-"
+                                                 for m in SHOWN) + " | - | - |")
+    lines.append(f"\n{len(args.seeds)} sampling seeds x {args.num_samples} videos, mean ± std "
+                 f"across seeds; {args.threads} CPU threads; command: "
+                 f"python {' '.join(sys.argv)}")
+    table = "\n".join(lines)
+    with open(os.path.join(args.out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

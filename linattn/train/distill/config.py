@@ -1,0 +1,217 @@
+"""The distillation stage's configuration: one YAML or TOML file, documented field by field.
+
+A distillation config has the sections model (the real score: the original model, frozen),
+generator (the linearised student to distil), conditioning (the only data: prompt embeddings,
+prompts + text encoder, or class embeddings), distill (the optimisation) and output. Its
+``distill`` section is what tells ``linattn train`` to run this stage rather than
+linearisation. Loading, overrides ("distill.steps=10") and error messages are the first
+stage's (linattn.train.config): an unknown key is an error that names it.
+
+Defaults are the published Wan 2.1 DMD recipes' (ModelTC/LightX2V lightx2v_train dmd configs,
+Self-Forcing's model/dmd.py; ../docs/distill.md): 4 steps at t = 1, 0.75, 0.5, 0.25 before the
+shift, 5 fake-score updates per generator update, learning rates 2e-6 and 4e-7 with Adam
+β = (0, 0.999), weight decay 0.01, gradient clip 10, teacher guidance 3.0, score times
+U(0.02, 0.98) shifted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, ModelConfig,
+                      OutputSection, _one_of, _positive, load_sections, read_sections)
+
+STAGE_SECTION = "distill"   # a config with this section is a distillation config
+
+
+@dataclass
+class GeneratorConfig:
+    """The generator G: the finalized linearised student, run as a K-step sampler."""
+
+    # A linattn.load_converted folder (the first stage's output.dir/final), the first stage's
+    # output.dir itself (its final/ is used), or any diffusers save_pretrained folder; null: a
+    # float32 copy of the teacher (a softmax generator: the reference distillation).
+    path: Optional[str] = None
+    subfolder: Optional[str] = None
+    backend: str = "auto"                   # linattn.linear_attention backend of linear layers
+
+
+@dataclass
+class ConditioningConfig:
+    """The only data of data-free distillation: one of embeddings, prompts + text_encoder,
+    random_conditioning (as the first stage's data section, linattn.train.conditioning). The
+    negative conditioning (a negative_prompt_embeds tensor, or the encoded negative_prompt) is
+    the real score's unconditional branch."""
+
+    embeddings: Optional[str] = None        # safetensors: prompt_embeds (P, L, D) [+ negative]
+    random_conditioning: Optional[list] = None  # (P, L, D) N(0, 1) embeddings, seeded by seed
+    prompts: Optional[Union[str, list]] = None  # a list, or a text file with one per line
+    text_encoder: Optional[str] = None      # pipeline folder/hub id with tokenizer/, text_encoder/
+    negative_prompt: str = ""
+    max_sequence_length: int = 512
+    seed: int = 0                           # seed of random_conditioning
+
+
+@dataclass
+class DistillSection:
+    """The optimisation: DMD2 with backward simulation (linattn.train.distill)."""
+
+    latent_shape: Optional[list] = None     # *required*: (C, F, H, W) of one generated latent
+    num_steps: int = 4                      # K, the generator's sampling steps
+    # The generator's times before the shift (default: 1, 1 − 1/K, ..., 1/K, e.g. 1, 0.75,
+    # 0.5, 0.25), strictly decreasing in (0, 1], the first 1.
+    times: Optional[list] = None
+    shift: float = 3.0                      # the pipeline's shift: t -> s t / (1 + (s − 1) t)
+    num_train_timesteps: int = 1000         # model timestep = t * num_train_timesteps
+    guidance_scale: float = 3.0             # the real score's classifier-free guidance
+    # Times at which the real and fake scores are compared, and the fake score is trained:
+    # U(score_t_min, score_t_max), shifted by score_shift (default: shift), clamped to the range.
+    score_t_min: float = 0.02
+    score_t_max: float = 0.98
+    score_shift: Optional[float] = None
+    steps: int = 1000                       # generator updates
+    fake_score_updates: int = 5             # fake-score updates before each generator update
+    global_batch_size: int = 8              # samples per update over all processes
+    micro_batch_size: Optional[int] = None  # per process per forward; default global/world
+    lr: float = 2.0e-6                      # the generator's learning rate
+    fake_score_lr: float = 4.0e-7
+    betas: list = field(default_factory=lambda: [0.0, 0.999])
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    warmup_steps: int = 0                   # both learning rates
+    lr_schedule: str = "constant"           # after warmup: "constant" or "cosine" (to 0)
+    max_grad_norm: Optional[float] = 10.0   # clips each model's gradients
+    trainable: Union[str, list] = "all"     # the generator's: "all" or parameter-name substrings
+    fake_score_trainable: Union[str, list] = "all"
+    # The teacher's sampler for the evaluation's reference samples (output.eval_num_steps
+    # steps, default 50): "euler" or "unipc" (linattn.train.flow).
+    teacher_sampler: str = "euler"
+    mixed_precision: str = "bf16"           # "bf16" autocast or "no"
+    gradient_checkpointing: bool = True
+    strategy: str = "auto"                  # "auto" (ddp when world > 1), "none", "ddp", "fsdp"
+    seed: int = 0
+    device: str = "auto"                    # "auto": cuda:LOCAL_RANK if CUDA, else cpu
+
+
+@dataclass
+class DistillConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    conditioning: ConditioningConfig = field(default_factory=ConditioningConfig)
+    distill: DistillSection = field(default_factory=DistillSection)
+    output: OutputSection = field(default_factory=OutputSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field that is missing, out of range or unknown."""
+        m, g, c, d, o = self.model, self.generator, self.conditioning, self.distill, self.output
+        if m.pretrained is not None and m.config is not None:
+            raise ValueError("model: give one of model.pretrained (load weights) and "
+                             "model.config (build with random weights), not both")
+        _one_of("model.teacher_dtype", m.teacher_dtype, tuple(DTYPES))
+        if g.path is not None and not isinstance(g.path, str):
+            raise ValueError(f"generator.path: expected a folder or null, got {g.path!r}")
+
+        sources = [c.embeddings is not None, c.prompts is not None,
+                   c.random_conditioning is not None]
+        if sum(sources) != 1:
+            raise ValueError("conditioning: give exactly one of conditioning.embeddings (a "
+                             "safetensors file of prompt_embeds and negative_prompt_embeds), "
+                             "conditioning.prompts (with conditioning.text_encoder) and "
+                             "conditioning.random_conditioning")
+        if c.random_conditioning is not None and (
+                len(c.random_conditioning) != 3
+                or not all(isinstance(n, int) and n > 0 for n in c.random_conditioning)):
+            raise ValueError(f"conditioning.random_conditioning: expected (P, L, D) positive "
+                             f"ints, got {c.random_conditioning!r}")
+        if c.prompts is not None and c.text_encoder is None:
+            raise ValueError("conditioning.text_encoder: conditioning.prompts needs a text "
+                             "encoder (a diffusers pipeline folder or hub id holding "
+                             "tokenizer/ and text_encoder/)")
+        _positive("conditioning.max_sequence_length", c.max_sequence_length)
+
+        if (not isinstance(d.latent_shape, list) or len(d.latent_shape) != 4
+                or not all(isinstance(s, int) and s > 0 for s in d.latent_shape)):
+            raise ValueError(f"distill.latent_shape: required, (C, F, H, W) positive ints, got "
+                             f"{d.latent_shape!r}")
+        _positive("distill.num_steps", d.num_steps)
+        if d.times is not None:
+            times = d.times
+            if (len(times) != d.num_steps or not all(isinstance(t, (int, float)) for t in times)
+                    or float(times[0]) != 1.0
+                    or any(not 0.0 < float(b) < float(a) for a, b in zip(times, times[1:]))):
+                raise ValueError(f"distill.times: expected {d.num_steps} (distill.num_steps) "
+                                 f"strictly decreasing times in (0, 1] starting at 1, got "
+                                 f"{times!r}")
+        for name in ("shift", "score_shift"):
+            value = getattr(d, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"distill.{name}: must be > 0, got {value}")
+        _positive("distill.num_train_timesteps", d.num_train_timesteps)
+        if d.guidance_scale < 1.0:
+            raise ValueError(f"distill.guidance_scale: must be >= 1 (1 = no guidance), got "
+                             f"{d.guidance_scale}")
+        if not 0.0 < d.score_t_min < d.score_t_max < 1.0:
+            raise ValueError(f"distill.score_t_min, distill.score_t_max: need 0 < min < max < 1, "
+                             f"got {d.score_t_min}, {d.score_t_max}")
+        for name in ("steps", "fake_score_updates", "global_batch_size"):
+            _positive(f"distill.{name}", getattr(d, name))
+        if d.micro_batch_size is not None:
+            _positive("distill.micro_batch_size", d.micro_batch_size)
+        for name in ("lr", "fake_score_lr", "adam_eps"):
+            if getattr(d, name) <= 0:
+                raise ValueError(f"distill.{name}: must be > 0, got {getattr(d, name)}")
+        if d.weight_decay < 0 or d.warmup_steps < 0:
+            raise ValueError("distill.weight_decay and distill.warmup_steps must be >= 0")
+        if len(d.betas) != 2 or not all(0 <= b < 1 for b in d.betas):
+            raise ValueError(f"distill.betas: expected two numbers in [0, 1), got {d.betas!r}")
+        if d.max_grad_norm is not None and d.max_grad_norm <= 0:
+            raise ValueError(f"distill.max_grad_norm: must be > 0 or null, got "
+                             f"{d.max_grad_norm}")
+        for name in ("trainable", "fake_score_trainable"):
+            value = getattr(d, name)
+            if isinstance(value, str) and value != "all":
+                raise ValueError(f"distill.{name}: expected 'all' or a list of parameter-name "
+                                 f"substrings, got {value!r}")
+        _one_of("distill.lr_schedule", d.lr_schedule, LR_SCHEDULES)
+        _one_of("distill.teacher_sampler", d.teacher_sampler, SAMPLERS)
+        _one_of("distill.mixed_precision", d.mixed_precision, PRECISIONS)
+        _one_of("distill.strategy", d.strategy, STRATEGIES)
+
+        if o.dir is None:
+            raise ValueError("output.dir: required (checkpoints, metrics and the final model)")
+        for name in ("log_every", "checkpoint_every", "keep_checkpoints", "eval_num_samples"):
+            _positive(f"output.{name}", getattr(o, name))
+        if o.eval_every < 0:
+            raise ValueError(f"output.eval_every: must be >= 0, got {o.eval_every}")
+        if o.eval_num_steps is not None:
+            _positive("output.eval_num_steps", o.eval_num_steps)
+
+    @property
+    def generator_times(self) -> list:
+        """The K unshifted times (distill.times or the default grid)."""
+        d = self.distill
+        if d.times is not None:
+            return [float(t) for t in d.times]
+        return [1.0 - k / d.num_steps for k in range(d.num_steps)]
+
+
+def load_distill_config(source: Union[str, os.PathLike, dict, DistillConfig],
+                        overrides: Optional[list[str]] = None) -> DistillConfig:
+    """A DistillConfig from a .yaml/.yml/.toml/.json file, a dict or a DistillConfig (relative
+    paths are relative to the working directory)."""
+    return load_sections(DistillConfig, source, overrides)
+
+
+def is_distill_config(source, overrides: Optional[list[str]] = None) -> bool:
+    """Whether ``source`` (a file, dict or config) is a distillation config: it has a
+    ``distill`` section."""
+    if isinstance(source, DistillConfig):
+        return True
+    if hasattr(source, "to_dict"):
+        return False
+    return STAGE_SECTION in read_sections(source, overrides)

@@ -1,0 +1,375 @@
+"""The distillation loop: DMD2 with backward simulation, data-free (../docs/distill.md).
+
+One optimiser step (``distill.steps`` of them) is fake_score_updates fake-score updates, then
+one generator update (the two time-scale rule):
+
+* fake-score update u: the generator produces samples without gradient (backward simulation
+  from noise to a random exit step, the same on every process), and the fake score takes an
+  Adam step on the flow-matching loss at random shifted times;
+* generator update: the same, with gradient through the exit step, and an Adam step on the
+  distribution-matching loss (real score with classifier-free guidance against the fake
+  score, DMD's normaliser; linattn.train.distill.objectives).
+
+The loop, logging, checkpoints, bit-exact resume, DDP / FSDP2 and bf16 autocast are the first
+stage's (linattn.train.loop, linattn.train.distributed, linattn.train.checkpoint). Every random
+draw is a function of (seed, step, update, sample) (linattn.train.distill.schedule), so a
+checkpoint's step resumes the same draws and one process computes what several do.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .. import checkpoint as ckpt
+from .. import distributed as D
+from ..evaluate import EvalMetric, EvalSet, rel_mse_metric, run_metrics
+from ..flow import FlowModel
+from ..loop import StageLoop, clip_grad, save_model
+from ..metrics import plot_series
+from ..models import DTYPES, freeze, load_transformer, set_trainable
+from . import conditioning as conditioning_store
+from .config import DistillConfig, load_distill_config
+from .models import SamplerSpec, load_generator, make_fake_score
+from .objectives import dmd_generator_loss, flow_matching_loss, score_times
+from .sampler import backward_simulation, generator_times, seeded_sample
+from .schedule import (GENERATOR_NOISE, SCORE_NOISE, SCORE_TIME, ConditioningOrder,
+                       StepDraws)
+
+EVAL_SEED = 1_000_003           # sampling seed of the evaluation's held-out noise
+DEFAULT_TEACHER_STEPS = 50      # the reference teacher sampler's steps (output.eval_num_steps)
+PLOTTED = ("dmd_push", "fake_score_loss", "score_gap", "generator_grad_norm")
+
+
+@dataclass
+class DistillResult:
+    step: int                               # generator updates completed
+    output_dir: str
+    final_dir: Optional[str]                # the distilled generator (save_pretrained + sampler.json)
+    metrics_path: str
+    model: Optional[nn.Module]              # the distilled generator (rank 0), None if stopped
+    sampler: Optional[SamplerSpec]          # the K-step sampler it was trained for
+
+
+def distill(config: Union[str, os.PathLike, dict, DistillConfig], *, overrides=None,
+            teacher: Optional[nn.Module] = None, stop_at_step: Optional[int] = None,
+            progress: bool = True,
+            eval_metrics: Optional[Sequence[EvalMetric]] = None) -> DistillResult:
+    """Distil the generator into a K-step sampler and save it; the Python form of
+    ``linattn train CONFIG`` with a distillation config.
+
+    Args:
+        config: a YAML/TOML file, a dict or a DistillConfig (linattn.train.distill.config).
+        overrides: "section.key=value" strings applied on top of the file.
+        teacher: use this module as the real score instead of loading model.*; it is frozen
+            and moved to the device in place. The fake score (and, with generator.path null,
+            the generator) is a float32 copy of it.
+        stop_at_step: stop once this many steps are done, without a checkpoint or saving, as a
+            preempted job would (resume continues from the last checkpoint).
+        progress: show progress bars (rank 0).
+        eval_metrics: functions (generator samples, EvalSet) -> {name: value} logged as
+            eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse against
+            the teacher's many-step samples from the same noise.
+    """
+    cfg = load_distill_config(config, overrides)
+    trainer = DistillTrainer(cfg, teacher=teacher, progress=progress, eval_metrics=eval_metrics)
+    try:
+        return trainer.run(stop_at_step=stop_at_step)
+    finally:
+        trainer.close()
+
+
+class DistillTrainer(StageLoop):
+    desc = "linattn distill"
+
+    def __init__(self, config: DistillConfig, *, teacher: Optional[nn.Module] = None,
+                 progress: bool = True,
+                 eval_metrics: Optional[Sequence[EvalMetric]] = None):
+        super().__init__(config.distill, config.output, section_name="distill",
+                         progress=progress)
+        self.cfg = config
+        self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
+        dc = config.distill
+
+        # Real score: the original, loaded (or given), frozen, on the device.
+        if teacher is None:
+            teacher = load_transformer(config.model, DTYPES[config.model.teacher_dtype])
+            source = (teacher if config.model.teacher_dtype == "float32"
+                      else load_transformer(config.model, torch.float32))
+        elif self.strategy == "fsdp" and config.generator.path is None \
+                and config.model.pretrained is None and config.model.config is None:
+            raise ValueError("distill.strategy 'fsdp': the unsharded generator is rebuilt from "
+                             "generator.path, or with path null from model.pretrained or "
+                             "model.config, at the end; give one of them")
+        else:
+            source = teacher
+        self.teacher_module = freeze(teacher).to(self.ctx.device)
+
+        self.conditioning = conditioning_store.prepare(
+            config.conditioning, dc.guidance_scale, self.out_dir, self.ctx,
+            resuming=self._will_resume())
+
+        # Generator and fake score: float32, trained, checkpointed, wrapped.
+        generator = load_generator(config.generator, source).to(self.ctx.device)
+        fake = make_fake_score(source).to(self.ctx.device)
+        del source
+        set_trainable(generator, dc.trainable, [])
+        set_trainable(fake, dc.fake_score_trainable, [])
+        if dc.gradient_checkpointing:
+            for name, model in (("generator", generator), ("fake score", fake)):
+                if not hasattr(model, "enable_gradient_checkpointing"):
+                    raise ValueError(f"distill.gradient_checkpointing: the {name} "
+                                     f"({type(model).__name__}) has no "
+                                     f"enable_gradient_checkpointing(); set it to false")
+                model.enable_gradient_checkpointing()
+        self.generator, self.fake = generator, fake
+        self.generator_module = D.wrap(generator, self.strategy, self.ctx)
+        self.fake_module = D.wrap(fake, self.strategy, self.ctx)
+        D.shard_frozen(self.teacher_module, self.strategy)
+
+        num_t = dc.num_train_timesteps
+        self.real = FlowModel(self.teacher_module, num_t)
+        self.generator_fn = FlowModel(self.generator_module, num_t, input_dtype=torch.float32)
+        self.generator_eval = FlowModel(D.unwrap(self.generator_module), num_t,
+                                        input_dtype=torch.float32)
+        self.fake_fn = FlowModel(self.fake_module, num_t, input_dtype=torch.float32)
+        self.fake_eval = FlowModel(D.unwrap(self.fake_module), num_t, input_dtype=torch.float32)
+
+        self.generator_params = [p for p in generator.parameters() if p.requires_grad]
+        self.fake_params = [p for p in fake.parameters() if p.requires_grad]
+        adam = dict(betas=tuple(dc.betas), eps=dc.adam_eps, weight_decay=dc.weight_decay)
+        self.optimizer = torch.optim.AdamW(self.generator_params, lr=dc.lr, **adam)
+        self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=dc.fake_score_lr, **adam)
+
+        self.sampler = SamplerSpec(times=tuple(generator_times(config.generator_times,
+                                                               dc.shift)),
+                                   unshifted_times=tuple(config.generator_times),
+                                   shift=dc.shift, num_train_timesteps=num_t)
+        self.score_shift = dc.score_shift if dc.score_shift is not None else dc.shift
+        self.order = ConditioningOrder(self.conditioning.embeds.shape[0], dc.global_batch_size,
+                                       dc.fake_score_updates + 1, dc.seed)
+        self._eval_cache: Optional[EvalSet] = None
+
+    def _will_resume(self) -> bool:
+        resume = self.output.resume
+        if resume == "never":
+            return False
+        return resume != "auto" or ckpt.latest_checkpoint(self.ckpt_root) is not None
+
+    # ------------------------------------------------------------------ one step
+
+    def _micro_batches(self, update: int):
+        """This rank's micro-batches of an update: (global sample indices, conditioning,
+        negative conditioning or None), on the device."""
+        dc, ctx = self.cfg.distill, self.ctx
+        rows = self.order.global_rows(self.step, update)
+        per_rank = dc.global_batch_size // ctx.world_size
+        first = ctx.rank * per_rank
+        for i in range(self.accumulation):
+            indices = list(range(first + i * self.micro_batch,
+                                 first + (i + 1) * self.micro_batch))
+            cond, negative = self.conditioning.rows([rows[j] for j in indices])
+            yield (indices, cond.to(ctx.device),
+                   None if negative is None else negative.to(ctx.device))
+
+    def _generate(self, draws: StepDraws, indices: list, cond: torch.Tensor, exit_step: int,
+                  grad: bool) -> torch.Tensor:
+        """The generator's samples at exit_step, by backward simulation from this update's
+        noise (gradient through the exit step only, and only if ``grad``)."""
+        shape = self.cfg.distill.latent_shape
+        noise = draws.normal(GENERATOR_NOISE, indices, shape)
+        return backward_simulation(
+            self.generator_eval, self.generator_fn if grad else self.generator_eval, noise, cond,
+            self.sampler.times, lambda k: draws.normal(GENERATOR_NOISE + k, indices, shape),
+            exit_step, grad=grad)
+
+    def _score_draws(self, draws: StepDraws, indices: list) -> tuple[torch.Tensor, torch.Tensor]:
+        dc = self.cfg.distill
+        t = score_times(draws.uniform(SCORE_TIME, indices), t_min=dc.score_t_min,
+                        t_max=dc.score_t_max, shift=self.score_shift)
+        return t, draws.normal(SCORE_NOISE, indices, dc.latent_shape)
+
+    def _fake_score_update(self, update: int) -> tuple[float, Optional[float]]:
+        """One Adam step of the fake score on the generator's current samples; returns (loss,
+        gradient norm before clipping)."""
+        dc = self.cfg.distill
+        draws = StepDraws(dc.seed, self.step, update, self.ctx.device)
+        exit_step = draws.exit_step(dc.num_steps)
+        total = 0.0
+        for i, (indices, cond, _) in enumerate(self._micro_batches(update)):
+            last = i == self.accumulation - 1
+            with torch.no_grad(), self.autocast():
+                x = self._generate(draws, indices, cond, exit_step, grad=False)
+            t, noise = self._score_draws(draws, indices)
+            with D.maybe_no_sync(self.fake_module, self.strategy, sync=last):
+                with self.autocast():
+                    loss = flow_matching_loss(self.fake_fn, x, cond, t=t, noise=noise)
+                (loss / self.accumulation).backward()
+            total += float(loss.detach()) / self.accumulation
+        norm = (clip_grad(self.fake_params, dc.max_grad_norm)
+                if dc.max_grad_norm is not None else None)
+        self.fake_optimizer.step()
+        self.fake_optimizer.zero_grad(set_to_none=True)
+        return total, norm
+
+    def _generator_update(self, update: int) -> dict:
+        """One Adam step of the generator on the distribution-matching loss."""
+        dc = self.cfg.distill
+        draws = StepDraws(dc.seed, self.step, update, self.ctx.device)
+        exit_step = draws.exit_step(dc.num_steps)
+        sums: dict[str, float] = {}
+        for i, (indices, cond, negative) in enumerate(self._micro_batches(update)):
+            last = i == self.accumulation - 1
+            t, noise = self._score_draws(draws, indices)
+            with D.maybe_no_sync(self.generator_module, self.strategy, sync=last):
+                with self.autocast():
+                    x = self._generate(draws, indices, cond, exit_step, grad=True)
+                    loss, info = dmd_generator_loss(
+                        x, self.real, self.fake_eval, cond, t=t, noise=noise,
+                        negative_cond=negative, guidance_scale=dc.guidance_scale)
+                (loss / self.accumulation).backward()
+            for key, value in {"generator_loss": float(loss.detach()), **info}.items():
+                sums[key] = sums.get(key, 0.0) + value / self.accumulation
+        if dc.max_grad_norm is not None:
+            sums["generator_grad_norm"] = clip_grad(self.generator_params, dc.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        sums["exit_step"] = float(exit_step)
+        return sums
+
+    def train_step(self) -> dict:
+        dc = self.cfg.distill
+        start = time.perf_counter()
+        scale = self.lr_scale(self.step)
+        for optimizer, base in ((self.optimizer, dc.lr), (self.fake_optimizer, dc.fake_score_lr)):
+            for group in optimizer.param_groups:
+                group["lr"] = base * scale
+        fake_losses, fake_norms = [], []
+        for update in range(dc.fake_score_updates):
+            loss, norm = self._fake_score_update(update)
+            fake_losses.append(loss)
+            if norm is not None:
+                fake_norms.append(norm)
+        stats = self._generator_update(dc.fake_score_updates)
+        # Logged values are the global batch's: the ranks' means, averaged (norms are global).
+        stats["fake_score_loss"] = sum(fake_losses) / len(fake_losses)
+        stats["fake_score_loss_first"], stats["fake_score_loss_last"] = fake_losses[0], fake_losses[-1]
+        local = [k for k in sorted(stats) if k not in ("generator_grad_norm", "exit_step")]
+        if self.ctx.distributed:
+            values = torch.tensor([stats[k] for k in local], device=self.ctx.device,
+                                  dtype=torch.float64)
+            torch.distributed.all_reduce(values)
+            values /= self.ctx.world_size
+            stats.update(zip(local, values.tolist()))
+        if self.ctx.device.type == "cuda":
+            torch.cuda.synchronize(self.ctx.device)
+        elapsed = time.perf_counter() - start
+        record = {"step": self.step + 1, "loss": stats["generator_loss"], **stats,
+                  "lr": dc.lr * scale, "fake_score_lr": dc.fake_score_lr * scale}
+        if fake_norms:
+            record["fake_score_grad_norm"] = sum(fake_norms) / len(fake_norms)
+        record.update(step_time_s=elapsed, samples_per_s=dc.global_batch_size / elapsed,
+                      world_size=self.ctx.world_size)
+        return record
+
+    def progress_postfix(self, record: dict) -> dict:
+        return {"push": f"{record['dmd_push']:.3g}", "fake": f"{record['fake_score_loss']:.3g}"}
+
+    # ------------------------------------------------------------------ evaluation
+
+    def eval_set(self) -> EvalSet:
+        """Held-out conditioning rows (0, 1, ... mod P) and noise, with the teacher's samples
+        from that noise (its many-step guided sampler), built once per run."""
+        if self._eval_cache is None:
+            dc, oc = self.cfg.distill, self.output
+            ids = list(range(oc.eval_num_samples))
+            cond, negative = self.conditioning.rows(ids)
+            noise = seeded_noise(ids, dc.latent_shape, self.ctx.device)
+            device = self.ctx.device
+            eval_set = EvalSet(noise=noise, cond=cond.to(device),
+                               negative_cond=None if negative is None else negative.to(device),
+                               guidance_scale=dc.guidance_scale, sampler=dc.teacher_sampler,
+                               num_steps=oc.eval_num_steps or DEFAULT_TEACHER_STEPS,
+                               shift=dc.shift, trajectories=ids)
+            with torch.no_grad(), self.autocast():
+                eval_set.teacher_samples = eval_set.sample(self.real)
+            self._eval_cache = eval_set
+        return self._eval_cache
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Every eval metric of the generator's K-step samples (seed EVAL_SEED: the noise the
+        teacher's reference samples start from); every rank runs it (FSDP2)."""
+        eval_set = self.eval_set()
+        was_training = self.generator.training
+        self.generator.eval()
+        try:
+            with self.autocast():
+                samples = seeded_sample(self.generator_eval, eval_set.cond, self.sampler.times,
+                                        seed=EVAL_SEED, indices=eval_set.trajectories,
+                                        shape=self.cfg.distill.latent_shape)
+            return run_metrics(self.eval_metrics, samples, eval_set)
+        finally:
+            self.generator.train(was_training)
+
+    # ------------------------------------------------------------------ checkpoints, end
+
+    def checkpoint_models(self):
+        return (self.generator_module, self.optimizer,
+                {"fake_score": (self.fake_module, self.fake_optimizer)})
+
+    def resume_keys(self) -> dict:
+        dc = self.cfg.distill
+        return {**super().resume_keys(), "fake_score_updates": dc.fake_score_updates,
+                "num_steps": dc.num_steps, "num_rows": self.order.num_rows}
+
+    def checkpoint_state(self) -> dict:
+        return {"conditioning_position": self.order.position(self.step)}
+
+    def plot(self) -> bool:
+        return plot_series(self.metrics.path, os.path.join(self.out_dir, "distill.png"),
+                           PLOTTED, title="DMD2 distillation", eval_prefix="eval_")
+
+    def stopped(self) -> DistillResult:
+        return DistillResult(self.step, self.out_dir, None, self.metrics.path, None, None)
+
+    def finish(self) -> DistillResult:
+        """Save the generator (save_pretrained: load it with linattn.train.distill
+        .load_distilled or linattn.load_converted) and its sampler.json (rank 0)."""
+        final_dir = os.path.join(self.out_dir, "final")
+        model = self._full_generator()
+        if self.ctx.is_main:
+            save_model(model, final_dir)
+            self.sampler.save(final_dir)
+            self.plot()
+        self.ctx.barrier()
+        return DistillResult(self.step, self.out_dir, final_dir, self.metrics.path,
+                             model if self.ctx.is_main else None, self.sampler)
+
+    def _full_generator(self) -> Optional[nn.Module]:
+        """The trained generator as one unsharded module on rank 0 (None elsewhere)."""
+        if self.strategy != "fsdp":
+            return self.generator
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_model_state_dict)
+
+        full = get_model_state_dict(self.generator_module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        if not self.ctx.is_main:
+            return None
+        source = (load_transformer(self.cfg.model, torch.float32)
+                  if self.cfg.generator.path is None else None)
+        model = load_generator(self.cfg.generator, source)
+        model.load_state_dict(full, strict=True)
+        return model.to(self.ctx.device)
+
+
+def seeded_noise(indices: list, shape, device: torch.device) -> torch.Tensor:
+    """The starting noise of EVAL_SEED's samples (linattn.train.distill.sampler)."""
+    from .sampler import sample_step_noise
+
+    return sample_step_noise(EVAL_SEED, indices, 0, shape, device)

@@ -1,0 +1,192 @@
+"""The distillation stage in one process: it runs from a linearised generator folder, an
+interrupted run resumes bit-exact, the distilled model is saved with its sampler and
+``linattn sample`` generates with it at its step count; configuration errors name the field."""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import linattn.dit as dit
+from linattn.train.cli import main as cli_main
+from linattn.train.distill import distill, load_distill_config, load_distilled
+from linattn.train.metrics import read_metrics
+
+TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4,
+            out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2,
+            cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+            rope_max_seq_len=16)
+STEPS = 4
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                       "linattn", "train", "configs")
+
+# Tiny models: one intra-op thread (tests/conftest.py says why).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def linear_generator(path):
+    """The first stage's output in miniature: the teacher's weights with layer 0 linear
+    (save_pretrained after linattn.convert, what final/ holds)."""
+    from diffusers import WanTransformer3DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        model = WanTransformer3DModel(**TINY)
+    dit.convert(model, layers=[0], mode="linear", backend="reference")
+    model.save_pretrained(path)
+    return path
+
+
+def config(root, name, **distill_kw):
+    cfg = {
+        "model": {"config": TINY, "init_seed": 1},
+        "generator": {"path": os.path.join(root, "stage1"), "backend": "reference"},
+        "conditioning": {"random_conditioning": [3, 3, 32]},
+        "distill": {"latent_shape": [4, 1, 4, 4], "steps": STEPS, "global_batch_size": 2,
+                    "fake_score_updates": 2, "lr": 1e-3, "fake_score_lr": 1e-3,
+                    "mixed_precision": "no", "gradient_checkpointing": False, "seed": 3},
+        "output": {"dir": os.path.join(root, name), "checkpoint_every": 2, "eval_every": 2,
+                   "eval_num_steps": 4},
+    }
+    cfg["distill"].update(distill_kw)
+    return cfg
+
+
+def checkpoint_state(run_dir, step):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(run_dir, f"gathered-{step}.pt")
+    dcp_to_torch_save(os.path.join(run_dir, "checkpoints", f"step-{step:08d}", "state"), out)
+    return torch.load(out, weights_only=False)
+
+
+def flat(state, prefix=""):
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        elif isinstance(v, torch.Tensor):
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def without_timing(records):
+    return [{k: v for k, v in r.items() if k not in ("step_time_s", "samples_per_s")}
+            for r in records]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("distill"))
+    linear_generator(os.path.join(path, "stage1", "final"))
+    return path
+
+
+@pytest.fixture(scope="module")
+def full_run(root):
+    return distill(config(root, "full"), progress=False)
+
+
+def test_stage_runs_from_a_linearised_generator(root, full_run):
+    assert full_run.step == STEPS
+    model, spec = load_distilled(full_run.final_dir, backend="reference")
+    # Shifted (shift 3) default times of a 4-step generator: 1, 0.9, 0.75, 0.5.
+    assert spec.num_steps == 4
+    torch.testing.assert_close(torch.tensor(spec.times), torch.tensor([1.0, 0.9, 0.75, 0.5]))
+    # The generator's linear layer stayed linear, and it was trained.
+    assert [r.kind for r in dit.layer_report(model)] == ["linear", "softmax"]
+    start = dit.load_converted(os.path.join(root, "stage1", "final"), backend="reference")
+    moved = [n for n, p in model.state_dict().items()
+             if not torch.equal(p, start.state_dict()[n])]
+    assert moved
+
+    records = read_metrics(full_run.metrics_path)
+    assert [r["step"] for r in records] == list(range(STEPS + 1))
+    for key in ("dmd_push", "fake_score_loss", "score_gap", "generator_grad_norm"):
+        assert all(torch.isfinite(torch.tensor(r[key])) for r in records[1:]), key
+    assert "eval_rel_mse" in records[0] and "eval_rel_mse" in records[-1]
+    assert os.path.isfile(os.path.join(full_run.output_dir, "distill.png"))
+
+
+def test_interrupted_run_resumes_bit_exact(root, full_run):
+    stopped = distill(config(root, "resumed"), stop_at_step=3, progress=False)
+    assert stopped.step == 3 and stopped.final_dir is None and stopped.model is None
+    resumed = distill(config(root, "resumed"), progress=False)  # from the step-2 checkpoint
+    assert resumed.step == STEPS
+
+    a = flat(checkpoint_state(os.path.join(root, "full"), STEPS))
+    b = flat(checkpoint_state(os.path.join(root, "resumed"), STEPS))
+    assert a.keys() == b.keys()
+    assert any(k.startswith("fake_score_model.") for k in a)   # the fake score is in it
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert (without_timing(read_metrics(resumed.metrics_path))
+            == without_timing(read_metrics(full_run.metrics_path)))
+
+
+def test_sample_command_generates_at_the_distilled_step_count(root, full_run, tmp_path,
+                                                              capsys):
+    path = tmp_path / "distill.json"
+    path.write_text(json.dumps(config(root, "full")))
+    out = tmp_path / "samples.safetensors"
+    args = ["sample", str(path), "--num", "3", "--seed", "7", "--batch-size", "2", "--out",
+            str(out), "--backend", "reference", "--no-progress"]
+    assert cli_main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["num_steps"] == 4 and summary["shape"] == [3, 4, 1, 4, 4]
+    first = load_file(str(out))["samples"]
+    assert torch.isfinite(first).all()
+    # Same seed, other batching: the same samples (noise is a function of (seed, sample)).
+    assert cli_main(args[:6] + ["--batch-size", "3"] + args[8:]) == 0
+    torch.testing.assert_close(load_file(str(out))["samples"], first, rtol=1e-5, atol=1e-5)
+
+
+def test_example_configs_load():
+    tiny = load_distill_config(os.path.join(CONFIGS, "tiny_wan_distill_cpu.yaml"))
+    assert tiny.distill.num_steps == 4
+    wan = load_distill_config(os.path.join(CONFIGS, "wan2.1_t2v_1.3b_distill.yaml"))
+    d = wan.distill
+    # The published Wan 2.1 DMD recipe (docs/distill.md).
+    assert (d.num_steps, d.fake_score_updates, d.lr, d.fake_score_lr, d.guidance_scale) == \
+        (4, 5, 2e-6, 4e-7, 3.0)
+    assert d.betas == [0.0, 0.999] and d.strategy == "fsdp"
+    assert wan.generator_times == [1.0, 0.75, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("override, message", [
+    (["distill.num_steps=0"], "distill.num_steps"),
+    (["distill.times=[1.0, 0.5]"], "distill.times"),
+    (["distill.times=[0.9, 0.6, 0.4, 0.2]"], "distill.times"),
+    (["distill.guidance_scale=0.5"], "distill.guidance_scale"),
+    (["distill.score_t_min=0.99"], "distill.score_t_min"),
+    (["distill.stategy=ddp"], "stategy"),
+    (["conditioning.prompts=[a cat]"], "conditioning"),
+])
+def test_config_errors_name_the_field(root, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_distill_config(config(root, "bad"), override)
+
+
+def test_cli_routes_by_section(root, tmp_path, capsys):
+    path = tmp_path / "distill.json"
+    path.write_text(json.dumps(config(root, "cli")))
+    assert cli_main(["generate-data", str(path)]) == 2
+    assert "distillation config" in capsys.readouterr().err
+    first_stage = {k: v for k, v in config(root, "cli").items() if k not in ("distill",)}
+    path.write_text(json.dumps(first_stage))
+    assert cli_main(["sample", str(path)]) == 2
+    assert "no `distill` section" in capsys.readouterr().err
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(root):
+    cfg = config(root, "bf16", steps=2, mixed_precision="bf16", gradient_checkpointing=True)
+    cfg["output"].update(eval_every=0, checkpoint_every=2)
+    cfg["model"]["teacher_dtype"] = "bfloat16"
+    result = distill(cfg, progress=False)
+    records = read_metrics(result.metrics_path)
+    assert result.step == 2
+    assert all(r["dmd_push"] > 0 and r["fake_score_loss"] > 0 for r in records[1:])
+    # The saved generator keeps float32 master weights.
+    model, _ = load_distilled(result.final_dir, backend="reference")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
