@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..train.flow import FlowModel
-from .teacher import (NULL_CLASS, PROVENANCE_FILE, SAMPLER, TEACHER_DIR, WEIGHTS_DIR,
+from .teacher import (INITS, NULL_CLASS, PROVENANCE_FILE, SAMPLER, TEACHER_DIR, WEIGHTS_DIR,
                       build_teacher, embed_labels, save_class_embeddings, save_teacher)
 from .videos import procedural_videos
 
@@ -78,18 +78,24 @@ def _git_commit() -> str:
         root = Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                              text=True, check=True)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "linattn"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no", "linattn"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
+def _machine() -> str:
+    return (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads")
+
+
 def train_teacher(args) -> dict:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model = build_teacher(args.seed).float().train()
+    model = build_teacher(args.seed, args.init).float().train()
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99),
                             weight_decay=args.weight_decay)
@@ -188,14 +194,24 @@ def _write_provenance(export_dir: Path, what: str, args, summary: dict) -> None:
     export_dir.mkdir(parents=True, exist_ok=True)
     path = export_dir / PROVENANCE_FILE.name
     provenance = json.loads(path.read_text()) if path.is_file() else {}
-    argv = [a for a in sys.argv[1:]]
+    # The command that trains: --export only copies the result (rerun with it after a run
+    # ends, it resumes at the last step and exports without training).
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a == "--export":
+            skip = False
+            continue
+        if a == "--export-dir":
+            skip = True
+            continue
+        if not a.startswith("--export-dir="):
+            argv.append(a)
     provenance[what] = {
         "command": "python -m linattn.toy.train " + " ".join(shlex.quote(a) for a in argv),
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": _machine(),
         **summary,
     }
     tmp = path.with_suffix(".tmp")
@@ -216,6 +232,8 @@ def main(argv=None) -> int:
     t.add_argument("--max-grad-norm", type=float, default=1.0)
     t.add_argument("--ema", type=float, default=0.999)
     t.add_argument("--label-dropout", type=float, default=0.1)
+    t.add_argument("--init", choices=INITS, default="diffusers",
+                   help="initial weights: diffusers' own, or DiT's adaLN-Zero")
     t.add_argument("--seed", type=int, default=0, help="initial weights and per-step draws")
     t.add_argument("--data-seed", type=int, default=1, help="the procedural video stream")
     t.add_argument("--log-every", type=int, default=50)
