@@ -11,6 +11,7 @@ Shipped trained (weights/classifier.safetensors, ``load_classifier()``); reprodu
 """
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Optional, Union
@@ -98,10 +99,22 @@ def save_classifier(model: VideoClassifier, path: Union[str, os.PathLike]) -> No
 
 
 def load_classifier(path: Union[str, os.PathLike, None] = None) -> VideoClassifier:
-    """The trained classifier (eval mode, frozen); default the copy shipped with linattn."""
+    """The trained classifier (eval mode, frozen); default the copy shipped with linattn, one
+    shared instance (it never changes, and the metrics cache the real videos' features per
+    classifier)."""
+    if path is None:
+        return _shipped_classifier()
+    return _load(Path(path))
+
+
+@functools.lru_cache(maxsize=1)
+def _shipped_classifier() -> VideoClassifier:
+    return _load(CLASSIFIER_FILE)
+
+
+def _load(file: Path) -> VideoClassifier:
     from safetensors.torch import load_file
 
-    file = Path(path) if path is not None else CLASSIFIER_FILE
     if not file.is_file():
         raise FileNotFoundError(f"load_classifier: no {file} (rebuild it with "
                                 f"`python -m linattn.toy.train classifier --export`)")

@@ -27,6 +27,7 @@ against: "teacher-level" means within the teacher's spread) and for real videos 
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence
 
@@ -155,9 +156,15 @@ def classifier_features(classifier: VideoClassifier, videos: Tensor,
 
 def real_features(classifier: VideoClassifier) -> Tensor:
     """(NUM_REAL, FEATURE_DIM) features of the real videos every Fréchet distance is against
-    (balanced classes, data seed REAL_SEED)."""
-    real = procedural_videos(NUM_REAL, REAL_SEED, labels=balanced_labels(NUM_REAL))
-    return classifier_features(classifier, real.videos)[0]
+    (balanced classes, data seed REAL_SEED); computed once per classifier (frozen)."""
+    cached = _REAL_FEATURES.get(classifier)
+    if cached is None:
+        real = procedural_videos(NUM_REAL, REAL_SEED, labels=balanced_labels(NUM_REAL))
+        cached = _REAL_FEATURES[classifier] = classifier_features(classifier, real.videos)[0]
+    return cached
+
+
+_REAL_FEATURES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 @dataclass
