@@ -270,3 +270,45 @@ def test_teacher_training_resumes_exactly(tmp_path, one_torch_thread):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
     assert a["history"][-1]["loss"] == b["history"][-1]["loss"]
 
+
+# ---------------------------------------------------------------- the toy in linattn.train, the demo
+
+def test_toy_train_config_names_the_shipped_teacher_and_its_metrics(teacher):
+    from linattn.toy.linvideo import TOY_CONFIG
+    from linattn.train.config import load_config
+    from linattn.train.evaluate import default_eval_metrics, rel_mse_metric
+    from linattn.train.models import load_transformer
+
+    cfg = load_config(TOY_CONFIG)
+    assert cfg.data.embeddings == str(toy.CLASS_EMBEDDINGS_FILE)
+    loaded = load_transformer(cfg.model, torch.float32)
+    shipped = teacher.state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in loaded.state_dict().items())
+    assert [type(m) for m in default_eval_metrics(cfg)] == [toy.TrainerMetrics]
+    tiny = TOY_CONFIG.with_name("tiny_wan_cpu.yaml")
+    assert default_eval_metrics(load_config(tiny)) == [rel_mse_metric]
+    with pytest.raises(ValueError, match="class_name"):
+        load_config(TOY_CONFIG, ["model.class_name=CogVideoXTransformer3DModel"])
+
+
+def test_trainer_logs_the_toy_fidelity_figures(tmp_path, one_torch_thread):
+    import json
+
+    from linattn.toy.linvideo import TOY_CONFIG
+    from linattn.train import train
+
+    result = train(str(TOY_CONFIG), overrides=[
+        f"data.dir={tmp_path}/data", f"output.dir={tmp_path}/run", "data.num_trajectories=1",
+        "data.num_steps=2", "train.steps=1", "train.global_batch_size=2",
+        "output.eval_every=1", "output.eval_num_samples=6", "output.checkpoint_every=1"],
+        progress=False)
+    records = [json.loads(line) for line in open(result.metrics_path)]
+    assert [r["step"] for r in records] == [0, 1]
+    for record in records:
+        for name in ("rel_mse", "psnr", "class_accuracy", "frechet_distance", "jitter"):
+            assert f"eval_{name}" in record and f"eval_{name}_spread" in record
+            assert f"eval_{name}_rounded" in record
+        for name in ("class_accuracy", "frechet_distance", "jitter", "flicker"):
+            assert f"eval_teacher_{name}" in record
+    assert records[0]["eval_rel_mse"] == 0          # step 0: every gate at 1, the teacher
+

@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from . import distributed as D
 from .config import TrainConfig, load_config
 from .data import BatchSchedule, TeacherDataset
-from .evaluate import EvalMetric, EvalSet, rel_mse_metric, rounded_gates, run_metrics
+from .evaluate import EvalMetric, EvalSet, default_eval_metrics, rounded_gates, run_metrics
 from .flow import FlowModel
 from .metrics import MetricsLog, plot_gates
 from .models import (DTYPES, freeze, layer_names, dit_api, load_transformer, make_student,
@@ -73,7 +73,8 @@ def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
             a preempted job would (resume continues from the last checkpoint).
         progress: show progress bars (rank 0).
         eval_metrics: functions (student samples, EvalSet) -> {name: value} logged as
-            eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse.
+            eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse, and
+            on the toy teacher every fidelity figure (linattn.toy.TrainerMetrics).
     """
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, teacher=teacher, progress=progress, eval_metrics=eval_metrics)
@@ -89,7 +90,8 @@ class Trainer:
                  eval_metrics: Optional[Sequence[EvalMetric]] = None):
         self.cfg = config
         self.progress = progress
-        self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
+        self.eval_metrics = (list(eval_metrics) if eval_metrics is not None
+                             else default_eval_metrics(config))
         self.ctx = D.setup(config.train.device)
         self.strategy = D.resolve_strategy(config.train.strategy, self.ctx.world_size)
         tc, oc = config.train, config.output
