@@ -312,3 +312,44 @@ def test_trainer_logs_the_toy_fidelity_figures(tmp_path, one_torch_thread):
             assert f"eval_teacher_{name}" in record
     assert records[0]["eval_rel_mse"] == 0          # step 0: every gate at 1, the teacher
 
+
+def _report(rel_mse):
+    fig = fidelity.Figure.of
+    return fidelity.FidelityReport({"rel_mse": fig(rel_mse)}, {}, {}, (0, 1, 2), 8, {})
+
+
+def test_demo_table_and_verdict():
+    from linattn.toy.linvideo import Row, beats, comparison_table
+
+    fig = fidelity.Figure.of
+    teacher_figs = {"class_accuracy": fig([1.0, 0.875, 1.0]), "jitter": fig([0.1, 0.2, 0.3])}
+    rows = [Row("teacher", teacher_figs, 10.0),
+            Row("untrained", {"rel_mse": fig([0.3, 0.2, 0.4]), **teacher_figs}, 12.0),
+            Row("LinVideo", {"rel_mse": fig([0.01, 0.02, 0.03]), "psnr": fig([30, 31, 32]),
+                             **teacher_figs}, 8.0)]
+    lines = comparison_table(rows).splitlines()
+    assert len(lines) == 4 and "rel-MSE" in lines[0] and "class acc." in lines[0]
+    teacher_cells = lines[1].split()
+    assert teacher_cells[:2] == ["teacher", "-"]          # no error against itself
+    assert "0.958 ± 0.0722" in lines[1] and "10.0 s" in lines[1]
+    assert "0.02 ± 0.01" in lines[3] and "(0.80x)" in lines[3] and "(1.20x)" in lines[2]
+    assert beats(_report([0.01, 0.02, 0.03]), _report([0.3, 0.2, 0.4]))
+    assert not beats(_report([0.01, 0.5, 0.03]), _report([0.3, 0.2, 0.4]))   # one seed worse
+    assert not beats(_report([0.3, 0.2, 0.4]), _report([0.3, 0.2, 0.4]))
+
+
+def test_run_linvideo_end_to_end_on_fast_settings(tmp_path, one_torch_thread):
+    from PIL import Image
+
+    from linattn.toy.linvideo import run_linvideo
+
+    result = run_linvideo(steps=1, n_linear=5, workdir=str(tmp_path), seeds=(0, 1, 2),
+                          num_samples=2, sampler=FAST, grid=str(tmp_path / "grid.png"),
+                          overrides=["data.num_trajectories=1", "data.num_steps=2",
+                                     "train.global_batch_size=2"], progress=False)
+    assert len(result.linear_layers) == 5 and len(result.rows) == 3
+    assert [len(r.figures["class_accuracy"].values) for r in result.rows] == [3, 3, 3]
+    untrained = next(iter(result.reports.values()))
+    assert untrained.model["rel_mse"].mean > 0
+    assert isinstance(result.linvideo_beats_untrained, bool)
+    assert Image.open(tmp_path / "grid.png").size[1] == 2 * 6 * 34   # 6 rows of 34-px tiles

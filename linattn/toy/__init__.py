@@ -17,7 +17,11 @@ Modules, one job each: videos (the procedural data), teacher (architecture, clas
 sampler, loading), sampling (guided samples from seeds), classifier (the metrics' feature
 network), fidelity (the metrics), entropy (attention entropy per layer), grid (sample grids as
 PNG), train (``python -m linattn.toy.train teacher|classifier`` reproduces the shipped weights),
-report (``python -m linattn.toy.report`` recomputes docs/toy_teacher.md's figures).
+report (``python -m linattn.toy.report`` recomputes docs/toy_teacher.md's figures), linvideo
+(LinVideo run on the toy and scored against the teacher and the untrained conversion: the table
+of ``python -m linattn.demo``). In linattn.train, ``model.pretrained: linattn:toy`` and
+``data.embeddings: linattn:toy`` name the teacher and its class embeddings
+(linattn/train/configs/toy_wan_cpu.yaml), and a run on it logs TrainerMetrics.
 Needs the ``train`` extra (diffusers).
 """
 from .classifier import VideoClassifier, load_classifier
