@@ -26,6 +26,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .fidelity import FidelityReport, Figure, evaluate, teacher_reference
 from .grid import save_grid
@@ -105,15 +106,20 @@ def run_linvideo(*, steps: int = 60, n_linear: int = 5, workdir: str = "runs/toy
                     if kind == "linear")
     student = result.model.eval()
 
+    bar = tqdm(total=3, desc="scoring teacher / untrained / LinVideo", unit="model",
+               disable=not progress)
     reference, seconds = _timed(lambda: teacher_reference(
-        teacher, seeds=seeds, num_samples=num_samples, sampler=sampler, progress=progress))
+        teacher, seeds=seeds, num_samples=num_samples, sampler=sampler))
+    bar.update(1)
     untrained = untrained_conversion(teacher, linear)
     reports = {}
     rows = [Row("teacher", reference.teacher_figures, seconds)]
     for name, model in ((f"untrained conversion ({len(linear)} linear)", untrained),
                         (f"LinVideo ({len(linear)} linear, {steps} steps)", student)):
-        reports[name], seconds = _timed(lambda: evaluate(model, reference, progress=progress))
+        reports[name], seconds = _timed(lambda: evaluate(model, reference))
         rows.append(Row(name, reports[name].model, seconds))
+        bar.update(1)
+    bar.close()
     untrained_report, linvideo_report = reports.values()
     if grid is not None:
         first = reference.seeds[0]
