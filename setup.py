@@ -156,7 +156,9 @@ setup(
         "test": ["pytest>=8", "pytest-benchmark>=4", TESTED_TRITON, *TRAIN_REQUIRES],
     },
     entry_points={"console_scripts": ["linattn = linattn.train.cli:main"]},
-    package_data={"linattn.train": ["configs/*.yaml"]},
+    package_data={"linattn.train": ["configs/*.yaml"],
+                  # The trained toy teacher and its classifier (a few MB), loaded offline.
+                  "linattn.toy": ["weights/*.json", "weights/*.safetensors", "weights/teacher/*"]},
     ext_modules=[CMakeExtension("linattn._C", ROOT)],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

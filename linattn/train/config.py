@@ -29,6 +29,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUME = ("auto", "never")
 LR_SCHEDULES = ("constant", "cosine")
 SELECTIONS = ("exact", "round")
+# model.pretrained and data.embeddings: the toy video DiT shipped with linattn (linattn.toy) and
+# its class embeddings; a run on it logs the toy's fidelity metrics at every evaluation.
+TOY_SOURCE = "linattn:toy"
 
 
 @dataclass
@@ -37,6 +40,7 @@ class ModelConfig:
 
     # Hub id or local folder (a pipeline or a model), read with diffusers' from_pretrained; it
     # needs `accelerate` (in the [train] extra) for models that keep modules in float32 (Wan).
+    # "linattn:toy": the toy teacher shipped with linattn (linattn.toy.load_teacher()).
     pretrained: Optional[str] = None
     subfolder: Optional[str] = "transformer"  # inside `pretrained`; null for a bare model folder
     revision: Optional[str] = None
@@ -78,12 +82,20 @@ class DataConfig:
     generation_batch_size: int = 1          # trajectories sampled together
     store_dtype: str = "bfloat16"
     seed: int = 0
-    embeddings: Optional[str] = None        # safetensors: prompt_embeds (P, L, D)
+    embeddings: Optional[str] = None        # safetensors: prompt_embeds (P, L, D); "linattn:toy"
+    #                                         the toy teacher's class embeddings (row i: class i)
     random_conditioning: Optional[list] = None  # (P, L, D) N(0, 1) embeddings, seeded by seed
     prompts: Optional[Union[str, list]] = None  # a list, or a text file with one per line
     text_encoder: Optional[str] = None      # pipeline folder/hub id with tokenizer/, text_encoder/
     negative_prompt: str = ""
     max_sequence_length: int = 512
+
+
+    def __post_init__(self):
+        if self.embeddings == TOY_SOURCE:
+            from ..toy.teacher import CLASS_EMBEDDINGS_FILE
+
+            self.embeddings = str(CLASS_EMBEDDINGS_FILE)
 
 
 @dataclass
@@ -167,6 +179,9 @@ class TrainConfig:
         if m.pretrained is not None and m.config is not None:
             raise ValueError("model: give one of model.pretrained (load weights) and "
                              "model.config (build with random weights), not both")
+        if m.pretrained == TOY_SOURCE and m.class_name != "WanTransformer3DModel":
+            raise ValueError(f"model.class_name: the toy teacher ({TOY_SOURCE}) is a "
+                             f"WanTransformer3DModel, got {m.class_name!r}")
         _one_of("model.teacher_dtype", m.teacher_dtype, DTYPES)
         _one_of("convert.mode", c.mode, MODES)
         if isinstance(c.layers, str) and c.layers != "all":

@@ -5,7 +5,8 @@ both with the teacher data's sampler and classifier-free guidance (what inferenc
 held-out noise, and hands the samples to a list of metric functions. A metric function takes
 (student samples, EvalSet) and returns {name: float}; the trainer logs each entry as
 ``eval_<name>`` (and ``eval_<name>_rounded`` for the model with its gates rounded). The default
-list is [``rel_mse_metric``]; pass ``eval_metrics=`` to ``linattn.train.train`` for more.
+list is [``rel_mse_metric``] (on the toy teacher, linattn.toy.TrainerMetrics: every fidelity
+figure with its spread); pass ``eval_metrics=`` to ``linattn.train.train`` for others.
 
 rel_mse = mean_i ‖x_student,i − x_teacher,i‖² / ‖x_teacher,i‖². 0 means identical samples.
 """
@@ -55,6 +56,19 @@ EvalMetric = Callable[[Tensor, EvalSet], dict]
 def rel_mse_metric(samples: Tensor, eval_set: EvalSet) -> dict:
     """{"rel_mse": relative_mse(samples, teacher's samples)}."""
     return {"rel_mse": relative_mse(samples, eval_set.teacher_samples)}
+
+
+def default_eval_metrics(config) -> list:
+    """The eval metrics of a run that passes none: rel_mse, and on the toy teacher
+    (model.pretrained "linattn:toy") all of the toy's fidelity figures with their spread
+    (linattn.toy.TrainerMetrics, which include rel_mse)."""
+    from .config import TOY_SOURCE
+
+    if config.model.pretrained == TOY_SOURCE:
+        from ..toy.fidelity import TrainerMetrics
+
+        return [TrainerMetrics()]
+    return [rel_mse_metric]
 
 
 def run_metrics(metrics: Sequence[EvalMetric], samples: Tensor, eval_set: EvalSet,

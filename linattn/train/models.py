@@ -35,6 +35,12 @@ def diffusers_class(class_name: str):
 
 def load_transformer(model_config, dtype: torch.dtype) -> nn.Module:
     """The model model_config describes, on the CPU, in ``dtype``."""
+    from .config import TOY_SOURCE
+
+    if model_config.pretrained == TOY_SOURCE:
+        from ..toy import load_teacher
+
+        return load_teacher().to(dtype)
     cls = diffusers_class(model_config.class_name)
     if model_config.pretrained is not None:
         kwargs = {"torch_dtype": dtype}

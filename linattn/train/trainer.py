@@ -29,7 +29,7 @@ from torch import nn
 from . import distributed as D
 from .config import TrainConfig, load_config
 from .data import BatchSchedule, TeacherDataset
-from .evaluate import EvalMetric, EvalSet, rel_mse_metric, rounded_gates, run_metrics
+from .evaluate import EvalMetric, EvalSet, default_eval_metrics, rounded_gates, run_metrics
 from .flow import FlowModel
 from .loop import StageLoop, clip_grad, save_model
 from .metrics import plot_gates
@@ -69,7 +69,8 @@ def train(config: Union[str, os.PathLike, dict, TrainConfig], *, overrides=None,
             a preempted job would (resume continues from the last checkpoint).
         progress: show progress bars (rank 0).
         eval_metrics: functions (student samples, EvalSet) -> {name: value} logged as
-            eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse.
+            eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse, and
+            on the toy teacher every fidelity figure (linattn.toy.TrainerMetrics).
     """
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg, teacher=teacher, progress=progress, eval_metrics=eval_metrics)
@@ -85,7 +86,8 @@ class Trainer(StageLoop):
                  eval_metrics: Optional[Sequence[EvalMetric]] = None):
         super().__init__(config.train, config.output, progress=progress)
         self.cfg = config
-        self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
+        self.eval_metrics = (list(eval_metrics) if eval_metrics is not None
+                             else default_eval_metrics(config))
         tc = config.train
 
         # Teacher: loaded (or given), frozen, on the device.
