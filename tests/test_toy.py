@@ -313,9 +313,10 @@ def test_trainer_logs_the_toy_fidelity_figures(tmp_path, one_torch_thread):
     assert records[0]["eval_rel_mse"] == 0          # step 0: every gate at 1, the teacher
 
 
-def _report(rel_mse):
+def _report(frechet, accuracy=(0.5, 0.5, 0.5)):
     fig = fidelity.Figure.of
-    return fidelity.FidelityReport({"rel_mse": fig(rel_mse)}, {}, {}, (0, 1, 2), 8, {})
+    return fidelity.FidelityReport({"frechet_distance": fig(frechet),
+                                    "class_accuracy": fig(accuracy)}, {}, {}, (0, 1, 2), 8, {})
 
 
 def test_demo_table_and_verdict():
@@ -336,6 +337,8 @@ def test_demo_table_and_verdict():
     assert beats(_report([0.01, 0.02, 0.03]), _report([0.3, 0.2, 0.4]))
     assert not beats(_report([0.01, 0.5, 0.03]), _report([0.3, 0.2, 0.4]))   # one seed worse
     assert not beats(_report([0.3, 0.2, 0.4]), _report([0.3, 0.2, 0.4]))
+    assert not beats(_report([0.01, 0.02, 0.03], accuracy=(0.25, 0.25, 0.25)),  # fewer classes
+                     _report([0.3, 0.2, 0.4], accuracy=(0.5, 0.375, 0.5)))
 
 
 def test_run_linvideo_end_to_end_on_fast_settings(tmp_path, one_torch_thread):
