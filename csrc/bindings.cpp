@@ -237,6 +237,71 @@ PYBIND11_MODULE(_C, m) {
       "Fills dq, dk, dv, the maps' parameter gradients and the q/k norms' weight and bias "
       "gradients from grad_out and forward's S, z (and pre's norm statistics).");
 
+  // The phases (linear_attention.h), for context parallelism.
+  m.def(
+      "cpu_forward_state",
+      [](py::handle k, py::handle v, py::handle key_mask, const std::string& k_map,
+         py::handle k_params, py::handle state, py::handle normaliser, int num_threads) {
+        linattn::StateArgs args{as_view(k, "k"), as_view(v, "v"),
+                                as_optional_view(key_mask, "key_mask"),
+                                {k_map, as_views(k_params, "k_params")}, as_view(state, "state"),
+                                as_view(normaliser, "normaliser"), num_threads};
+        py::gil_scoped_release release;
+        linattn::cpu_forward_state(args);
+      },
+      "k"_a, "v"_a, "key_mask"_a, "k_map"_a, "k_params"_a, "state"_a, "normaliser"_a,
+      "num_threads"_a, "Fills state S (B, H, D', Dv) and normaliser z (B, H, D') from k, v.");
+
+  m.def(
+      "cpu_forward_output",
+      [](py::handle q, const std::string& q_map, py::handle q_params, double eps,
+         py::handle state, py::handle normaliser, py::handle o, int num_threads) {
+        linattn::OutputArgs args{as_view(q, "q"), {q_map, as_views(q_params, "q_params")}, eps,
+                                 as_view(state, "state"), as_view(normaliser, "normaliser"),
+                                 as_view(o, "o"), num_threads};
+        py::gil_scoped_release release;
+        linattn::cpu_forward_output(args);
+      },
+      "q"_a, "q_map"_a, "q_params"_a, "eps"_a, "state"_a, "normaliser"_a, "o"_a,
+      "num_threads"_a, "Fills o (B, Nq, H, Dv) from q and a given S, z.");
+
+  m.def(
+      "cpu_backward_queries",
+      [](py::handle grad_out, py::handle q, const std::string& q_map, py::handle q_params,
+         double eps, py::handle state, py::handle normaliser, py::handle dq, py::handle d_state,
+         py::handle d_normaliser, py::handle d_q_params, int num_threads) {
+        linattn::QueryGradArgs args{as_view(grad_out, "grad_out"), as_view(q, "q"),
+                                    {q_map, as_views(q_params, "q_params")}, eps,
+                                    as_view(state, "state"), as_view(normaliser, "normaliser"),
+                                    as_view(dq, "dq"), as_view(d_state, "d_state"),
+                                    as_view(d_normaliser, "d_normaliser"),
+                                    as_views(d_q_params, "d_q_params"), num_threads};
+        py::gil_scoped_release release;
+        linattn::cpu_backward_queries(args);
+      },
+      "grad_out"_a, "q"_a, "q_map"_a, "q_params"_a, "eps"_a, "state"_a, "normaliser"_a, "dq"_a,
+      "d_state"_a, "d_normaliser"_a, "d_q_params"_a, "num_threads"_a,
+      "Fills dq, these queries' dS, dz and the q map's parameter gradients.");
+
+  m.def(
+      "cpu_backward_keys",
+      [](py::handle k, py::handle v, py::handle key_mask, const std::string& k_map,
+         py::handle k_params, py::handle d_state, py::handle d_normaliser, py::handle dk,
+         py::handle dv, py::handle d_k_params, int num_threads) {
+        linattn::KeyGradArgs args{as_view(k, "k"), as_view(v, "v"),
+                                  as_optional_view(key_mask, "key_mask"),
+                                  {k_map, as_views(k_params, "k_params")},
+                                  as_view(d_state, "d_state"),
+                                  as_view(d_normaliser, "d_normaliser"), as_view(dk, "dk"),
+                                  as_view(dv, "dv"), as_views(d_k_params, "d_k_params"),
+                                  num_threads};
+        py::gil_scoped_release release;
+        linattn::cpu_backward_keys(args);
+      },
+      "k"_a, "v"_a, "key_mask"_a, "k_map"_a, "k_params"_a, "d_state"_a, "d_normaliser"_a,
+      "dk"_a, "dv"_a, "d_k_params"_a, "num_threads"_a,
+      "Fills dk, dv and the k map's parameter gradients from a given dS, dz.");
+
   m.def("cpu_feature_maps", &linattn::fused_feature_maps,
         "Names of the feature maps the CPU kernels fuse.");
   m.def("build_info", &build_info, "How this module was compiled.");

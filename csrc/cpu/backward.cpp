@@ -15,6 +15,10 @@
 // saw, and take the map's dx back through RoPE and the norm (dw, db summed like dW, in the same
 // cascades); a norm over all heads ends with finish_norm_over_heads once every head of every
 // token is done.
+//
+// cpu_backward runs both passes; cpu_backward_queries and cpu_backward_keys run one each (the
+// phases a context-parallel caller separates with an all-reduce of dS and dz,
+// linear_attention.h), without pre-attention work (the context-parallel op refuses it).
 #include <omp.h>
 
 #include <optional>
@@ -92,26 +96,34 @@ void scatter_row_sums(const T* row_sums, const std::int64_t* tokens, int rows, s
   }
 }
 
+
+// The query pass's slot per task: dS [F][Dvp], then dz [Fp] (state_slot), then the q map's
+// parameter gradient, then the q norm's (dw, db); one cascade sums all four.
+template <class T>
+std::int64_t query_slot(const Dims& d, const FeatureMap<T>& q_map, const PreTransform<T>& q_pre) {
+  return state_slot<T>(d) + q_map.param_grad_size() + q_pre.param_grad_size();
+}
+
+// Where a pass writes its norm's weight and bias gradients (both absent without a norm).
+struct NormGrads {
+  std::optional<View> weight, bias;
+};
+
+// 1. queries. `dstate` holds B·H·q_parts query_slots; each head's parts are reduced into its
+// first slot (dS, dz there in state_slot layout). The q map's parameter gradients are written
+// to d_q_params, the q norm's to d_norm; `pre` applies q's norm (statistics `stats`) and RoPE.
 template <class E, class T>
-void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_map,
-                  const FeatureMap<T>& k_map, int threads) {
+void run_queries(const View& grad_out, const View& q, const View& state, const View& normaliser,
+                 const View& dq, const std::vector<View>& d_q_params, const Dims& d,
+                 const FeatureMap<T>& q_map, const NormArg& norm, const RopeArg& rope,
+                 const std::optional<View>& stats, const NormGrads& d_norm, T eps,
+                 std::int64_t q_parts, T* dstate, int threads) {
   const std::int64_t BH = d.B * d.H, F = d.F, Dv = d.Dv;
   const std::int64_t Dp = padded<T>(d.D), Fp = padded<T>(F), Dvp = padded<T>(Dv);
-  const KeyMask mask = key_mask_of(a.key_mask);
-  const T eps = T(a.eps);
-  const PreTransform<T> q_pre(a.pre.q_norm, a.pre.rope, a.pre.q_stats, d.D),
-      k_pre(a.pre.k_norm, a.pre.rope, a.pre.k_stats, d.D);
-
-  // ---- 1. queries -----------------------------------------------------------------------------
-  const std::int64_t q_parts = choose_splits(BH, d.Nq, threads, kMinReducedPartTokens);
-  const std::int64_t q_grad_size = q_map.param_grad_size();
-  const std::int64_t q_norm_size = q_pre.param_grad_size();
-  // dS [F][Dvp], then dz [Fp], then the map's parameter gradient, then the norm's (dw, db): one
-  // cascade sums all four.
-  const std::int64_t q_grad_offset = F * Dvp + Fp;
-  const std::int64_t q_norm_offset = q_grad_offset + q_grad_size;
-  const std::int64_t slot = q_norm_offset + q_norm_size;
-  Buffer<T> dstate(BH * q_parts * slot);
+  const PreTransform<T> q_pre(norm, rope, stats, d.D);
+  const std::int64_t q_grad_offset = state_slot<T>(d);
+  const std::int64_t q_norm_offset = q_grad_offset + q_map.param_grad_size();
+  const std::int64_t slot = query_slot<T>(d, q_map, q_pre);
   Buffer<T> q_sums(q_pre.norm_over_heads() ? d.B * d.Nq * d.H * 2 : 0);
 
   ScratchLayout<T> ql;
@@ -138,16 +150,16 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     CascadeSum<T> sums(scratch + o_cascade, q_cascade_buffers, slot);
 
     // From the forward: z, and Sᵀ [Dv][Fp], the B operand of g = do Sᵀ (g_i = S do_i).
-    const T* S_base = a.state.as<T>() + b * a.state.stride[0] + h * a.state.stride[1];
+    const T* S_base = state.as<T>() + b * state.stride[0] + h * state.stride[1];
     for (std::int64_t e = 0; e < Dv; ++e) {
       for (std::int64_t f = 0; f < Fp; ++f) {
-        St[e * Fp + f] = f < F ? S_base[f * a.state.stride[2] + e * a.state.stride[3]] : T(0);
+        St[e * Fp + f] = f < F ? S_base[f * state.stride[2] + e * state.stride[3]] : T(0);
       }
     }
-    read_vector(a.normaliser, b, h, z, Fp);
+    read_vector(normaliser, b, h, z, Fp);
 
-    const RowSlice<const E> q_rows(a.q, b, h), do_rows(a.grad_out, b, h);
-    const RowSlice<E> dq_rows(a.dq, b, h);
+    const RowSlice<const E> q_rows(q, b, h), do_rows(grad_out, b, h);
+    const RowSlice<E> dq_rows(dq, b, h);
     std::int64_t tokens[kBlock];
     std::int64_t begin, end;
     part_range(d.Nq, q_parts, part, &begin, &end);
@@ -198,23 +210,34 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
       gemm<T>(F, Dvp, rows, phi, 1, Fp, dob, Dvp, dS, Dvp, true);
       sums.block_done();
     }
-    sums.finish(dstate.data() + task * slot);
+    sums.finish(dstate + task * slot);
   }
 
 #pragma omp parallel for num_threads(int(std::min<std::int64_t>(threads, BH))) schedule(static)
   for (std::int64_t bh = 0; bh < BH; ++bh) {
-    reduce_parts(dstate.data() + bh * q_parts * slot, q_parts, slot, q_grad_offset);
+    reduce_parts(dstate + bh * q_parts * slot, q_parts, slot, q_grad_offset);
   }
-  store_param_grads(q_map, a.d_q_params, dstate.data() + q_grad_offset, slot, d, q_parts,
-                    threads);
-  store_norm_grads(q_pre, a.d_q_norm_weight, a.d_q_norm_bias, dstate.data() + q_norm_offset, slot,
-                   d, q_parts, threads);
+  store_param_grads(q_map, d_q_params, dstate + q_grad_offset, slot, d, q_parts, threads);
+  store_norm_grads(q_pre, d_norm.weight, d_norm.bias, dstate + q_norm_offset, slot, d, q_parts,
+                   threads);
   if (q_pre.norm_over_heads()) {
-    finish_norm_over_heads(a.q, a.dq, a.pre.q_norm, *a.pre.q_stats, q_sums.data(), KeyMask{},
-                           threads);
+    finish_norm_over_heads(q, dq, norm, *stats, q_sums.data(), KeyMask{}, threads);
   }
+}
 
-  // ---- 2. keys --------------------------------------------------------------------------------
+// 2. keys, from the heads' dS, dz at dstates + bh·head_stride (state_slot layout). The k map's
+// parameter gradients are written to d_k_params, the k norm's to d_norm; `pre` applies k's norm
+// (statistics `stats`) and RoPE.
+template <class E, class T>
+void run_keys(const View& k, const View& v, const std::optional<View>& key_mask, const View& dk,
+              const View& dv, const std::vector<View>& d_k_params, const Dims& d,
+              const FeatureMap<T>& k_map, const NormArg& norm, const RopeArg& rope,
+              const std::optional<View>& stats, const NormGrads& d_norm, const T* dstates,
+              std::int64_t head_stride, int threads) {
+  const std::int64_t BH = d.B * d.H, F = d.F, Dv = d.Dv;
+  const std::int64_t Dp = padded<T>(d.D), Fp = padded<T>(F), Dvp = padded<T>(Dv);
+  const KeyMask mask = key_mask_of(key_mask);
+  const PreTransform<T> k_pre(norm, rope, stats, d.D);
   const std::int64_t k_parts = choose_splits(BH, d.Nk, threads, kMinReducedPartTokens);
   // The map's parameter gradient and the norm's (dw, db) sum over every key like dS: one
   // cascade per task sums both (0: neither has parameters).
@@ -245,15 +268,15 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     T *x = scratch + p_x, *phi = scratch + p_phi, *vb = scratch + p_v, *dphi = scratch + p_dphi,
       *dvb = scratch + p_dv, *dx = scratch + p_dx, *dSt = scratch + p_dSt, *ws = scratch + p_ws,
       *raw = scratch + p_raw, *pre_ws = scratch + p_pre, *row_sums = scratch + p_rs;
-    // dS [F][Dvp] and dz, reduced in place in the first part's slot; dSᵀ [Dv][Fp].
-    const T* dS = dstate.data() + bh * q_parts * slot;
+    // dS [F][Dvp] and dz of this head; dSᵀ [Dv][Fp].
+    const T* dS = dstates + bh * head_stride;
     const T* dz = dS + F * Dvp;
     transpose(dS, F, Dv, Dvp, dSt, Fp);
     std::optional<CascadeSum<T>> grad_sums;
     if (k_sum_size) grad_sums.emplace(scratch + p_cascade, k_cascade_buffers, k_sum_size);
 
-    const RowSlice<const E> k_rows(a.k, b, h), v_rows(a.v, b, h);
-    const RowSlice<E> dk_rows(a.dk, b, h), dv_rows(a.dv, b, h);
+    const RowSlice<const E> k_rows(k, b, h), v_rows(v, b, h);
+    const RowSlice<E> dk_rows(dk, b, h), dv_rows(dv, b, h);
     std::int64_t kept[kBlock], dropped[kBlock];
     std::int64_t begin, end;
     part_range(d.Nk, k_parts, part, &begin, &end);
@@ -300,12 +323,29 @@ void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_m
     }
     if (grad_sums) grad_sums->finish(k_grads.data() + task * k_sum_size);
   }
-  store_param_grads(k_map, a.d_k_params, k_grads.data(), k_sum_size, d, k_parts, threads);
-  store_norm_grads(k_pre, a.d_k_norm_weight, a.d_k_norm_bias, k_grads.data() + k_grad_size,
-                   k_sum_size, d, k_parts, threads);
+  store_param_grads(k_map, d_k_params, k_grads.data(), k_sum_size, d, k_parts, threads);
+  store_norm_grads(k_pre, d_norm.weight, d_norm.bias, k_grads.data() + k_grad_size, k_sum_size, d,
+                   k_parts, threads);
   if (k_pre.norm_over_heads()) {
-    finish_norm_over_heads(a.k, a.dk, a.pre.k_norm, *a.pre.k_stats, k_sums.data(), mask, threads);
+    finish_norm_over_heads(k, dk, norm, *stats, k_sums.data(), mask, threads);
   }
+}
+
+template <class E, class T>
+void run_backward(const BackwardArgs& a, const Dims& d, const FeatureMap<T>& q_map,
+                  const FeatureMap<T>& k_map, int threads) {
+  const std::int64_t q_parts = choose_splits(d.B * d.H, d.Nq, threads, kMinReducedPartTokens);
+  const PreTransform<T> q_pre(a.pre.q_norm, a.pre.rope, a.pre.q_stats, d.D);
+  const std::int64_t slot = query_slot<T>(d, q_map, q_pre);
+  Buffer<T> dstate(d.B * d.H * q_parts * slot);
+  run_queries<E, T>(a.grad_out, a.q, a.state, a.normaliser, a.dq, a.d_q_params, d, q_map,
+                    a.pre.q_norm, a.pre.rope, a.pre.q_stats,
+                    NormGrads{a.d_q_norm_weight, a.d_q_norm_bias}, T(a.eps), q_parts,
+                    dstate.data(), threads);
+  // The key pass reads the reduced dS, dz where the query pass left them.
+  run_keys<E, T>(a.k, a.v, a.key_mask, a.dk, a.dv, a.d_k_params, d, k_map, a.pre.k_norm,
+                 a.pre.rope, a.pre.k_stats, NormGrads{a.d_k_norm_weight, a.d_k_norm_bias},
+                 dstate.data(), q_parts * slot, threads);
 }
 
 template <class T>
@@ -313,8 +353,7 @@ void backward_typed(const BackwardArgs& a, Dims d) {
   MapPair<T> maps = make_maps<T>(a.q_map.name, a.q_map.params, a.k_map.name, a.k_map.params, &d);
   const DType dt = a.q.dtype, sdt = state_dtype(dt);
   check_tensor(a.grad_out, {d.B, d.Nq, d.H, d.Dv}, dt, "grad_out", "(B, Nq, H, Dv)", "q's dtype");
-  check_tensor(a.state, {d.B, d.H, d.F, d.Dv}, sdt, "state", "(B, H, D', Dv)", "the state dtype");
-  check_tensor(a.normaliser, {d.B, d.H, d.F}, sdt, "normaliser", "(B, H, D')", "the state dtype");
+  check_state(a.state, a.normaliser, d, dt, "state", "normaliser");
   check_tensor(a.dq, {d.B, d.Nq, d.H, d.D}, dt, "dq", "(B, Nq, H, D)", "q's dtype");
   check_tensor(a.dk, {d.B, d.Nk, d.H, d.D}, dt, "dk", "(B, Nk, H, D)", "k's dtype");
   check_tensor(a.dv, {d.B, d.Nk, d.H, d.Dv}, dt, "dv", "(B, Nk, H, Dv)", "v's dtype");
@@ -326,11 +365,62 @@ void backward_typed(const BackwardArgs& a, Dims d) {
   check_norm_grads(a.pre.q_norm, a.d_q_norm_weight, a.d_q_norm_bias, d.H, d.D, "q_norm");
   check_norm_grads(a.pre.k_norm, a.d_k_norm_weight, a.d_k_norm_bias, d.H, d.D, "k_norm");
   const int threads = resolve_threads(a.num_threads);
-  visit_float_dtype(dt, [&](auto tag) {
-    using E = typename decltype(tag)::type;
-    if constexpr (std::is_same_v<T, double> == std::is_same_v<E, double>) {
-      run_backward<E, T>(a, d, *maps.q, *maps.k, threads);
-    }
+  visit_elements<T>(dt, [&](auto tag) {
+    run_backward<typename decltype(tag)::type, T>(a, d, *maps.q, *maps.k, threads);
+  });
+}
+
+template <class T>
+void queries_typed(const QueryGradArgs& a, Dims d) {
+  const auto q_map = make_feature_map<T>(a.q_map.name, a.q_map.params, d.H, d.D, "q_map");
+  d.F = q_map->features();
+  const DType dt = a.q.dtype;
+  expect_rank(a.grad_out, 4, "grad_out", "(B, Nq, H, Dv)");
+  d.Dv = a.grad_out.shape[3];
+  check_tensor(a.grad_out, {d.B, d.Nq, d.H, d.Dv}, dt, "grad_out", "(B, Nq, H, Dv)", "q's dtype");
+  check_state(a.state, a.normaliser, d, dt, "state", "normaliser");
+  check_state(a.d_state, a.d_normaliser, d, dt, "d_state", "d_normaliser");
+  check_tensor(a.dq, {d.B, d.Nq, d.H, d.D}, dt, "dq", "(B, Nq, H, D)", "q's dtype");
+  q_map->check_param_grads(a.d_q_params, "d_q_params");
+  const int threads = resolve_threads(a.num_threads);
+  const std::int64_t q_parts = choose_splits(d.B * d.H, d.Nq, threads, kMinReducedPartTokens);
+  const std::int64_t slot = query_slot<T>(d, *q_map, no_pre<T>(d.D)), Dvp = padded<T>(d.Dv);
+  Buffer<T> dstate(d.B * d.H * q_parts * slot);
+  visit_elements<T>(dt, [&](auto tag) {
+    run_queries<typename decltype(tag)::type, T>(a.grad_out, a.q, a.state, a.normaliser, a.dq,
+                                                 a.d_q_params, d, *q_map, NormArg{}, RopeArg{},
+                                                 std::nullopt, NormGrads{}, T(a.eps), q_parts,
+                                                 dstate.data(), threads);
+  });
+  for (std::int64_t bh = 0; bh < d.B * d.H; ++bh) {
+    const T* total = dstate.data() + bh * q_parts * slot;
+    write_matrix(a.d_state, bh / d.H, bh % d.H, total, Dvp);
+    write_vector(a.d_normaliser, bh / d.H, bh % d.H, total + d.F * Dvp);
+  }
+}
+
+template <class T>
+void keys_typed(const KeyGradArgs& a, Dims d) {
+  const auto k_map = make_feature_map<T>(a.k_map.name, a.k_map.params, d.H, d.D, "k_map");
+  d.F = k_map->features();
+  const DType dt = a.k.dtype;
+  check_state(a.d_state, a.d_normaliser, d, dt, "d_state", "d_normaliser");
+  check_tensor(a.dk, {d.B, d.Nk, d.H, d.D}, dt, "dk", "(B, Nk, H, D)", "k's dtype");
+  check_tensor(a.dv, {d.B, d.Nk, d.H, d.Dv}, dt, "dv", "(B, Nk, H, Dv)", "v's dtype");
+  k_map->check_param_grads(a.d_k_params, "d_k_params");
+  const int threads = resolve_threads(a.num_threads);
+  // Stage the given dS, dz in the layout the pass reads (Buffer zero-fills the padding).
+  const std::int64_t slot = state_slot<T>(d), Dvp = padded<T>(d.Dv);
+  Buffer<T> dstates(d.B * d.H * slot);
+  for (std::int64_t bh = 0; bh < d.B * d.H; ++bh) {
+    T* dS = dstates.data() + bh * slot;
+    read_matrix(a.d_state, bh / d.H, bh % d.H, dS, Dvp);
+    read_vector(a.d_normaliser, bh / d.H, bh % d.H, dS + d.F * Dvp, padded<T>(d.F));
+  }
+  visit_elements<T>(dt, [&](auto tag) {
+    run_keys<typename decltype(tag)::type, T>(a.k, a.v, a.key_mask, a.dk, a.dv, a.d_k_params, d,
+                                              *k_map, NormArg{}, RopeArg{}, std::nullopt,
+                                              NormGrads{}, dstates.data(), slot, threads);
   });
 }
 
@@ -342,6 +432,24 @@ void cpu_backward(const BackwardArgs& a) {
     backward_typed<double>(a, d);
   } else {
     backward_typed<float>(a, d);
+  }
+}
+
+void cpu_backward_queries(const QueryGradArgs& a) {
+  const Dims d = check_queries(a.q, a.eps);
+  if (a.q.dtype == DType::float64) {
+    queries_typed<double>(a, d);
+  } else {
+    queries_typed<float>(a, d);
+  }
+}
+
+void cpu_backward_keys(const KeyGradArgs& a) {
+  const Dims d = check_keys(a.k, a.v, a.key_mask);
+  if (a.k.dtype == DType::float64) {
+    keys_typed<double>(a, d);
+  } else {
+    keys_typed<float>(a, d);
   }
 }
 

@@ -1,4 +1,4 @@
-// The two entry points of the CPU backend, as linattn/backends/base.py's contract defines them.
+// The entry points of the CPU backend, as linattn/backends/base.py's contract defines them.
 //
 // With `pre`, φ applies to RoPE(norm(q)) and RoPE(norm(k)) instead of q and k (pre_attention.h).
 //
@@ -6,6 +6,13 @@
 // backward: from do and the forward's S, z: dq, dk, dv and the maps' parameter gradients.
 // All tensors are (B, N, H, X)-indexed views with arbitrary strides; outputs are preallocated
 // by the caller and every element of them is written.
+//
+// Each pass is also an entry point of its own (the phases), for a caller that combines the
+// sequence reductions of several processes between them (context parallelism,
+// linattn/distributed): the state pass (S, z from keys), the output pass (o from queries and
+// a given S, z), the query pass of the backward (dq, dS, dz and the q map's parameter gradient
+// from queries) and the key pass (dk, dv and the k map's parameter gradient from a given
+// dS, dz). forward = state + output and backward = queries + keys run the same code.
 #pragma once
 
 #include <optional>
@@ -46,7 +53,49 @@ struct BackwardArgs {
   std::optional<View> d_q_norm_weight, d_q_norm_bias, d_k_norm_weight, d_k_norm_bias;
 };
 
+struct StateArgs {
+  View k, v;
+  std::optional<View> key_mask;
+  MapArg k_map;
+  View state, normaliser;  // written: (B, H, D', Dv), (B, H, D') in the state dtype
+  int num_threads = 0;
+};
+
+struct OutputArgs {
+  View q;
+  MapArg q_map;
+  double eps = 0.0;
+  View state, normaliser;  // read
+  View o;                  // written
+  int num_threads = 0;
+};
+
+struct QueryGradArgs {
+  View grad_out, q;
+  MapArg q_map;
+  double eps = 0.0;
+  View state, normaliser;        // read: the forward's (summed) S and z
+  View dq;                       // written
+  View d_state, d_normaliser;    // written: this call's queries' dS, dz in the state dtype
+  std::vector<View> d_q_params;  // written: the q map's parameter gradients over these queries
+  int num_threads = 0;
+};
+
+struct KeyGradArgs {
+  View k, v;
+  std::optional<View> key_mask;
+  MapArg k_map;
+  View d_state, d_normaliser;    // read: the (summed) dS and dz
+  View dk, dv;                   // written
+  std::vector<View> d_k_params;  // written: the k map's parameter gradients over these keys
+  int num_threads = 0;
+};
+
 void cpu_forward(const ForwardArgs& args);
 void cpu_backward(const BackwardArgs& args);
+void cpu_forward_state(const StateArgs& args);
+void cpu_forward_output(const OutputArgs& args);
+void cpu_backward_queries(const QueryGradArgs& args);
+void cpu_backward_keys(const KeyGradArgs& args);
 
 }  // namespace linattn

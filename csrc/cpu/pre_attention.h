@@ -306,4 +306,11 @@ class PreTransform {
   std::int64_t b_ = 0, h_ = 0;
 };
 
+// No norm and no RoPE: what the single-pass entry points (cpu_forward_state and the others,
+// linear_attention.h) apply, since the context-parallel op refuses pre-attention work.
+template <class T>
+PreTransform<T> no_pre(std::int64_t D) {
+  return PreTransform<T>(NormArg{}, RopeArg{}, std::nullopt, D);
+}
+
 }  // namespace linattn

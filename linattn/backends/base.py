@@ -1,6 +1,6 @@
 """What a kernel backend implements, and how the op calls it.
 
-The op layer (linattn/ops/custom_op.py) validates inputs, allocates every output and calls a
+The op layer (linattn/ops/execute.py) validates inputs, allocates every output and calls a
 backend's ``forward`` / ``backward``, which only fill those outputs. All tensors are views in
 (B, N, H, D) index order with arbitrary strides (a (B, H, N, D) input arrives as a permuted
 view, not a copy): a backend reads strides, it never calls ``.contiguous()`` on q, k, v or do.
@@ -25,6 +25,26 @@ Shapes and dtypes a backend receives:
     parameters, None where the parameter is absent.
 
 A backend must write every element of its outputs: the tests fill them with NaN beforehand.
+
+The phases. forward is two passes and backward two (kernels.md): the state pass (S, z from the
+keys), the output pass (o from the queries and S, z), the query pass of the backward (dq, and dS,
+dz and the q map's parameter gradient summed over the queries) and the key pass (dk, dv and the k
+map's parameter gradient from dS, dz). Context parallelism (linattn/distributed) runs them one by
+one with an all-reduce of S, z (and dS, dz) between, each process on its own tokens, so a backend
+also exposes each pass on its own: ``forward_state``, ``forward_output``, ``backward_queries``
+and ``backward_keys``. They run the same kernels as forward and backward; forward and backward
+stay single calls so that one process pays for no hand-over between the passes. In the phases,
+S, z, dS and dz are contiguous tensors in the state dtype that the caller allocates (it packs
+them into one buffer for one all-reduce), and Nq of the query phases may differ from Nk of the
+key phases (each process holds its own number of tokens).
+
+The centre. A backend may centre the state in its backward (the Triton kernels do:
+kernels/triton/backward.py): the query pass then writes a vector m (B, H, Dv), a function of the
+forward's S and z only, into ``centre`` and sums dz' = dz + dS m instead of dz; the key pass
+takes dS, dz' and m back and uses dS v + dz = dS (v − m) + dz'. A backend that does not centre
+writes m = 0 (then dz' = dz). dz' is linear in the per-token terms like dS, so a caller may sum
+dS and dz' over processes as it would dS and dz, provided every process passes the same m: it
+does when S and z are the same everywhere (all-reduced), as m depends on nothing else.
 """
 from __future__ import annotations
 
@@ -104,4 +124,32 @@ class KernelBackend:
                  d_q_params: Sequence[Tensor], d_k_params: Sequence[Tensor],
                  pre: Optional[PreCall] = None,
                  d_pre: Sequence[Optional[Tensor]] = (None, None, None, None)) -> None:
+        raise NotImplementedError
+
+    # The phases (module docstring).
+
+    def forward_state(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
+                      state: Tensor, normaliser: Tensor) -> None:
+        """state <- Σ_j φ(k_j) v_jᵀ and normaliser <- Σ_j φ(k_j) over the kept keys."""
+        raise NotImplementedError
+
+    def forward_output(self, q: Tensor, q_map: MapCall, eps: float, state: Tensor,
+                       normaliser: Tensor, o: Tensor) -> None:
+        """o <- φ(q)ᵀ S / (φ(q)ᵀ z + eps) for the given S (state) and z (normaliser)."""
+        raise NotImplementedError
+
+    def backward_queries(self, do: Tensor, q: Tensor, q_map: MapCall, eps: float,
+                         state: Tensor, normaliser: Tensor, dq: Tensor, d_state: Tensor,
+                         d_normaliser: Tensor, centre: Tensor,
+                         d_q_params: Sequence[Tensor]) -> None:
+        """dq; centre <- m (B, H, Dv) (module docstring; 0 where the backend does not centre);
+        d_state <- Σ_i φ(q_i) (do_i / den_i)ᵀ and d_normaliser <- Σ_i φ(q_i) dden_i + dS m
+        over these queries; the q map's parameter gradients over these queries."""
+        raise NotImplementedError
+
+    def backward_keys(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
+                      d_state: Tensor, d_normaliser: Tensor, centre: Tensor, dk: Tensor,
+                      dv: Tensor, d_k_params: Sequence[Tensor]) -> None:
+        """dk, dv (0 for masked keys) and the k map's parameter gradients over these keys,
+        from the given dS (d_state), dz' (d_normaliser) and m (centre) of backward_queries."""
         raise NotImplementedError

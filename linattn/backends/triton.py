@@ -131,6 +131,57 @@ class TritonBackend(KernelBackend):
                                                  eps, state, normaliser, dq, dk, dv, pre,
                                                  tuple(d_pre))
 
+    # The phases (base.py). A phase sees one map; the pair was checked by unsupported() when the
+    # backend was chosen. Scratch budgets are measured against the tensors a phase holds. The
+    # callers (linattn/distributed) allocate S, z, dS, dz' and m contiguous in fp32.
+
+    def forward_state(self, k, v, key_mask, k_map, state, normaliser) -> None:
+        with _on_device(k.device):
+            if k_map.name == HEDGEHOG:
+                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_state(
+                    k, v, key_mask, k_map.params[0], state, normaliser)
+                return
+            forward = _builtin_kernels().forward
+            forward.compute_state(k, v, key_mask, k_map.name, state, normaliser,
+                                  forward.qkv_bytes(k, k, v))
+
+    def forward_output(self, q, q_map, eps, state, normaliser, o) -> None:
+        with _on_device(q.device):
+            if q_map.name == HEDGEHOG:
+                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_output(
+                    q, q_map.params[0], eps, state, normaliser, o)
+                return
+            _builtin_kernels().forward.compute_output(q, q_map.name, eps, state, normaliser, o)
+
+    def backward_queries(self, do, q, q_map, eps, state, normaliser, dq, d_state,
+                         d_normaliser, centre, d_q_params) -> None:
+        with _on_device(q.device):
+            if q_map.name == HEDGEHOG:
+                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_query_grads(
+                    do, q, q_map.params[0], eps, state, normaliser, dq, d_q_params[0], d_state,
+                    d_normaliser, centre)
+                return
+            kernels = _builtin_kernels()
+            from ..kernels.triton.common import check_state
+            check_state(state, normaliser, "backward_queries")
+            check_state(d_state, d_normaliser, "backward_queries")
+            kernels.backward.state_gradients(do, q, q_map.name, eps, state, normaliser, dq,
+                                             d_state, d_normaliser, centre,
+                                             kernels.forward.qkv_bytes(q, q, do))
+
+    def backward_keys(self, k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
+                      d_k_params) -> None:
+        with _on_device(k.device):
+            if k_map.name == HEDGEHOG:
+                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_key_grads(
+                    k, v, key_mask, k_map.params[0], d_state, d_normaliser, centre, dk, dv,
+                    d_k_params[0])
+                return
+            from ..kernels.triton.common import check_state
+            check_state(d_state, d_normaliser, "backward_keys")
+            _builtin_kernels().backward.key_gradients(k, v, key_mask, k_map.name, d_state,
+                                                      d_normaliser, centre, dk, dv)
+
     def _hedgehog(self, q_name: str, k_name: str):
         """The Hedgehog kernels module; raises when the pair or the module cannot run."""
         reason = None

@@ -6,6 +6,8 @@
 * plan: block sizes, split counts and size limits
 * resources: ahead-of-time compilation report (shared memory, registers, spills) for sm_90
 """
-from .launch import hedgehog_backward, hedgehog_forward, hedgehog_unsupported
+from .launch import (hedgehog_backward, hedgehog_forward, hedgehog_key_grads, hedgehog_output,
+                     hedgehog_query_grads, hedgehog_state, hedgehog_unsupported)
 
-__all__ = ["hedgehog_forward", "hedgehog_backward", "hedgehog_unsupported"]
+__all__ = ["hedgehog_forward", "hedgehog_backward", "hedgehog_unsupported", "hedgehog_state",
+           "hedgehog_output", "hedgehog_query_grads", "hedgehog_key_grads"]
