@@ -5,11 +5,13 @@
     transformer.save_pretrained(path); linattn.load_converted(path)
     linattn.transfer.gates / constraint_loss / binarization_loss / alpha_at / clamp_gates_ / finalize
     linattn.summary(transformer)
+    model.enable_parallelism(config=..., cp_plan=linattn.dit.context_parallel_plan(model))
 
 Model families have selectors in families/ (selectors.py describes the interface, and how to
 write one for a user's own DiT); processor.py is the module a converted layer runs.
 """
 from . import transfer
+from .context_parallel import context_parallel_plan, enable_context_parallel
 from .convert import convert, revert
 from .processor import LinAttnProcessor, set_fuse_pre_attention
 from .selectors import Projection, Selector
@@ -17,4 +19,5 @@ from .serialization import load_converted
 from .summary import LayerReport, layer_report, summary
 
 __all__ = ["convert", "revert", "load_converted", "summary", "layer_report", "LayerReport",
-           "transfer", "Selector", "Projection", "LinAttnProcessor", "set_fuse_pre_attention"]
+           "transfer", "Selector", "Projection", "LinAttnProcessor", "set_fuse_pre_attention",
+           "context_parallel_plan", "enable_context_parallel"]

@@ -4,7 +4,9 @@ It is an nn.Module set as the layer's diffusers processor, so its feature maps a
 registered under the model (``blocks.3.attn1.processor.q_map.weight``, ``...processor.gate``):
 state_dict, save_pretrained, DDP and FSDP see them like any other parameter.
 
-mode "linear": o = LinearAttn(q, k, v) through linattn.linear_attention.
+mode "linear": o = LinearAttn(q, k, v) through linattn.linear_attention; under diffusers'
+    context parallelism (a parallel config set by enable_parallelism), through
+    linattn.distributed.linear_attention over the context-parallel group (context_parallel.py).
 mode "hybrid": o = r · SoftmaxAttn(q, k, v) + (1 − r) · LinearAttn(q, k, v)  (method.md §3), r a
     scalar parameter initialised to 1, so a freshly converted model equals the original exactly
     (r·x = x and (1 − r)·y = 0 in floating point for finite y).
@@ -26,8 +28,10 @@ from typing import Any, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
+from ..distributed import linear_attention as sharded_linear_attention
 from ..feature_maps import FeatureMap
 from ..ops import linear_attention
+from .context_parallel import context_parallel_group
 from .selectors import Selector
 
 MODES = ("linear", "hybrid")
@@ -90,10 +94,15 @@ class LinAttnProcessor(nn.Module):
         return self.selector.finish(attn, o, p)
 
     def _linear(self, attn: nn.Module, p) -> Tensor:
-        if self._parallel_config is not None:
-            # Each rank would see a slice of the keys; S and z would need an all-reduce first.
-            raise ValueError("linattn: converted layers do not support diffusers' context "
-                             "parallelism (the linear branch would see only this rank's keys)")
+        group = context_parallel_group(self._parallel_config)
+        if group is not None:
+            # This process holds its own tokens' q, k, v: S and z are summed over the group.
+            # The sharded op takes q and k as φ sees them: the norms (per token) and RoPE (its
+            # tables sharded with the tokens) run here, unfused.
+            q, k = self.selector.attention_qk(attn, p)
+            return sharded_linear_attention(
+                q, k, p.v, group=group, feature_map=(self.q_map, self.k_map),
+                key_padding_mask=p.key_padding_mask, layout=p.layout, backend=self.backend)
         if p.pre is not None and self.fuse_pre_attention and not _learns_rope(p.pre):
             q, k, pre = p.q, p.k, p.pre.kwargs()
         else:

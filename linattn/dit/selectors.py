@@ -100,6 +100,10 @@ class Selector(abc.ABC):
 
     #: Recorded in saved checkpoints; load_converted rebuilds a model with the selector of this name.
     name: ClassVar[str] = ""
+    #: Whether the stock processor runs softmax attention through diffusers' dispatcher with its
+    #: context-parallel config (Wan, HunyuanVideo, LTX-Video): only then may a layer keep it
+    #: under context parallelism (context_parallel.py).
+    stock_processor_is_context_parallel: ClassVar[bool] = False
     #: Class names of the stock processors whose q/k/v path ``project`` reproduces. A layer whose
     #: processor is none of them (a fused or user-set processor) is refused at conversion, since
     #: its outputs would silently change. Empty: any processor is accepted.
@@ -157,6 +161,13 @@ class Selector(abc.ABC):
         mask = None if p.key_padding_mask is None else p.key_padding_mask[:, None, None, :]
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return o if p.layout == "bhnd" else o.transpose(1, 2)
+
+    def context_parallel_plan(self, model: nn.Module) -> Optional[dict]:
+        """How diffusers' context parallelism shards the model's sequence (a diffusers
+        ContextParallelModelPlan), for families whose model class ships no _cp_plan; None when
+        the family has none. The softmax branch must then also run through diffusers'
+        dispatcher under the layer's parallel config (see CogVideoXSelector)."""
+        return None
 
     def head_shape(self, attn: nn.Module) -> tuple[int, int]:
         """(heads, head dim) of `attn`, to build per-head feature maps. diffusers' attention

@@ -8,6 +8,14 @@ split back into (video, text). CogVideoX does not mask its padded text: every to
 The projection hands the op q and k as projected, (B, N, H, D) views of the joint projection,
 with the per-head LayerNorms and RoPE from the (S, D) tables on the tokens after the text
 (diffusers' apply_rotary_emb: interleaved pairs, one angle per dim).
+
+Context parallelism: diffusers ships no _cp_plan for CogVideoX; ``context_parallel_plan`` is
+linattn's. It shards the video and the text tokens over the processes at the first block's
+inputs (so each process's joint sequence is [its text; its video], every token a key exactly
+once), the RoPE tables with the video tokens, and gathers the video at proj_out. The stock
+processor calls SDPA itself, so under context parallelism every self-attention layer must be
+converted; the softmax branch of a hybrid layer then runs through diffusers' dispatcher with the
+layer's parallel config (Ulysses or ring), which attends over the whole joint sequence.
 """
 from __future__ import annotations
 
@@ -17,6 +25,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 
 from ...pre_attention import PreAttention, QKNorm, RoPE
 from ..selectors import Projection, Selector
+from .dispatch import dispatch_softmax
 
 
 def _norm(module):
@@ -73,10 +82,24 @@ class CogVideoXSelector(Selector):
 
     def softmax(self, attn, projection, processor):
         query, key = self.attention_qk(attn, projection)
+        if processor._parallel_config is not None:
+            return dispatch_softmax(query, key, projection, processor)
         o = F.scaled_dot_product_attention(query.transpose(1, 2), key.transpose(1, 2),
                                            projection.v.transpose(1, 2), attn_mask=None,
                                            dropout_p=0.0, is_causal=False)
         return o.transpose(1, 2)
+
+    def context_parallel_plan(self, model):
+        from diffusers.models._modeling_parallel import (ContextParallelInput,
+                                                         ContextParallelOutput)
+
+        tokens = ContextParallelInput(split_dim=1, expected_dims=3)
+        rope = ContextParallelInput(split_dim=0, expected_dims=2)  # (N_video, D) cos and sin
+        return {
+            "": {"image_rotary_emb": (rope, rope)},
+            "transformer_blocks.0": {"hidden_states": tokens, "encoder_hidden_states": tokens},
+            "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+        }
 
     def finish(self, attn, o, projection):
         batch, _, heads, head_dim = o.shape

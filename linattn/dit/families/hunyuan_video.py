@@ -28,6 +28,7 @@ from .dispatch import dispatch_softmax
 class HunyuanVideoSelector(Selector):
     name = "hunyuan_video"
     stock_processors = ("HunyuanVideoAttnProcessor2_0",)
+    stock_processor_is_context_parallel = True  # dispatch_attention_fn
 
     def layers(self, model):
         return ([(f"transformer_blocks.{i}.attn", block.attn)

@@ -20,6 +20,7 @@ from .dispatch import dispatch_softmax
 class LTXVideoSelector(Selector):
     name = "ltx_video"
     stock_processors = ("LTXVideoAttnProcessor",)
+    stock_processor_is_context_parallel = True  # dispatch_attention_fn
 
     def layers(self, model):
         return [(f"transformer_blocks.{i}.attn1", block.attn1)

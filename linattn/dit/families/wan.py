@@ -34,6 +34,7 @@ def _rope_interleaved(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch
 class WanSelector(Selector):
     name = "wan"
     stock_processors = ("WanAttnProcessor",)
+    stock_processor_is_context_parallel = True  # dispatch_attention_fn
 
     def layers(self, model):
         return [(name, module) for name, module in model.named_modules()
