@@ -190,7 +190,7 @@ def unsharded(case: Case) -> tuple[dict, dict]:
     for backend in ("reference64", case.backend):
         q_map, k_map = make_maps(case)
         dtype = torch.float64 if backend == "reference64" else case.dtype
-        q, k, v = (data[n].to(dtype).requires_grad_() for n in ("q", "k", "v"))
+        q, k, v = (data[n].to(dtype, copy=True).requires_grad_() for n in ("q", "k", "v"))
         if backend == "reference64":
             o = linear_attention_reference(q, k, v, *_resolve_maps((q_map, k_map)), 1e-6,
                                            data["mask"])

@@ -44,6 +44,6 @@ class SumGradOverGroup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        wide = dy.to(torch.promote_types(dy.dtype, torch.float32), memory_format=torch.contiguous_format,
-                     copy=True)
+        wide = dy.to(torch.promote_types(dy.dtype, torch.float32),
+                     memory_format=torch.contiguous_format, copy=True)
         return all_reduce_(wide, ctx.group).to(dy.dtype), None

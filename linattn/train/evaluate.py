@@ -19,6 +19,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .families import Conditioning
 from .flow import FlowModel, euler_sample, teacher_sample
 
 
@@ -33,8 +34,8 @@ class EvalSet:
     settings, and the teacher's samples from that noise."""
 
     noise: Tensor                      # (n, C, F, H, W)
-    cond: Tensor                       # (n, L, D)
-    negative_cond: Optional[Tensor]    # (n, L, D) with guidance, else None
+    cond: Conditioning                 # (n, L, D), or Prompts (families.base)
+    negative_cond: Optional[Conditioning]  # the same with guidance, else None
     guidance_scale: float
     sampler: str
     num_steps: int
@@ -85,9 +86,9 @@ def run_metrics(metrics: Sequence[EvalMetric], samples: Tensor, eval_set: EvalSe
 
 
 @torch.no_grad()
-def sample_distance(teacher: FlowModel, student: FlowModel, noise: Tensor, cond: Tensor,
+def sample_distance(teacher: FlowModel, student: FlowModel, noise: Tensor, cond: Conditioning,
                     sigmas: Tensor, teacher_samples: Tensor | None = None, *,
-                    negative_cond: Optional[Tensor] = None,
+                    negative_cond: Optional[Conditioning] = None,
                     guidance_scale: float = 1.0) -> float:
     """rel_mse between the student's and the teacher's Euler samples from ``noise``.
 

@@ -29,6 +29,9 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor, nn
 
+from .families import (Conditioning, cat_conditioning, expand_conditioning,
+                       model_call_for)
+
 SAMPLERS = ("euler", "unipc")
 
 
@@ -65,29 +68,33 @@ def flow_sigmas(num_steps: int, shift: float, num_train_timesteps: int = 1000,
 
 
 class FlowModel:
-    """A diffusers flow transformer as a velocity function u(x, t, cond).
+    """A diffusers video transformer as a velocity function u(x, t, cond).
 
-    ``module`` is called as module(hidden_states=x, timestep=t * num_train_timesteps,
-    encoder_hidden_states=cond, return_dict=False)[0] (it may be a DDP or FSDP wrapper).
-    x and cond are cast to ``input_dtype`` (the teacher's dtype when it is kept in bf16;
-    float32 for a student under autocast); the velocity comes back in float32 so that
-    losses and Euler steps are computed in float32.
+    ``call`` (linattn.train.families) is the family's forward call in this module's convention:
+    Wan's is module(hidden_states=x, timestep=t * num_train_timesteps,
+    encoder_hidden_states=cond, return_dict=False)[0]; the others reorder or pack the latents,
+    map t to their timestep, pass their conditioning inputs (text mask, pooled embeddings,
+    embedded guidance) and turn their output into u. Default: the call of ``module``'s class
+    (``module`` may be a DDP or FSDP wrapper). x and cond are cast to ``input_dtype`` (the
+    teacher's dtype when it is kept in bf16; float32 for a student under autocast); the
+    velocity comes back in float32 so that losses and Euler steps are computed in float32.
+    cond: (B, L, D) embeddings or a families.Prompts batch.
     """
 
     def __init__(self, module: nn.Module, num_train_timesteps: int = 1000,
-                 input_dtype: Optional[torch.dtype] = None):
+                 input_dtype: Optional[torch.dtype] = None, call=None):
         self.module = module
         self.num_train_timesteps = num_train_timesteps
         self.input_dtype = input_dtype if input_dtype is not None else _param_dtype(module)
+        self.call = call if call is not None else model_call_for(module)
 
-    def __call__(self, x: Tensor, t: Tensor, cond: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         if t.ndim != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t: expected shape ({x.shape[0]},) (one time per sample), got "
                              f"{tuple(t.shape)}")
-        timestep = t.to(torch.float32) * self.num_train_timesteps
-        out = self.module(hidden_states=x.to(self.input_dtype), timestep=timestep,
-                          encoder_hidden_states=cond.to(self.input_dtype), return_dict=False)
-        return out[0].float()
+        u = self.call.velocity(self.module, x, t.to(torch.float32), cond, self.input_dtype,
+                               self.num_train_timesteps)
+        return u.float()
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype:
@@ -108,14 +115,13 @@ class TrajectoryPoint(NamedTuple):
     velocity_uncond: Optional[Tensor] = None  # (B, ...) unconditional velocity (guidance only)
 
 
-def branch_velocities(model, x: Tensor, t: Tensor, cond: Tensor,
-                      negative_cond: Tensor) -> tuple[Tensor, Tensor]:
+def branch_velocities(model, x: Tensor, t: Tensor, cond: Conditioning,
+                      negative_cond: Conditioning) -> tuple[Tensor, Tensor]:
     """(conditional, unconditional) velocity, both branches in one forward of 2B samples."""
     if negative_cond is None:
         raise ValueError("negative_cond: guidance_scale > 1 needs negative conditioning")
-    if negative_cond.shape[0] != x.shape[0]:
-        negative_cond = negative_cond.expand(x.shape[0], *negative_cond.shape[1:])
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, negative_cond]))
+    negative_cond = expand_conditioning(negative_cond, x.shape[0])
+    both = model(torch.cat([x, x]), torch.cat([t, t]), cat_conditioning(cond, negative_cond))
     u_cond, u_uncond = both.chunk(2)
     return u_cond, u_uncond
 
@@ -125,8 +131,8 @@ def combine_guidance(u_cond: Tensor, u_uncond: Tensor, guidance_scale: float) ->
     return u_uncond + guidance_scale * (u_cond - u_uncond)
 
 
-def guided_velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Tensor,
-                    negative_cond: Optional[Tensor],
+def guided_velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Conditioning,
+                    negative_cond: Optional[Conditioning],
                     guidance_scale: float) -> tuple[Tensor, Tensor, Optional[Tensor]]:
     """(velocity the sampler steps with, conditional velocity, unconditional velocity).
 
@@ -141,8 +147,9 @@ def guided_velocity(model: FlowModel, x: Tensor, t: Tensor, cond: Tensor,
 
 
 @torch.no_grad()
-def euler_sample(model: FlowModel, noise: Tensor, cond: Tensor, sigmas: Tensor, *,
-                 negative_cond: Optional[Tensor] = None, guidance_scale: float = 1.0,
+def euler_sample(model: FlowModel, noise: Tensor, cond: Conditioning, sigmas: Tensor, *,
+                 negative_cond: Optional[Conditioning] = None,
+                 guidance_scale: float = 1.0,
                  on_point: Optional[Callable[[TrajectoryPoint], None]] = None) -> Tensor:
     """Run the Euler sampler from ``noise`` at sigmas[0]; return the sample at sigmas[-1]
     (float32).
@@ -164,8 +171,9 @@ def euler_sample(model: FlowModel, noise: Tensor, cond: Tensor, sigmas: Tensor, 
 
 
 @torch.no_grad()
-def scheduler_sample(model: FlowModel, noise: Tensor, cond: Tensor, scheduler, *,
-                     negative_cond: Optional[Tensor] = None, guidance_scale: float = 1.0,
+def scheduler_sample(model: FlowModel, noise: Tensor, cond: Conditioning, scheduler, *,
+                     negative_cond: Optional[Conditioning] = None,
+                     guidance_scale: float = 1.0,
                      on_point: Optional[Callable[[TrajectoryPoint], None]] = None) -> Tensor:
     """Sample as a diffusers pipeline does: the model is queried at scheduler.timesteps[i]
     (divided by the model's num_train_timesteps, so FlowModel passes exactly that timestep)
@@ -185,8 +193,8 @@ def scheduler_sample(model: FlowModel, noise: Tensor, cond: Tensor, scheduler, *
     return x
 
 
-def teacher_sample(model: FlowModel, noise: Tensor, cond: Tensor, *, sampler: str,
-                   num_steps: int, shift: float, negative_cond: Optional[Tensor] = None,
+def teacher_sample(model: FlowModel, noise: Tensor, cond: Conditioning, *, sampler: str,
+                   num_steps: int, shift: float, negative_cond: Optional[Conditioning] = None,
                    guidance_scale: float = 1.0,
                    on_point: Optional[Callable[[TrajectoryPoint], None]] = None) -> Tensor:
     """Sample with ``sampler`` ("euler" or "unipc", module docstring) over ``num_steps``."""
