@@ -92,6 +92,10 @@ def make_maps(case: Case):
         for m in (q_map, k_map):  # away from the identity init, so dW is not special
             with torch.no_grad():
                 m.weight.add_(0.3 * torch.randn_like(m.weight))
+            if case.dtype == torch.float64:
+                # A float32 W would round each process's share of dW to float32 before the
+                # shares are summed: float32-level differences a float64 case cannot judge.
+                m.double()
         return q_map, k_map
     if case.feature_map == "scaled":
         return ScaledRelu(case.heads, case.head_dim), ScaledRelu(case.heads, case.head_dim)

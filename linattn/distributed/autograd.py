@@ -1,12 +1,20 @@
 """The kernels under context parallelism: a backend's phases with one all-reduce between them.
 
     forward:  forward_state (this process's keys) -> all-reduce (S, z) -> forward_output
-    backward: backward_queries (dq; this process's dS, dz) -> all-reduce (dS, dz) -> backward_keys
+    backward: backward_queries (dq; this process's dS, dz'; m) -> all-reduce (dS, dz')
+              -> backward_keys
 
-S and z (dS and dz) are written into one contiguous buffer in the state dtype (float32; float64
+S and z (dS and dz') are written into one contiguous buffer in the state dtype (float32; float64
 for float64 inputs), so each direction is a single all-reduce of B·H·D'·(Dv + 1) elements. The
 maps' parameter gradients come back as this process's share (its queries for the q map, its keys
 for the k map), like the gradient of any parameter used on this process's tokens.
+
+The centre m (backends/base.py: the Triton backward centres the state before rounding it to a
+16-bit operand, and sums dz' = dz + dS m instead of dz) is not reduced: it is a function of the
+forward's S and z, which the forward's all-reduce made the same on every process, so every
+process computes the same m, and Σ_p (dz_p + dS_p m) = dz + dS m is the dz' the key pass takes
+back with that m. (Were the all-reduced S to differ between processes in its last bits, m would
+too, and dk would carry Σ_p dS_p (m_p − m): rounding-level, not a different result.)
 
 Eager only: the all-reduce and the backends' host code run as Python. (The single-process op
 keeps its custom ops for torch.compile, linattn/ops/custom_op.py.)
@@ -57,21 +65,22 @@ def sharded_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Opti
                      q_params: Sequence[Tensor], k_params: Sequence[Tensor], state: Tensor,
                      normaliser: Tensor, settings: Settings, group
                      ) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
-    """(dq, dk, dv, d_q_params, d_k_params) of this process's tokens, dS and dz summed over
+    """(dq, dk, dv, d_q_params, d_k_params) of this process's tokens, dS and dz' summed over
     group; the parameter gradients are this process's share."""
     backend = get_kernel_backend(settings.backend)
     B, _, H, _ = q.shape
     F, Dv = state.shape[2], state.shape[3]
     buffer, d_state, d_normaliser = _state_buffer(B, H, F, Dv, state.dtype, q.device)
+    centre = alloc.empty(B, H, Dv, dtype=state.dtype, device=q.device)
     dq = alloc.empty_like(q)
     d_q_params = [alloc.empty_like(p) for p in q_params]
     backend.backward_queries(do, q, MapCall(settings.q_map, tuple(q_params)), settings.eps,
-                             state, normaliser, dq, d_state, d_normaliser, d_q_params)
+                             state, normaliser, dq, d_state, d_normaliser, centre, d_q_params)
     all_reduce_(buffer, group)
     dk, dv = alloc.empty_like(k), alloc.empty_like(v)
     d_k_params = [alloc.empty_like(p) for p in k_params]
     backend.backward_keys(k, v, key_mask, MapCall(settings.k_map, tuple(k_params)), d_state,
-                          d_normaliser, dk, dv, d_k_params)
+                          d_normaliser, centre, dk, dv, d_k_params)
     return dq, dk, dv, d_q_params, d_k_params
 
 
