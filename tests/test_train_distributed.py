@@ -1,5 +1,6 @@
-"""Training on two gloo processes (CPU): DDP matches one process on the same global batch, FSDP2
-runs and matches it too, and an interrupted FSDP2 run resumed from its checkpoint ends
+"""Training on two gloo processes (CPU): DDP matches one process on the same global batch, so
+does context parallelism (each sample's sequence split over the two), FSDP2 runs and matches it
+too, and an interrupted FSDP2 run resumed from its checkpoint ends
 bit-identical to an uninterrupted one.
 
 Tolerance for "matches one process", per tensor of the final checkpoint (every parameter, gate,
@@ -129,6 +130,20 @@ def test_ddp_two_processes_match_one(single):
     assert len(gates) == 2 and all(float(g) < 1.0 for g in gates)
     records = read_metrics(os.path.join(root, "ddp", "metrics.jsonl"))
     assert [r["world_size"] for r in records[1:]] == [2] * STEPS
+
+
+def test_context_parallel_two_processes_match_one(single):
+    # One data replica of a 2-process Ulysses group: each process holds half of every sample's
+    # tokens (the hybrid layers' softmax branch through diffusers' Ulysses all-to-all, the
+    # linear branch through linattn's state all-reduce), DDP sums the shares.
+    root, reference = single
+    cfg = base_config(root, "cp", strategy="ddp", context_parallel={"ring": 1, "ulysses": 2})
+    path = os.path.join(root, "cp.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    proc = torchrun(["-m", "linattn.train", "train", path, "--no-progress"])
+    assert json.loads(proc.stdout[proc.stdout.index("{"):])["step"] == STEPS
+    assert_states(final_state(os.path.join(root, "cp")), reference, exact=False)
 
 
 WORKER = """

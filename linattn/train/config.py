@@ -48,6 +48,9 @@ class ModelConfig:
     config: Optional[dict] = None           # build class_name(**config) with random weights
     init_seed: int = 0                      # seed of those random weights
     teacher_dtype: str = "float32"          # dtype the frozen teacher is kept in
+    # Options of the family's model call (linattn.train.families: CogVideoX snr_shift_scale,
+    # HunyuanVideo guidance, LTX-Video frame_rate and VAE compressions).
+    call_options: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -138,6 +141,10 @@ class TrainSection:
     mixed_precision: str = "bf16"           # "bf16" autocast or "no"
     gradient_checkpointing: bool = True
     strategy: str = "auto"                  # "auto" (ddp when world > 1), "none", "ddp", "fsdp"
+    # Context parallelism: {ring: R, ulysses: U} shards each sample's sequence over groups of
+    # R x U processes (diffusers' ring / Ulysses for softmax layers, linattn's state all-reduce
+    # for linear ones); the world is (world / (R·U)) data replicas x those groups.
+    context_parallel: dict = field(default_factory=lambda: {"ring": 1, "ulysses": 1})
     seed: int = 0
     device: str = "auto"                    # "auto": cuda:LOCAL_RANK if CUDA, else cpu
 
@@ -183,6 +190,8 @@ class TrainConfig:
             raise ValueError(f"model.class_name: the toy teacher ({TOY_SOURCE}) is a "
                              f"WanTransformer3DModel, got {m.class_name!r}")
         _one_of("model.teacher_dtype", m.teacher_dtype, DTYPES)
+        from .families import call_class
+        call_class(m.class_name)(m.call_options)  # a known family, known options
         _one_of("convert.mode", c.mode, MODES)
         if isinstance(c.layers, str) and c.layers != "all":
             raise ValueError(f"convert.layers: expected 'all' or a list of layer indices, "
@@ -248,6 +257,17 @@ class TrainConfig:
                              f"{t.objective!r}")
         _one_of("train.mixed_precision", t.mixed_precision, PRECISIONS)
         _one_of("train.strategy", t.strategy, STRATEGIES)
+        unknown = sorted(set(t.context_parallel) - {"ring", "ulysses"})
+        if unknown:
+            raise ValueError(f"train.context_parallel: unknown keys {unknown} (ring, ulysses)")
+        for key in ("ring", "ulysses"):
+            _positive(f"train.context_parallel.{key}", t.context_parallel.get(key, 1))
+        if (t.context_parallel.get("ring", 1) * t.context_parallel.get("ulysses", 1) > 1
+                and t.objective == "adm" and t.adm_fake_score == "trained"):
+            raise ValueError("train.context_parallel: the trained fake score (train."
+                             "adm_fake_score 'trained') is a softmax copy of the teacher that "
+                             "runs unsharded; use adm_fake_score 'student' with context "
+                             "parallelism")
         _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
         _one_of("train.final_selection", t.final_selection, SELECTIONS)
         _positive("train.steps", t.steps)

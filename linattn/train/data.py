@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from .conditioning import NEGATIVE_KEY, PROMPT_KEY
+from .conditioning import EXTRA_KEYS, NEGATIVE_KEY, PROMPT_KEY, prompts_batch
 from .teacher_data import CONDITIONING, DataSpec, missing_shards, read_manifest, shard_name
 
 
@@ -45,6 +45,7 @@ class TeacherDataset:
         counts = [f.get_slice("t").get_shape()[0] for f in self._files]
         self._starts = np.cumsum([0] + counts).tolist()
         self._cond = safe_open(os.path.join(data_dir, CONDITIONING), "pt")
+        self._extras = None  # the text masks and pooled embeddings, read on first use
         if self.spec.guided and NEGATIVE_KEY not in self._cond.keys():
             raise ValueError(f"data.dir: {data_dir!r} was generated with guidance "
                              f"{self.spec.guidance_scale} but its {CONDITIONING} has no "
@@ -90,11 +91,20 @@ class TeacherDataset:
             out["negative_cond"] = self._rows(NEGATIVE_KEY, out["cond_index"].tolist())
         return out
 
-    def _rows(self, key: str, rows: Sequence[int]) -> Tensor:
-        """Rows i mod P of a (P, L, D) conditioning tensor (P = 1: the same row for all)."""
+    def _rows(self, key: str, rows: Sequence[int]):
+        """Rows i mod P of a (P, L, D) conditioning tensor (P = 1: the same row for all); a
+        families.Prompts batch when the conditioning has a text mask or pooled embeddings."""
         table = self._cond.get_slice(key)
         count = table.get_shape()[0]
-        return torch.cat([table[int(i) % count:int(i) % count + 1] for i in rows]).float()
+        embeds = torch.cat([table[int(i) % count:int(i) % count + 1] for i in rows]).float()
+        if self._extras is None:
+            self._extras = {k: self._cond.get_tensor(k) for k in EXTRA_KEYS
+                            if k in self._cond.keys()}
+            self._extras = {k: t if t.dtype == torch.int64 else t.float()
+                            for k, t in self._extras.items()}
+        index = torch.tensor([int(i) % count for i in rows])
+        return prompts_batch(embeds, self._extras, index,
+                             negative=key == NEGATIVE_KEY)
 
     def samples(self, trajectories: Sequence[int]) -> Tensor:
         """The teacher's final samples of the given trajectories: (n, C, F, H, W) float32."""

@@ -4,6 +4,14 @@ Launch with torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_
 those variables training runs in one process with no process group. The backend is NCCL for
 CUDA devices and gloo for the CPU.
 
+Context parallelism (train.context_parallel): the processes form a 2-D mesh, data-parallel
+replicas x context-parallel groups of ring x ulysses processes (``make_mesh``; consecutive
+ranks share a group). The ranks of one group train on the same samples, each on its own slice
+of the sequence (diffusers' context-parallel hooks on the student, linattn's state all-reduce in
+its converted layers), and DDP or FSDP2 spans every process: each rank's gradient is its
+tokens' share of its group's, so the trainer scales the objective by the group size before the
+wrapper averages over all processes.
+
 Selective-transfer gates under FSDP2: fully_shard cannot shard 0-dim parameters, and the
 constraint and binarisation losses read every gate outside any block's forward, so the gates
 are kept out of sharding (``ignored_params``): each rank holds all of them, and their gradients
@@ -81,6 +89,45 @@ def setup(device: str = "auto", timeout_minutes: float = 120.0) -> DistContext:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return DistContext(rank, world_size, local_rank, dev, initialized_here)
+
+
+@dataclass(frozen=True)
+class TrainMesh:
+    """Where a process sits in the (data, ring, ulysses) mesh (module docstring).
+
+    device_mesh: the DeviceMesh with those dims, None without context parallelism; data_rank,
+    data_size: the data-parallel replica this process belongs to, and their count (the rank and
+    world size batches are split by); ring, ulysses: the context-parallel degrees."""
+
+    device_mesh: object
+    data_rank: int
+    data_size: int
+    ring: int = 1
+    ulysses: int = 1
+
+    @property
+    def context_parallel(self) -> int:
+        return self.ring * self.ulysses
+
+
+def make_mesh(ctx: DistContext, ring: int = 1, ulysses: int = 1) -> TrainMesh:
+    """The trainer's mesh: world_size / (ring · ulysses) data-parallel replicas, each a
+    context-parallel group of ring x ulysses processes."""
+    group = ring * ulysses
+    if ring < 1 or ulysses < 1:
+        raise ValueError(f"train.context_parallel: ring and ulysses must be >= 1, got "
+                         f"ring={ring}, ulysses={ulysses}")
+    if group == 1:
+        return TrainMesh(None, ctx.rank, ctx.world_size)
+    if not ctx.distributed or ctx.world_size % group:
+        raise ValueError(f"train.context_parallel: ring x ulysses = {group} processes per "
+                         f"group must divide the {ctx.world_size} launched (torchrun "
+                         f"--nproc_per_node a multiple of {group})")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size // group, ring, ulysses),
+                            mesh_dim_names=("data", "ring", "ulysses"))
+    return TrainMesh(mesh, mesh.get_local_rank("data"), ctx.world_size // group, ring, ulysses)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -6,6 +6,8 @@ from torch import nn
 from . import distributed as D
 from .conditioning import build_conditioning
 from .config import TrainConfig
+from .families import model_call_for
+from .flow import FlowModel
 from .models import DTYPES, freeze, load_transformer
 from .teacher_data import DataSpec, generate_teacher_data
 
@@ -14,9 +16,14 @@ def ensure_teacher_data(teacher: nn.Module, config: TrainConfig, ctx: D.DistCont
                         progress: bool = True) -> list[int]:
     """Generate whatever shards of config.data are missing (every rank calls this); return
     the shards this rank wrote. The text encoder, if any, runs once, on rank 0."""
-    dc = config.data
-    return generate_teacher_data(teacher, dc.dir, DataSpec.from_config(dc),
-                                 lambda: build_conditioning(dc, ctx.device), device=ctx.device,
+    dc, mc = config.data, config.model
+    call = model_call_for(teacher, mc.call_options, mc.pretrained)
+    model_config = dict(getattr(D.unwrap(teacher), "config", {}) or {})
+    spec = DataSpec.from_config(dc)
+    return generate_teacher_data(FlowModel(teacher, spec.num_train_timesteps, call=call),
+                                 dc.dir, spec,
+                                 lambda: build_conditioning(dc, ctx.device, call, model_config),
+                                 device=ctx.device,
                                  batch_size=dc.generation_batch_size, rank=ctx.rank,
                                  world_size=ctx.world_size, progress=progress and ctx.is_main,
                                  barrier=ctx.barrier)

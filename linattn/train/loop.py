@@ -41,18 +41,23 @@ class StageLoop(abc.ABC):
     desc = "linattn train"             # the progress bar's label
 
     def __init__(self, section: Any, output: Any, *, section_name: str = "train",
-                 progress: bool = True):
+                 progress: bool = True, context_parallel: Optional[dict] = None):
         self.section = section
         self.output = output
         self.progress = progress
         self.ctx = D.setup(section.device)
         self.strategy = D.resolve_strategy(section.strategy, self.ctx.world_size)
+        # Data replicas x context-parallel groups (distributed.make_mesh; context_parallel:
+        # {ring, ulysses}, None for one process per group): batches split over the replicas, and
+        # the processes of a group see the same samples and random draws.
+        cp = context_parallel or {}
+        self.mesh = D.make_mesh(self.ctx, cp.get("ring", 1), cp.get("ulysses", 1))
         self.out_dir = output.dir
         self.ckpt_root = os.path.join(output.dir, "checkpoints")
         self.metrics = MetricsLog(os.path.join(output.dir, "metrics.jsonl"), self.ctx.is_main)
-        seed_everything(section.seed + self.ctx.rank)
+        seed_everything(section.seed + self.mesh.data_rank)
         self.micro_batch, self.accumulation = micro_batching(
-            section.global_batch_size, section.micro_batch_size, self.ctx.world_size,
+            section.global_batch_size, section.micro_batch_size, self.mesh.data_size,
             section_name)
         self.step = 0
 
@@ -199,12 +204,14 @@ class StageLoop(abc.ABC):
 
 def micro_batching(global_batch_size: int, micro_batch_size: Optional[int],
                    world_size: int, section_name: str = "train") -> tuple[int, int]:
-    """(micro-batch per process, micro-batches accumulated per step)."""
+    """(micro-batch per process, micro-batches accumulated per step); world_size: the
+    data-parallel replicas (the processes, without context parallelism)."""
     micro = micro_batch_size or global_batch_size // world_size
     per_rank = global_batch_size // world_size
     if global_batch_size % world_size or micro < 1 or per_rank % micro:
         raise ValueError(f"{section_name}.global_batch_size: {global_batch_size} must split into "
-                         f"{world_size} processes x whole micro-batches of {micro}")
+                         f"{world_size} data-parallel replicas x whole micro-batches of "
+                         f"{micro}")
     return micro, per_rank // micro
 
 

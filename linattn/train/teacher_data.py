@@ -121,7 +121,8 @@ def source_id(data_config) -> str:
 def conditioning_digest(conditioning: Conditioning) -> str:
     """sha256 of a Conditioning's values: its conditioning_id when built in Python."""
     h = hashlib.sha256()
-    for t in (conditioning.embeds, conditioning.negative):
+    extras = [conditioning.extras[k] for k in sorted(conditioning.extras)]
+    for t in (conditioning.embeds, conditioning.negative, *extras):
         if t is not None:
             h.update(str(tuple(t.shape)).encode())
             h.update(t.detach().to(torch.float32).contiguous().numpy().tobytes())

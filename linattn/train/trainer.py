@@ -30,6 +30,7 @@ from . import distributed as D
 from .config import TrainConfig, load_config
 from .data import BatchSchedule, TeacherDataset
 from .evaluate import EvalMetric, EvalSet, default_eval_metrics, rounded_gates, run_metrics
+from .families import model_call_for
 from .flow import FlowModel
 from .loop import StageLoop, clip_grad, save_model
 from .metrics import plot_gates
@@ -84,7 +85,8 @@ class Trainer(StageLoop):
     def __init__(self, config: TrainConfig, *, teacher: Optional[nn.Module] = None,
                  progress: bool = True,
                  eval_metrics: Optional[Sequence[EvalMetric]] = None):
-        super().__init__(config.train, config.output, progress=progress)
+        super().__init__(config.train, config.output, progress=progress,
+                         context_parallel=config.train.context_parallel)
         self.cfg = config
         self.eval_metrics = (list(eval_metrics) if eval_metrics is not None
                              else default_eval_metrics(config))
@@ -117,6 +119,11 @@ class Trainer(StageLoop):
         self.gates = student_gates(student, config.convert.mode)
         self.layer_names = layer_names(student, self.gates)
         set_trainable(student, tc.trainable, self.gates)
+        if self.mesh.context_parallel > 1:
+            # The student's sequence is sharded over the group; the frozen teacher runs whole.
+            dit_api("enable_context_parallel")(student, ring_degree=self.mesh.ring,
+                                               ulysses_degree=self.mesh.ulysses,
+                                               mesh=self.mesh.device_mesh)
         if tc.gradient_checkpointing:
             if not hasattr(student, "enable_gradient_checkpointing"):
                 raise ValueError(f"train.gradient_checkpointing: {type(student).__name__} has no "
@@ -130,16 +137,21 @@ class Trainer(StageLoop):
         D.shard_frozen(self.teacher_module, self.strategy)
 
         num_t = self.dataset.spec.num_train_timesteps
-        self.teacher = FlowModel(self.teacher_module, num_t)
-        self.student_fn = FlowModel(self.module, num_t, input_dtype=torch.float32)
-        self.student_eval = FlowModel(D.unwrap(self.module), num_t, input_dtype=torch.float32)
+        # The family's forward call (linattn.train.families), the same for every model here.
+        call = model_call_for(self.teacher_module, config.model.call_options,
+                              config.model.pretrained)
+        self.teacher = FlowModel(self.teacher_module, num_t, call=call)
+        self.student_fn = FlowModel(self.module, num_t, input_dtype=torch.float32, call=call)
+        self.student_eval = FlowModel(D.unwrap(self.module), num_t, input_dtype=torch.float32,
+                                      call=call)
         self.guidance_scale = self.dataset.guidance_scale
 
         self.fake_module = self.fake_fn = self.fake_eval = self.fake_optimizer = None
         if fake is not None:
             self.fake_module = D.wrap(fake, self.strategy, self.ctx)
-            self.fake_fn = FlowModel(self.fake_module, num_t, input_dtype=torch.float32)
-            self.fake_eval = FlowModel(D.unwrap(self.fake_module), num_t,
+            self.fake_fn = FlowModel(self.fake_module, num_t, input_dtype=torch.float32,
+                                     call=call)
+            self.fake_eval = FlowModel(D.unwrap(self.fake_module), num_t, call=call,
                                        input_dtype=torch.float32)
             self.fake_params = [p for p in fake.parameters() if p.requires_grad]
             self.fake_optimizer = torch.optim.AdamW(
@@ -158,7 +170,7 @@ class Trainer(StageLoop):
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas),
                                            eps=tc.adam_eps)
         self.schedule = BatchSchedule(len(self.dataset), tc.global_batch_size,
-                                      self.ctx.world_size, tc.seed)
+                                      self.mesh.data_size, tc.seed)
         self._eval_cache = None
 
     # ------------------------------------------------------------------ data
@@ -193,7 +205,7 @@ class Trainer(StageLoop):
         alpha = (transfer.alpha_at(self.step, tc.steps, tc.alpha_start, tc.alpha_end)
                  if transfer else None)
 
-        indices = self.schedule.rank_indices(self.step, self.ctx.rank)
+        indices = self.schedule.rank_indices(self.step, self.mesh.data_rank)
         micro_batches = [indices[i * self.micro_batch:(i + 1) * self.micro_batch]
                          for i in range(self.accumulation)]
         sums: dict[str, float] = {}
@@ -207,7 +219,9 @@ class Trainer(StageLoop):
             with D.maybe_no_sync(self.module, self.strategy, sync=last):
                 with self.autocast():
                     objective, info = self._objective(batch)
-                loss = objective / self.accumulation
+                # Under context parallelism this rank's gradient is its tokens' share of its
+                # group's; the wrapper averages over every process: scale by the group size.
+                loss = objective * self.mesh.context_parallel / self.accumulation
                 if last and transfer:
                     l_con = transfer.constraint_loss(self.gates, self.cfg.convert.n_linear)
                     l_reg = transfer.binarization_loss(self.gates, alpha)
