@@ -141,7 +141,9 @@ def test_context_parallel_two_processes_match_one(single):
     path = os.path.join(root, "cp.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
-    proc = torchrun(["-m", "linattn.train", "train", path, "--no-progress"])
+    # More collectives per step than DDP alone (all-to-all, state all-reduces): a longer limit
+    # for a shared machine (4 steps took over 300 s under a load average of 16 on 2 cores).
+    proc = torchrun(["-m", "linattn.train", "train", path, "--no-progress"], timeout=900)
     assert json.loads(proc.stdout[proc.stdout.index("{"):])["step"] == STEPS
     assert_states(final_state(os.path.join(root, "cp")), reference, exact=False)
 
