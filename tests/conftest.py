@@ -27,7 +27,8 @@ NEEDS_DIFFUSERS = frozenset({
     "test_dit_pipeline.py", "test_dit_transfer.py", "test_train_data.py", "test_train_e2e.py",
     "test_train_trainer.py", "test_train_distributed.py", "test_train_models.py",
     "test_train_stability.py", "test_distill_stage.py", "test_distill_objectives.py",
-    "test_distill_distributed.py", "test_toy.py"})
+    "test_distill_distributed.py", "test_toy.py", "test_dit_context_parallel.py",
+    "test_train_families.py"})
 
 
 @functools.lru_cache(maxsize=1)
