@@ -10,7 +10,6 @@ with the model's output, checked on the schedule's algebra rather than on a mode
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch

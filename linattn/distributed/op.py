@@ -11,7 +11,7 @@ from ..backends import REFERENCE, choose_backend
 from ..feature_maps import FeatureMap
 from ..ops import linear_attention as single_process
 from ..ops.execute import Settings, state_dtype
-from ..ops.linear_attention import (FeatureMapArg, _IDENTITY, _kernel_map_names, _resolve_maps,
+from ..ops.linear_attention import (FeatureMapArg, _kernel_map_names, _resolve_maps,
                                     _without_masked_keys)
 from ..ops.validation import validate
 from .autograd import apply_sharded_kernels

@@ -19,7 +19,7 @@ import html
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
