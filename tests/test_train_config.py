@@ -94,6 +94,12 @@ def test_overrides(tmp_path):
     ({"train": {"fake_score_lr": 0}}, "train.fake_score_lr"),
     ({"train": {"objective": "velocity_mse", "adm_fake_score": "trained"}},
      "train.adm_fake_score: an ADM option"),
+    ({"train": {"context_parallel": {"ulysses": 0}}}, "train.context_parallel.ulysses"),
+    ({"train": {"context_parallel": {"tp": 2}}}, r"train.context_parallel: unknown keys \['tp'\]"),
+    ({"train": {"context_parallel": {"ring": 2}, "adm_fake_score": "trained"}},
+     "train.context_parallel: the trained fake score"),
+    ({"model": {"class_name": "FluxTransformer2DModel"}}, "model.class_name"),
+    ({"model": {"call_options": {"guidance": 6.0}}}, r"model.call_options: \['guidance'\]"),
 ])
 def test_errors_name_the_field(edit, message):
     base = {"model": {"pretrained": "x"}, "convert": {"mode": "hybrid", "n_linear": 2},
