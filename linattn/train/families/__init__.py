@@ -42,13 +42,15 @@ def model_call(class_name: str, options: Optional[dict] = None,
 
 def model_call_for(module: nn.Module, options: Optional[dict] = None,
                    pretrained: Optional[str] = None) -> ModelCall:
-    """The call of `module`'s class (or its base classes'; a DDP wrapper is looked through)."""
+    """The call of `module`'s class (or its base classes'; a DDP wrapper is looked through).
+    A module of no family here (a user's own flow transformer, a toy model) gets the trainer's
+    generic call, which is Wan's: module(hidden_states=x, timestep=t · T,
+    encoder_hidden_states=cond) returning the velocity, as FlowModel always called models."""
     inner = getattr(module, "module", module)
     for cls in type(inner).__mro__:
         if cls.__name__ in _BY_CLASS:
             return _BY_CLASS[cls.__name__](options, pretrained)
-    raise ValueError(f"{type(inner).__name__}: training knows the model call of "
-                     f"{sorted(_BY_CLASS)} (and their subclasses) only")
+    return WanCall(options, pretrained)
 
 
 __all__ = ["ModelCall", "Prompts", "Conditioning", "model_call", "model_call_for", "call_class",
