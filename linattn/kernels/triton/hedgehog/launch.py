@@ -176,10 +176,12 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor], w
                   w_k: Tensor, eps: float) -> "_Sizes":
     keys = _check_keys(k, v, key_mask, w_k)
     queries = _check_queries(q, w_q, eps, keys.Dv)
-    for name, a, b in (("batch", queries.B, keys.B), ("heads", queries.H, keys.H),
-                       ("head dim", queries.D, keys.D), ("features", queries.F, keys.F)):
+    for argument, name, a, b in (("k", "batch", queries.B, keys.B),
+                                 ("k", "heads", queries.H, keys.H),
+                                 ("k", "head dim", queries.D, keys.D),
+                                 ("w_k", "features", queries.F, keys.F)):
         if a != b:
-            _fail("q, k", f"{name} differs: q {a}, k {b}")
+            _fail(argument, f"{name} differs from q's (w_q's): {b}, expected {a}")
     if q.dtype != k.dtype or q.device != k.device:
         _fail("k", f"expected dtype {q.dtype} on {q.device} like q, got {k.dtype} on {k.device}")
     return _Sizes(keys.B, queries.Nq, keys.Nk, keys.H, keys.D, keys.Dv, keys.F)
