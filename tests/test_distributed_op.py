@@ -263,6 +263,16 @@ def test_without_a_process_group_it_says_so():
         distributed.linear_attention(q, q, q)
 
 
+@pytest.mark.parametrize("argument", ["q_norm", "k_norm", "rope"])
+def test_pre_attention_arguments_are_refused_by_name(argument):
+    # Refused before anything else, so no process group is needed to see it.
+    q = torch.randn(1, 4, 1, 8)
+    value = (linattn.RoPE(torch.ones(4, 8), torch.zeros(4, 8)) if argument == "rope"
+             else linattn.QKNorm("rms"))
+    with pytest.raises(ValueError, match=f"^{argument}: .*does not fuse q/k norms or RoPE"):
+        distributed.linear_attention(q, q, q, **{argument: value})
+
+
 def test_state_bytes_is_the_state_not_the_sequence():
     # B·H·D'·(Dv + 1) float32 elements, for bf16 inputs too; float64 inputs keep float64.
     assert distributed.state_bytes(1, 12, 128, 128) == 12 * 128 * 129 * 4

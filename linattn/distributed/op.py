@@ -22,7 +22,8 @@ from .reference import sharded_reference
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None,
                      feature_map: FeatureMapArg = "relu", eps: float = 1e-6,
                      layout: str = "bnhd", key_padding_mask: Optional[Tensor] = None,
-                     backend: str = "auto", reduce_param_grads: bool = False) -> Tensor:
+                     backend: str = "auto", reduce_param_grads: bool = False,
+                     q_norm=None, k_norm=None, rope=None) -> Tensor:
     """linattn.linear_attention over a sequence sharded across the processes of `group`.
 
     Each process passes its own tokens (any split of the sequence, uneven sizes included: the
@@ -47,6 +48,12 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None,
             as well would count W's gradient once per process. True sums them over the group
             here (one more float32 all-reduce per parameter), for a caller that reduces nothing
             over the group itself: every process then holds the whole gradient.
+        q_norm, k_norm, rope: refused (a ValueError naming the argument). The sharded op does
+            not fuse pre-attention work: apply the norms and RoPE (with this process's rows of
+            the tables) to q and k before the call, as converted DiT layers do under context
+            parallelism (linattn/dit/processor.py). The norms are per token, so the results are
+            those of the unsharded fused op up to rounding; the norm weights' gradients then
+            reach them through autograd, as this process's share like any replicated weight's.
 
     Returns:
         (B, Nq_local, H, Dv) (or (B, H, Nq_local, Dv)) in q's dtype.
@@ -56,6 +63,12 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, *, group=None,
     TORCH_DISTRIBUTED_DEBUG=DETAIL makes torch check collective shapes). Runs eagerly, also
     inside torch.compile'd code (the all-reduce is a graph break).
     """
+    for argument, value in (("q_norm", q_norm), ("k_norm", k_norm), ("rope", rope)):
+        if value is not None:
+            raise ValueError(
+                f"{argument}: linattn.distributed.linear_attention does not fuse q/k norms or "
+                f"RoPE; apply them to this process's q and k before the call (RoPE with this "
+                f"process's rows of its tables) and pass {argument}=None")
     if group is None and not (dist.is_available() and dist.is_initialized()):
         raise ValueError("group: torch.distributed is not initialized; call "
                          "torch.distributed.init_process_group first, or use "
