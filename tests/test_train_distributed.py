@@ -58,12 +58,13 @@ def base_config(root, name, **train):
     return cfg
 
 
-def final_state(run_dir):
-    """{"model": ..., "optim": ...} of the run's last checkpoint, gathered into one dict."""
+def final_state(run_dir, step=STEPS):
+    """{"model": ..., "optim": ...} of the run's checkpoint at `step` (default: the last),
+    gathered into one dict."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    ckpt = os.path.join(run_dir, "checkpoints", f"step-{STEPS:08d}")
-    out = os.path.join(run_dir, "gathered.pt")
+    ckpt = os.path.join(run_dir, "checkpoints", f"step-{step:08d}")
+    out = os.path.join(run_dir, f"gathered-{step}.pt")
     dcp_to_torch_save(os.path.join(ckpt, "state"), out)
     return torch.load(out, weights_only=False)
 
@@ -132,20 +133,35 @@ def test_ddp_two_processes_match_one(single):
     assert [r["world_size"] for r in records[1:]] == [2] * STEPS
 
 
-def test_context_parallel_two_processes_match_one(single):
+CP_STEPS = 2
+CP_WORKER = """
+import json, sys
+import torch.distributed as dist
+from linattn.train import train
+
+dist.init_process_group("gloo")
+# The 4-step schedule (lr, alpha) of the reference run, stopped after its step-2 checkpoint.
+assert train(json.load(open(sys.argv[1])), stop_at_step=%d, progress=False).final_dir is None
+dist.destroy_process_group()
+""" % CP_STEPS
+
+
+def test_context_parallel_two_processes_match_one(single, tmp_path):
     # One data replica of a 2-process Ulysses group: each process holds half of every sample's
     # tokens (the hybrid layers' softmax branch through diffusers' Ulysses all-to-all, the
-    # linear branch through linattn's state all-reduce), DDP sums the shares.
+    # linear branch through linattn's state all-reduce), DDP sums the shares. Compared at the
+    # step-2 checkpoint of the same 4-step schedule: half the steps of the other runs, since
+    # each step here makes many more collectives (4 steps took over 300 s on a loaded machine).
     root, reference = single
     cfg = base_config(root, "cp", strategy="ddp", context_parallel={"ring": 1, "ulysses": 2})
     path = os.path.join(root, "cp.json")
     with open(path, "w") as f:
         json.dump(cfg, f)
-    # More collectives per step than DDP alone (all-to-all, state all-reduces): a longer limit
-    # for a shared machine (4 steps took over 300 s under a load average of 16 on 2 cores).
-    proc = torchrun(["-m", "linattn.train", "train", path, "--no-progress"], timeout=900)
-    assert json.loads(proc.stdout[proc.stdout.index("{"):])["step"] == STEPS
-    assert_states(final_state(os.path.join(root, "cp")), reference, exact=False)
+    script = tmp_path / "cp_worker.py"
+    script.write_text(CP_WORKER)
+    torchrun([str(script), path])
+    assert_states(final_state(os.path.join(root, "cp"), CP_STEPS),
+                  final_state(os.path.join(root, "single"), CP_STEPS), exact=False)
 
 
 WORKER = """
