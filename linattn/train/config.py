@@ -52,6 +52,12 @@ class ModelConfig:
     # HunyuanVideo guidance, LTX-Video frame_rate and VAE compressions).
     call_options: dict = field(default_factory=dict)
 
+    def check_source(self) -> None:
+        """Raise ValueError unless the teacher comes from one source (shared by every stage)."""
+        if self.pretrained is not None and self.config is not None:
+            raise ValueError("model: give one of model.pretrained (load weights) and "
+                             "model.config (build with random weights), not both")
+
 
 @dataclass
 class ConvertConfig:
@@ -183,9 +189,7 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field that is missing, out of range or unknown."""
         m, c, d, t, o = self.model, self.convert, self.data, self.train, self.output
-        if m.pretrained is not None and m.config is not None:
-            raise ValueError("model: give one of model.pretrained (load weights) and "
-                             "model.config (build with random weights), not both")
+        m.check_source()
         if m.pretrained == TOY_SOURCE and m.class_name != "WanTransformer3DModel":
             raise ValueError(f"model.class_name: the toy teacher ({TOY_SOURCE}) is a "
                              f"WanTransformer3DModel, got {m.class_name!r}")

@@ -109,9 +109,7 @@ class DistillConfig:
     def validate(self) -> None:
         """Raise ValueError naming the first field that is missing, out of range or unknown."""
         m, g, c, d, o = self.model, self.generator, self.conditioning, self.distill, self.output
-        if m.pretrained is not None and m.config is not None:
-            raise ValueError("model: give one of model.pretrained (load weights) and "
-                             "model.config (build with random weights), not both")
+        m.check_source()
         _one_of("model.teacher_dtype", m.teacher_dtype, tuple(DTYPES))
         if g.path is not None and not isinstance(g.path, str):
             raise ValueError(f"generator.path: expected a folder or null, got {g.path!r}")
