@@ -7,12 +7,15 @@
   meta tensors (shapes, no memory, no values) planned for an H200-like sm_90 property object,
   with every launch captured instead of run (common.capture_launches). What remains is exactly
   the host work of a GPU call before its launches: checks, plans, scratch allocation, launch
-  arguments. Runs on any machine, no GPU needed.
+  arguments. Runs on any machine, no GPU needed. Two paths: "replayed" (every call after a
+  signature's first: its recorded launch program, linattn/kernels/triton/replay.py) and
+  "planned" (replay disabled: what a signature's first call costs, minus the recording).
 
 Both end in the "per-call host time" table of the session summary (conftest.py).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from types import SimpleNamespace
 
@@ -64,11 +67,13 @@ PLANNING_SHAPES = {"CFG batch (2, 4096, 12, 64)": (2, 4096, 12, 64),
                    "Wan 1.3B (1, 32760, 12, 128)": (1, 32760, 12, 128)}
 
 
+@pytest.mark.parametrize("path", ["replayed", "planned"])
 @pytest.mark.parametrize("mode", ["forward", "backward"])
 @pytest.mark.parametrize("map_name", ["relu", "hedgehog"])
 @pytest.mark.parametrize("shape_name", list(PLANNING_SHAPES))
-def test_triton_planning(benchmark, shape_name, map_name, mode):
+def test_triton_planning(benchmark, shape_name, map_name, mode, path):
     triton_plan = pytest.importorskip("linattn.kernels.triton.plan")
+    from linattn.kernels.triton import replay
     from linattn.kernels.triton.common import capture_launches
 
     meta = torch.device("meta")
@@ -93,13 +98,14 @@ def test_triton_planning(benchmark, shape_name, map_name, mode):
     def call():
         plan_once()
         launches.clear()  # the captured launches would otherwise pile up over the rounds
+    switch = replay.disabled() if path == "planned" else contextlib.nullcontext()
     with triton_plan.assume_device(triton_plan.DeviceInfo.from_properties(H200)), \
-            capture_launches() as launches:
+            capture_launches() as launches, switch:
         plan_once()
         count = len(launches)  # counted before call() clears them
         launches.clear()
         assert count > 0, "the planning path captured no launch"
         median, fastest = _time(benchmark, call)
-    record_overhead(what=f"Triton planning, {mode}, {shape_name}, bf16, {map_name} "
+    record_overhead(what=f"Triton planning ({path}), {mode}, {shape_name}, bf16, {map_name} "
                          f"({count} launches, {H200.name})",
                     impl="linattn-triton", seconds=median, min_seconds=fastest, peer=None)

@@ -46,6 +46,13 @@ def _builtin_kernels():
 
 
 @functools.lru_cache(maxsize=1)
+def _replay():
+    """linattn/kernels/triton/replay.py, imported on first use like the kernels."""
+    from ..kernels.triton import replay
+    return replay
+
+
+@functools.lru_cache(maxsize=1)
 def _hedgehog_kernels():
     """(module, None) when the Hedgehog kernels import, else (None, why not)."""
     if importlib.util.find_spec(_HEDGEHOG_MODULE) is None:
@@ -105,31 +112,46 @@ class TritonBackend(KernelBackend):
         from ..kernels.triton.plan import unsupported_dims
         return unsupported_dims(head_dim, value_dim, dtype.itemsize)
 
+    # Each entry point runs through replay.call: the first call of a signature plans and
+    # launches with a recorder attached, later ones replay its launches (the host time of a
+    # call; linattn/kernels/triton/replay.py). The _plan_* methods are the planning itself.
+    # The device switch is outside: it is not a torch call, so a program does not hold it.
+
     def forward(self, q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser,
                 pre=None) -> None:
         with _on_device(q.device):
-            if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
-                hedgehog = self._hedgehog(q_map.name, k_map.name)
-                # The op validated the inputs and allocated the outputs: no second check.
-                hedgehog.hedgehog_forward(q, k, v, key_mask, q_map.params[0], k_map.params[0],
-                                          eps, o, state, normaliser, check=False, pre=pre)
-                return
-            _builtin_kernels().forward.forward(q, k, v, key_mask, q_map.name, k_map.name, eps,
-                                               o, state, normaliser, pre)
+            _replay().call("forward", self._plan_forward,
+                           (q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser, pre))
 
     def backward(self, do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
                  d_q_params, d_k_params, pre=None, d_pre=(None, None, None, None)) -> None:
         with _on_device(q.device):
-            if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
-                hedgehog = self._hedgehog(q_map.name, k_map.name)
-                hedgehog.hedgehog_backward(do, q, k, v, key_mask, q_map.params[0],
-                                           k_map.params[0], eps, state, normaliser, dq, dk, dv,
-                                           d_q_params[0], d_k_params[0], check=False,
-                                           pre=pre, d_pre=d_pre)
-                return
-            _builtin_kernels().backward.backward(do, q, k, v, key_mask, q_map.name, k_map.name,
-                                                 eps, state, normaliser, dq, dk, dv, pre,
-                                                 tuple(d_pre))
+            _replay().call("backward", self._plan_backward,
+                           (do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
+                            tuple(d_q_params), tuple(d_k_params), pre, tuple(d_pre)))
+
+    def _plan_forward(self, q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser,
+                      pre) -> None:
+        if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
+            hedgehog = self._hedgehog(q_map.name, k_map.name)
+            # The op validated the inputs and allocated the outputs: no second check.
+            hedgehog.hedgehog_forward(q, k, v, key_mask, q_map.params[0], k_map.params[0],
+                                      eps, o, state, normaliser, check=False, pre=pre)
+            return
+        _builtin_kernels().forward.forward(q, k, v, key_mask, q_map.name, k_map.name, eps,
+                                           o, state, normaliser, pre)
+
+    def _plan_backward(self, do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq,
+                       dk, dv, d_q_params, d_k_params, pre, d_pre) -> None:
+        if q_map.name == HEDGEHOG or k_map.name == HEDGEHOG:
+            hedgehog = self._hedgehog(q_map.name, k_map.name)
+            hedgehog.hedgehog_backward(do, q, k, v, key_mask, q_map.params[0],
+                                       k_map.params[0], eps, state, normaliser, dq, dk, dv,
+                                       d_q_params[0], d_k_params[0], check=False,
+                                       pre=pre, d_pre=d_pre)
+            return
+        _builtin_kernels().backward.backward(do, q, k, v, key_mask, q_map.name, k_map.name,
+                                             eps, state, normaliser, dq, dk, dv, pre, d_pre)
 
     # The phases (base.py). A phase sees one map; the pair was checked by unsupported() when the
     # backend was chosen. Scratch budgets are measured against the tensors a phase holds. The
@@ -137,50 +159,70 @@ class TritonBackend(KernelBackend):
 
     def forward_state(self, k, v, key_mask, k_map, state, normaliser) -> None:
         with _on_device(k.device):
-            if k_map.name == HEDGEHOG:
-                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_state(
-                    k, v, key_mask, k_map.params[0], state, normaliser)
-                return
-            forward = _builtin_kernels().forward
-            forward.compute_state(k, v, key_mask, k_map.name, state, normaliser,
-                                  forward.qkv_bytes(k, k, v))
+            _replay().call("forward_state", self._plan_forward_state,
+                           (k, v, key_mask, k_map, state, normaliser))
 
     def forward_output(self, q, q_map, eps, state, normaliser, o) -> None:
         with _on_device(q.device):
-            if q_map.name == HEDGEHOG:
-                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_output(
-                    q, q_map.params[0], eps, state, normaliser, o)
-                return
-            _builtin_kernels().forward.compute_output(q, q_map.name, eps, state, normaliser, o)
+            _replay().call("forward_output", self._plan_forward_output,
+                           (q, q_map, eps, state, normaliser, o))
 
     def backward_queries(self, do, q, q_map, eps, state, normaliser, dq, d_state,
                          d_normaliser, centre, d_q_params) -> None:
         with _on_device(q.device):
-            if q_map.name == HEDGEHOG:
-                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_query_grads(
-                    do, q, q_map.params[0], eps, state, normaliser, dq, d_q_params[0], d_state,
-                    d_normaliser, centre)
-                return
-            kernels = _builtin_kernels()
-            from ..kernels.triton.common import check_state
-            check_state(state, normaliser, "backward_queries")
-            check_state(d_state, d_normaliser, "backward_queries")
-            kernels.backward.state_gradients(do, q, q_map.name, eps, state, normaliser, dq,
-                                             d_state, d_normaliser, centre,
-                                             kernels.forward.qkv_bytes(q, q, do))
+            _replay().call("backward_queries", self._plan_backward_queries,
+                           (do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser, centre,
+                            tuple(d_q_params)))
 
     def backward_keys(self, k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
                       d_k_params) -> None:
         with _on_device(k.device):
-            if k_map.name == HEDGEHOG:
-                self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_key_grads(
-                    k, v, key_mask, k_map.params[0], d_state, d_normaliser, centre, dk, dv,
-                    d_k_params[0])
-                return
-            from ..kernels.triton.common import check_state
-            check_state(d_state, d_normaliser, "backward_keys")
-            _builtin_kernels().backward.key_gradients(k, v, key_mask, k_map.name, d_state,
-                                                      d_normaliser, centre, dk, dv)
+            _replay().call("backward_keys", self._plan_backward_keys,
+                           (k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
+                            tuple(d_k_params)))
+
+    def _plan_forward_state(self, k, v, key_mask, k_map, state, normaliser) -> None:
+        if k_map.name == HEDGEHOG:
+            self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_state(
+                k, v, key_mask, k_map.params[0], state, normaliser)
+            return
+        forward = _builtin_kernels().forward
+        forward.compute_state(k, v, key_mask, k_map.name, state, normaliser,
+                              forward.qkv_bytes(k, k, v))
+
+    def _plan_forward_output(self, q, q_map, eps, state, normaliser, o) -> None:
+        if q_map.name == HEDGEHOG:
+            self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_output(
+                q, q_map.params[0], eps, state, normaliser, o)
+            return
+        _builtin_kernels().forward.compute_output(q, q_map.name, eps, state, normaliser, o)
+
+    def _plan_backward_queries(self, do, q, q_map, eps, state, normaliser, dq, d_state,
+                               d_normaliser, centre, d_q_params) -> None:
+        if q_map.name == HEDGEHOG:
+            self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_query_grads(
+                do, q, q_map.params[0], eps, state, normaliser, dq, d_q_params[0], d_state,
+                d_normaliser, centre)
+            return
+        kernels = _builtin_kernels()
+        from ..kernels.triton.common import check_state
+        check_state(state, normaliser, "backward_queries")
+        check_state(d_state, d_normaliser, "backward_queries")
+        kernels.backward.state_gradients(do, q, q_map.name, eps, state, normaliser, dq,
+                                         d_state, d_normaliser, centre,
+                                         kernels.forward.qkv_bytes(q, q, do))
+
+    def _plan_backward_keys(self, k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
+                            d_k_params) -> None:
+        if k_map.name == HEDGEHOG:
+            self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_key_grads(
+                k, v, key_mask, k_map.params[0], d_state, d_normaliser, centre, dk, dv,
+                d_k_params[0])
+            return
+        from ..kernels.triton.common import check_state
+        check_state(d_state, d_normaliser, "backward_keys")
+        _builtin_kernels().backward.key_gradients(k, v, key_mask, k_map.name, d_state,
+                                                  d_normaliser, centre, dk, dv)
 
     def _hedgehog(self, q_name: str, k_name: str):
         """The Hedgehog kernels module; raises when the pair or the module cannot run."""

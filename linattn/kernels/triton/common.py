@@ -10,7 +10,7 @@ In-kernel (``@triton.jit``):
 
 Host side:
   * ``launch`` (every kernel launch; ``capture_launches`` records them instead, for offline
-    compilation), ``bnhd_strides``, ``mask_args``, ``check_state``, ``interpreting``,
+    compilation; ``observe_launches`` is the hook both use), ``bnhd_strides``, ``mask_args``, ``check_state``, ``interpreting``,
     ``emulate_bf16``, ``padded_dim``, ``cdiv``.
 
 Why bf16 is emulated under the interpreter. The Triton interpreter (TRITON_INTERPRET=1, how CI
@@ -83,25 +83,39 @@ _launch_observer = None
 def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), the one place the host code launches a kernel; inside
     ``capture_launches`` the launch is recorded instead (benchmarks/tune_triton.py compiles the
-    recorded launches for a GPU that this machine need not have)."""
+    recorded launches for a GPU that this machine need not have), and replay.py records the
+    launches of a call's first run through the same hook."""
     if _launch_observer is not None:
         _launch_observer(kernel, grid, args, kwargs)
     else:
         kernel[grid](*args, **kwargs)
 
 
+def launch_observer():
+    """The function launches go to instead of running (None: they run)."""
+    return _launch_observer
+
+
+@contextlib.contextmanager
+def observe_launches(observer):
+    """Within the block, every launch calls observer(kernel, grid, args, kwargs) instead of
+    running; the observer decides what happens (it gets the previous one from
+    launch_observer() before entering)."""
+    global _launch_observer
+    previous, _launch_observer = _launch_observer, observer
+    try:
+        yield
+    finally:
+        _launch_observer = previous
+
+
 @contextlib.contextmanager
 def capture_launches():
     """Within the block, launches are appended to the yielded list as (kernel, grid, args,
     kwargs) and not run."""
-    global _launch_observer
     recorded: list = []
-    previous = _launch_observer
-    _launch_observer = lambda *launch_args: recorded.append(launch_args)  # noqa: E731
-    try:
+    with observe_launches(lambda *launch_args: recorded.append(launch_args)):
         yield recorded
-    finally:
-        _launch_observer = previous
 
 
 def bnhd_strides(t: torch.Tensor) -> tuple[int, int, int, int]:

@@ -45,7 +45,7 @@ from .reduce import split_targets
 
 @triton.jit
 def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
-                  H, N, D, DV, chunk, s_split_stride, z_split_stride,
+                  H, N, D, DV, chunk, s_split_stride, z_split_stride, z_offset,
                   s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd, s_mb, s_mn,
                   pw_ptr, pb_ptr, pst_ptr, cos_ptr, sin_ptr, s_pwh, s_pwd, s_pbh, s_pbd,
                   s_pstb, s_pstn, p_start, p_stop, p_eps, s_rb, s_rn, s_rh, s_rd, r_start, r_stop,
@@ -98,7 +98,7 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
     col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
     s_offs = split * s_split_stride + bh * (D * DV) + d[:, None] * DV + col[None, :]
     s_ok = (d < D)[:, None] & (col < DV)[None, :]
-    z_offs = split * z_split_stride + bh * D + d
+    z_offs = z_offset + split * z_split_stride + bh * D + d
     z_ok = (d < D) & (tile == 0)  # every tile computes z; the first one writes it
     if ATOMIC:
         tl.atomic_add(s_ptr + s_offs, acc, mask=s_ok, sem="relaxed")
@@ -186,7 +186,7 @@ def compute_state(k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Ten
     launch(
         _state_kernel, (B * H, p.split.count, p.tiles),
         k, v, mask, targets.matrix, targets.vector, H, N, D, Dv, p.split.chunk,
-        targets.matrix_stride, targets.vector_stride,
+        targets.matrix_stride, targets.vector_stride, targets.vector_offset,
         *bnhd_strides(k), *bnhd_strides(v), s_mb, s_mn, *k_pre.args(), **k_pre.meta(),
         MAP=map_id(k_map), HAS_MASK=key_mask is not None, ATOMIC=targets.atomic,
         D_PAD=p.d_pad, BLOCK_N=p.config.block_n, BLOCK_DV=p.block_dv,

@@ -181,6 +181,22 @@ INTERPRETER = DeviceInfo("interpreter", INTERPRETER_SM_COUNT)
 _assumed_device: Optional[DeviceInfo] = None
 
 
+def settings() -> int:
+    """The planning switches now in force (assume_device, forced, atomic_reduction), as a
+    small int that equal switches share: part of the signature under which replay.py keeps a
+    call's launches (an int hashes in nanoseconds; the switches' tuple would on every call)."""
+    return _settings
+
+
+_settings_ids: dict = {}
+
+
+def _update_settings() -> None:
+    global _settings
+    value = (_assumed_device, _forced_splits, tuple(sorted(_forced_configs.items())), _atomic)
+    _settings = _settings_ids.setdefault(value, len(_settings_ids))
+
+
 @contextlib.contextmanager
 def assume_device(info: DeviceInfo) -> Iterator[None]:
     """Within the block, plan every launch for `info` whatever device the tensors are on.
@@ -190,10 +206,12 @@ def assume_device(info: DeviceInfo) -> Iterator[None]:
     for that GPU, kernels aside."""
     global _assumed_device
     previous, _assumed_device = _assumed_device, info
+    _update_settings()
     try:
         yield
     finally:
         _assumed_device = previous
+        _update_settings()
 
 
 @functools.lru_cache(maxsize=None)
@@ -241,10 +259,12 @@ def forced(splits: Optional[int] = None,
             raise ValueError(f"configs: unknown kernel kind {kind!r}; expected one of {KINDS}")
     previous = _forced_splits, _forced_configs
     _forced_splits, _forced_configs = splits, dict(configs or {})
+    _update_settings()
     try:
         yield
     finally:
         _forced_splits, _forced_configs = previous
+        _update_settings()
 
 
 def kernel_config(kind: str, device: torch.device, d_pad: int, dv_pad: int, itemsize: int,
@@ -279,6 +299,9 @@ def _table_or_heuristic(arch: str, kind: str, d_pad: int, dv_pad: int, itemsize:
 _atomic = os.environ.get(ATOMIC_ENV, "0") == "1"
 
 
+_update_settings()
+
+
 def atomic_reduce() -> bool:
     """Whether reductions use atomics: LINATTN_TRITON_ATOMIC_REDUCE=1 when the kernels were
     imported, or atomic_reduction(True)."""
@@ -290,10 +313,12 @@ def atomic_reduction(enabled: bool = True) -> Iterator[None]:
     """Within the block, reduce split partials with atomics (enabled) or in split order."""
     global _atomic
     previous, _atomic = _atomic, enabled
+    _update_settings()
     try:
         yield
     finally:
         _atomic = previous
+        _update_settings()
 
 
 @dataclass(frozen=True)

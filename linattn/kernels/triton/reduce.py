@@ -58,11 +58,14 @@ def sum_splits(partials: torch.Tensor, out_a: torch.Tensor, out_b: torch.Tensor)
 class SplitTargets:
     """Where a kernel reducing an fp32 (matrix, vector) pair over `splits` sequence splits
     writes: the outputs themselves (one split, or atomics into zeroed outputs; split stride 0),
-    or rows of a partials buffer that finish() sums in split order."""
+    or rows of a partials buffer that finish() sums in split order. The vector part of a row
+    starts `vector_offset` elements after `vector`'s start: the kernels add it, so the partials
+    buffer goes to both pointers as it is (a view per call costs ~3 µs of host time)."""
     matrix: torch.Tensor
     vector: torch.Tensor
     matrix_stride: int
     vector_stride: int
+    vector_offset: int
     atomic: bool
     partials: Optional[torch.Tensor]
     out_matrix: torch.Tensor
@@ -84,8 +87,9 @@ def split_targets(out_matrix: torch.Tensor, out_vector: torch.Tensor, splits: in
         if atomic:
             out_matrix.zero_()
             out_vector.zero_()
-        return SplitTargets(out_matrix, out_vector, 0, 0, atomic, None, out_matrix, out_vector)
+        return SplitTargets(out_matrix, out_vector, 0, 0, 0, atomic, None, out_matrix,
+                            out_vector)
     partials = alloc.empty(splits, out_matrix.numel() + out_vector.numel(), dtype=torch.float32,
                            device=out_matrix.device)
-    return SplitTargets(partials, partials[:, out_matrix.numel():], partials.stride(0),
-                        partials.stride(0), False, partials, out_matrix, out_vector)
+    return SplitTargets(partials, partials, partials.stride(0), partials.stride(0),
+                        out_matrix.numel(), False, partials, out_matrix, out_vector)
