@@ -215,6 +215,7 @@ def _key(*args, entry="forward"):
 def test_signature_separates_what_planning_depends_on():
     q = torch.empty(1, 8, 2, 16)
     relu, elu = MapCall("relu", ()), MapCall("elu", ())
+    w = torch.empty(2, 16, 16)
     base = _key(q, None, relu, 1e-6)
     assert _key(torch.empty(1, 8, 2, 16), None, relu, 1e-6) == base     # new tensor, same key
     different = [
@@ -226,6 +227,8 @@ def test_signature_separates_what_planning_depends_on():
         _key(q, None, elu, 1e-6),                                        # map
         _key(q, None, relu, 1e-5),                                       # eps
         _key(q, None, MapCall("relu", (torch.empty(2),)), 1e-6),         # map parameters
+        _key(q, None, MapCall("h", (w,)), MapCall("h", (w,))),           # one map's tensors
+        _key(q, None, MapCall("h", (w,)), MapCall("h", (w.clone(),))),   # ... or two maps'
     ]
     with plan.forced(splits=2):
         different.append(_key(q, None, relu, 1e-6))
