@@ -241,66 +241,84 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "cpu_forward_state",
       [](py::handle k, py::handle v, py::handle key_mask, const std::string& k_map,
-         py::handle k_params, py::handle state, py::handle normaliser, int num_threads) {
+         py::handle k_params, py::handle state, py::handle normaliser, int num_threads,
+         py::handle pre) {
         linattn::StateArgs args{as_view(k, "k"), as_view(v, "v"),
                                 as_optional_view(key_mask, "key_mask"),
                                 {k_map, as_views(k_params, "k_params")}, as_view(state, "state"),
-                                as_view(normaliser, "normaliser"), num_threads};
+                                as_view(normaliser, "normaliser"), num_threads,
+                                as_pre_args(pre)};
         py::gil_scoped_release release;
         linattn::cpu_forward_state(args);
       },
       "k"_a, "v"_a, "key_mask"_a, "k_map"_a, "k_params"_a, "state"_a, "normaliser"_a,
-      "num_threads"_a, "Fills state S (B, H, D', Dv) and normaliser z (B, H, D') from k, v.");
+      "num_threads"_a, "pre"_a = py::none(),
+      "Fills state S (B, H, D', Dv) and normaliser z (B, H, D') from k, v (with pre's k norm "
+      "and RoPE applied to k, writing pre's k_stats).");
 
   m.def(
       "cpu_forward_output",
       [](py::handle q, const std::string& q_map, py::handle q_params, double eps,
-         py::handle state, py::handle normaliser, py::handle o, int num_threads) {
+         py::handle state, py::handle normaliser, py::handle o, int num_threads,
+         py::handle pre) {
         linattn::OutputArgs args{as_view(q, "q"), {q_map, as_views(q_params, "q_params")}, eps,
                                  as_view(state, "state"), as_view(normaliser, "normaliser"),
-                                 as_view(o, "o"), num_threads};
+                                 as_view(o, "o"), num_threads, as_pre_args(pre)};
         py::gil_scoped_release release;
         linattn::cpu_forward_output(args);
       },
       "q"_a, "q_map"_a, "q_params"_a, "eps"_a, "state"_a, "normaliser"_a, "o"_a,
-      "num_threads"_a, "Fills o (B, Nq, H, Dv) from q and a given S, z.");
+      "num_threads"_a, "pre"_a = py::none(),
+      "Fills o (B, Nq, H, Dv) from q and a given S, z (with pre's q norm and RoPE applied to q, "
+      "writing pre's q_stats).");
 
   m.def(
       "cpu_backward_queries",
       [](py::handle grad_out, py::handle q, const std::string& q_map, py::handle q_params,
          double eps, py::handle state, py::handle normaliser, py::handle dq, py::handle d_state,
-         py::handle d_normaliser, py::handle d_q_params, int num_threads) {
+         py::handle d_normaliser, py::handle d_q_params, int num_threads, py::handle pre,
+         py::handle d_norm_weight, py::handle d_norm_bias) {
         linattn::QueryGradArgs args{as_view(grad_out, "grad_out"), as_view(q, "q"),
                                     {q_map, as_views(q_params, "q_params")}, eps,
                                     as_view(state, "state"), as_view(normaliser, "normaliser"),
                                     as_view(dq, "dq"), as_view(d_state, "d_state"),
                                     as_view(d_normaliser, "d_normaliser"),
-                                    as_views(d_q_params, "d_q_params"), num_threads};
+                                    as_views(d_q_params, "d_q_params"), num_threads,
+                                    as_pre_args(pre),
+                                    as_optional_view(d_norm_weight, "d_norm_weight"),
+                                    as_optional_view(d_norm_bias, "d_norm_bias")};
         py::gil_scoped_release release;
         linattn::cpu_backward_queries(args);
       },
       "grad_out"_a, "q"_a, "q_map"_a, "q_params"_a, "eps"_a, "state"_a, "normaliser"_a, "dq"_a,
-      "d_state"_a, "d_normaliser"_a, "d_q_params"_a, "num_threads"_a,
-      "Fills dq, these queries' dS, dz and the q map's parameter gradients.");
+      "d_state"_a, "d_normaliser"_a, "d_q_params"_a, "num_threads"_a, "pre"_a = py::none(),
+      "d_norm_weight"_a = py::none(), "d_norm_bias"_a = py::none(),
+      "Fills dq, these queries' dS, dz, the q map's parameter gradients and the q norm's weight "
+      "and bias gradients (with pre's q norm and RoPE, reading pre's q_stats).");
 
   m.def(
       "cpu_backward_keys",
       [](py::handle k, py::handle v, py::handle key_mask, const std::string& k_map,
          py::handle k_params, py::handle d_state, py::handle d_normaliser, py::handle dk,
-         py::handle dv, py::handle d_k_params, int num_threads) {
+         py::handle dv, py::handle d_k_params, int num_threads, py::handle pre,
+         py::handle d_norm_weight, py::handle d_norm_bias) {
         linattn::KeyGradArgs args{as_view(k, "k"), as_view(v, "v"),
                                   as_optional_view(key_mask, "key_mask"),
                                   {k_map, as_views(k_params, "k_params")},
                                   as_view(d_state, "d_state"),
                                   as_view(d_normaliser, "d_normaliser"), as_view(dk, "dk"),
                                   as_view(dv, "dv"), as_views(d_k_params, "d_k_params"),
-                                  num_threads};
+                                  num_threads, as_pre_args(pre),
+                                  as_optional_view(d_norm_weight, "d_norm_weight"),
+                                  as_optional_view(d_norm_bias, "d_norm_bias")};
         py::gil_scoped_release release;
         linattn::cpu_backward_keys(args);
       },
       "k"_a, "v"_a, "key_mask"_a, "k_map"_a, "k_params"_a, "d_state"_a, "d_normaliser"_a,
-      "dk"_a, "dv"_a, "d_k_params"_a, "num_threads"_a,
-      "Fills dk, dv and the k map's parameter gradients from a given dS, dz.");
+      "dk"_a, "dv"_a, "d_k_params"_a, "num_threads"_a, "pre"_a = py::none(),
+      "d_norm_weight"_a = py::none(), "d_norm_bias"_a = py::none(),
+      "Fills dk, dv, the k map's parameter gradients and the k norm's weight and bias gradients "
+      "from a given dS, dz (with pre's k norm and RoPE, reading pre's k_stats).");
 
   m.def("cpu_feature_maps", &linattn::fused_feature_maps,
         "Names of the feature maps the CPU kernels fuse.");

@@ -5,6 +5,10 @@ differ too); the concatenated outputs and every gradient (dq, dk, dv, Hedgehog's
 dW_k) must equal the unsharded op's on the whole sequence: within numerics.py's tolerance of the
 float64 reference, and close to the single-process kernels themselves. Masks, both layouts,
 bf16, Hedgehog with and without reduce_param_grads, a map no kernel fuses, and every backend.
+Cases with q/k norms and RoPE (fused by the kernels, as in the single-process op) check the
+norms' weight and bias gradients too, with the specs in the whole sequence's positions
+(token_offset, q and k split differently) and in each process's own (the tables sliced by the
+caller, as diffusers' context parallelism does).
 
 The processes are spawned once per process count (a module fixture) and run every case; the
 test functions check what they wrote.
@@ -61,6 +65,10 @@ class Case:
     head_dim: int = 16
     value_dim: int = 8
     max_processes: int = 4
+    # q/k norms and RoPE: "" none; "global": specs in whole-sequence positions with
+    # token_offset=(q_offset, k_offset), k split unlike q; "local": each process passes its own
+    # rows of the tables and no offset (q and k split alike, as in self-attention).
+    pre: str = ""
     seed: int = field(default=0, compare=False)
 
 
@@ -80,6 +88,19 @@ CASES = [
          max_processes=2),
     Case("triton-hedgehog-mask", backend="triton", feature_map="hedgehog", masked=True,
          q_len=9, kv_len=13, max_processes=2),
+    # Fused q/k norms and RoPE (equal q and k lengths: the tables rotate both).
+    Case("cpu-relu-pre-global", pre="global", q_len=31, kv_len=31),
+    Case("cpu-hedgehog-pre-local-mask", feature_map="hedgehog", pre="local", masked=True,
+         q_len=31, kv_len=31),
+    Case("cpu-elu-pre-global-reduce-bhnd", feature_map="elu", pre="global", layout="bhnd",
+         reduce_param_grads=True, q_len=31, kv_len=31),
+    Case("cpu-scaled-pre-global", feature_map="scaled", pre="global", q_len=31, kv_len=31),
+    Case("reference-relu-pre-global-mask", backend="reference", dtype=torch.float64,
+         pre="global", masked=True, q_len=31, kv_len=31),
+    Case("triton-relu-pre-global", backend="triton", pre="global", q_len=11, kv_len=11,
+         max_processes=2),
+    Case("triton-hedgehog-pre-local", backend="triton", feature_map="hedgehog", pre="local",
+         q_len=11, kv_len=11, max_processes=2),
 ]
 
 
@@ -121,6 +142,64 @@ def make_inputs(case: Case) -> dict:
             "do": randn(B, Nq, H, Dv), "mask": mask}
 
 
+ROPE_START = 2  # the tables rotate tokens [2, N - 1): text-like tokens before and after stay
+
+
+def make_pre(case: Case) -> dict:
+    """The norms' parameters and the RoPE tables of the whole sequence (the same on every
+    process). Even cases: RMSNorm over all heads with a weight (Wan), tables of one angle per
+    pair, interleaved; odd: LayerNorm per head with weight and bias (CogVideoX), full-width
+    tables, halves. q's norm covers tokens [1, N), k's [0, N - 2) (a dual-stream DiT's video)."""
+    index = CASES.index(case)
+    gen = torch.Generator().manual_seed(500 + index)
+    H, D, N = case.heads, case.head_dim, case.q_len
+    wdtype = torch.float64 if case.dtype == torch.float64 else torch.float32
+
+    def param(*shape):
+        return torch.nn.Parameter((1 + 0.3 * torch.randn(*shape, generator=gen)).to(wdtype))
+    rows = N - 1 - ROPE_START
+    if index % 2 == 0:
+        kind, over, shape, bias, style, width = "rms", "heads", (H * D,), False, "interleaved", D // 2
+    else:
+        kind, over, shape, bias, style, width = "layer", "head", (D,), True, "half", D
+    angles = torch.rand(rows, width, generator=gen, dtype=torch.float64) * 6.0
+    return {"kind": kind, "over": over, "style": style,
+            "q_weight": param(*shape), "k_weight": param(*shape),
+            "q_bias": param(*shape) if bias else None, "k_bias": param(*shape) if bias else None,
+            "cos": angles.cos().to(wdtype), "sin": angles.sin().to(wdtype)}
+
+
+def pre_kwargs(case: Case, pre: dict, q_range=None, k_range=None) -> dict:
+    """linear_attention's q_norm, k_norm, rope (and token_offset): the whole sequence's specs
+    (q_range None), or this process's for q tokens q_range and k tokens k_range."""
+    N = case.q_len
+    q_tokens, k_tokens = (1, N), (0, N - 2)
+    cos, sin, start = pre["cos"], pre["sin"], ROPE_START
+    offset = {}
+    if q_range is not None and case.pre == "global":
+        offset = {"token_offset": (q_range[0], k_range[0])}
+    elif q_range is not None:  # local: this process's rows and positions (q, k split alike)
+        lo, hi = q_range
+        first, last = max(ROPE_START, lo), min(ROPE_START + len(cos), hi)
+        cos, sin = cos[first - ROPE_START:last - ROPE_START], sin[first - ROPE_START:last - ROPE_START]
+        start = first - lo
+        clip = lambda a, b: (min(max(a - lo, 0), hi - lo), min(max(b - lo, 0), hi - lo))  # noqa
+        q_tokens, k_tokens = clip(*q_tokens), clip(*k_tokens)
+        if last <= first:
+            cos = None
+    norms = {side: linattn.QKNorm(pre["kind"], weight=pre[f"{side}_weight"],
+                                  bias=pre[f"{side}_bias"], eps=1e-5, over=pre["over"],
+                                  tokens=tokens)
+             for side, tokens in (("q", q_tokens), ("k", k_tokens))}
+    rope = None if cos is None else linattn.RoPE(cos, sin, style=pre["style"], start=start)
+    return {"q_norm": norms["q"], "k_norm": norms["k"], "rope": rope, **offset}
+
+
+def pre_grads(pre: dict) -> dict:
+    return {f"dw_{name}": pre[name].grad for name in ("q_weight", "k_weight", "q_bias", "k_bias")
+            if pre[name] is not None}
+
+
 def bounds(n: int, world: int) -> list[int]:
     """Uneven slices of n tokens: process r gets about (r + 1) / Σ parts, at least one."""
     total = world * (world + 1) // 2
@@ -131,6 +210,14 @@ def bounds(n: int, world: int) -> list[int]:
     return cuts
 
 
+def key_bounds(case: Case, world: int) -> list[int]:
+    """The keys' slices: like the queries' for "local" pre cases (self-attention), else the
+    mirror image of bounds() (so q and k offsets differ)."""
+    if case.pre == "local":
+        return bounds(case.kv_len, world)
+    return [case.kv_len - c for c in reversed(bounds(case.kv_len, world))]
+
+
 def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t if layout == "bnhd" else t.transpose(1, 2).contiguous()
 
@@ -138,17 +225,23 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 def run_case(case: Case, rank: int, world: int) -> dict:
     data = make_inputs(case)
     q_map, k_map = make_maps(case)
-    qc, kc = bounds(case.q_len, world), bounds(case.kv_len, world)
+    qc, kc = bounds(case.q_len, world), key_bounds(case, world)
     q, do = (data[n][:, qc[rank]:qc[rank + 1]] for n in ("q", "do"))
     k, v = (data[n][:, kc[rank]:kc[rank + 1]] for n in ("k", "v"))
     mask = None if data["mask"] is None else data["mask"][:, kc[rank]:kc[rank + 1]]
     q, k, v = (in_layout(t, case.layout).clone().requires_grad_() for t in (q, k, v))
     do = in_layout(do, case.layout)
+    pre, kwargs = None, {}
+    if case.pre:
+        pre = make_pre(case)
+        kwargs = pre_kwargs(case, pre, (qc[rank], qc[rank + 1]), (kc[rank], kc[rank + 1]))
     o = distributed.linear_attention(q, k, v, feature_map=(q_map, k_map), layout=case.layout,
                                      key_padding_mask=mask, backend=case.backend,
-                                     reduce_param_grads=case.reduce_param_grads)
+                                     reduce_param_grads=case.reduce_param_grads, **kwargs)
     o.backward(do)
     out = {"o": o, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    if pre is not None:
+        out.update(pre_grads(pre))
     for side, fmap in (("q", q_map), ("k", k_map)):
         if isinstance(fmap, torch.nn.Module):
             out[f"dw_{side}"] = next(iter(fmap.parameters())).grad
@@ -195,14 +288,24 @@ def unsharded(case: Case) -> tuple[dict, dict]:
         q_map, k_map = make_maps(case)
         dtype = torch.float64 if backend == "reference64" else case.dtype
         q, k, v = (data[n].to(dtype, copy=True).requires_grad_() for n in ("q", "k", "v"))
-        if backend == "reference64":
+        pre, kwargs = None, {}
+        if case.pre:
+            pre = make_pre(case)
+            kwargs = pre_kwargs(case, pre)
+        if backend == "reference64" and not case.pre:
             o = linear_attention_reference(q, k, v, *_resolve_maps((q_map, k_map)), 1e-6,
                                            data["mask"])
         else:
+            # The float64 reference with norms and RoPE: the op's reference backend on
+            # float64 inputs (it computes in float64, the weights' gradients in theirs).
             o = linattn.linear_attention(q, k, v, feature_map=(q_map, k_map),
-                                         key_padding_mask=data["mask"], backend=backend)
+                                         key_padding_mask=data["mask"],
+                                         backend="reference" if backend == "reference64"
+                                         else backend, **kwargs)
         o.backward(data["do"].to(dtype))
         out = {"o": o.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        if pre is not None:
+            out.update(pre_grads(pre))
         for side, fmap in (("q", q_map), ("k", k_map)):
             if isinstance(fmap, torch.nn.Module):
                 out[f"dw_{side}"] = next(iter(fmap.parameters())).grad
@@ -263,14 +366,29 @@ def test_without_a_process_group_it_says_so():
         distributed.linear_attention(q, q, q)
 
 
-@pytest.mark.parametrize("argument", ["q_norm", "k_norm", "rope"])
-def test_pre_attention_arguments_are_refused_by_name(argument):
-    # Refused before anything else, so no process group is needed to see it.
+def test_token_offset_is_checked_by_name():
     q = torch.randn(1, 4, 1, 8)
-    value = (linattn.RoPE(torch.ones(4, 8), torch.zeros(4, 8)) if argument == "rope"
-             else linattn.QKNorm("rms"))
-    with pytest.raises(ValueError, match=f"^{argument}: .*does not fuse q/k norms or RoPE"):
-        distributed.linear_attention(q, q, q, **{argument: value})
+    with pytest.raises(ValueError, match="^token_offset: expected None, an int"):
+        distributed.shard_pre.offsets((1, -2))
+    with pytest.raises(ValueError, match="^token_offset: expected None, an int"):
+        distributed.shard_pre.offsets("3")
+    assert distributed.shard_pre.offsets(3) == (3, 3)
+
+
+def test_global_specs_are_cut_to_each_side_range():
+    # Tables rotating global tokens [2, 12); this process holds q tokens [5, 9) and k [0, 4).
+    cos, sin = torch.arange(10.0)[:, None].expand(10, 4), torch.zeros(10, 4)
+    rope = linattn.RoPE(cos, sin, start=2)
+    norm = linattn.QKNorm("rms", tokens=(3, 20))
+    (qn, qr), (kn, kr) = distributed.shard_pre.localise(norm, norm, rope, (5, 0), 4, 4)
+    assert qr.start == 0 and qr.cos[:, 0].tolist() == [3.0, 4.0, 5.0, 6.0]
+    assert kr.start == 2 and kr.cos[:, 0].tolist() == [0.0, 1.0]
+    assert qn.tokens == (0, 4) and kn.tokens == (3, 4)
+    # A side that holds none of the rotated tokens gets no RoPE; local specs pass unchanged.
+    (_, qr), _ = distributed.shard_pre.localise(None, None, rope, (12, 0), 3, 3)
+    assert qr is None
+    (qn2, qr2), (kn2, kr2) = distributed.shard_pre.localise(norm, None, rope, None, 4, 4)
+    assert qr2 is rope and kr2 is rope and qn2 is norm
 
 
 def test_state_bytes_is_the_state_not_the_sequence():

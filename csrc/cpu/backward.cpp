@@ -18,7 +18,7 @@
 //
 // cpu_backward runs both passes; cpu_backward_queries and cpu_backward_keys run one each (the
 // phases a context-parallel caller separates with an all-reduce of dS and dz,
-// linear_attention.h), without pre-attention work (the context-parallel op refuses it).
+// linear_attention.h), each with its own side's pre-attention work and norm gradients.
 #include <omp.h>
 
 #include <optional>
@@ -382,14 +382,20 @@ void queries_typed(const QueryGradArgs& a, Dims d) {
   check_state(a.d_state, a.d_normaliser, d, dt, "d_state", "d_normaliser");
   check_tensor(a.dq, {d.B, d.Nq, d.H, d.D}, dt, "dq", "(B, Nq, H, D)", "q's dtype");
   q_map->check_param_grads(a.d_q_params, "d_q_params");
+  check_norm(a.pre.q_norm, a.pre.q_stats, d.B, d.Nq, d.H, d.D, state_dtype(dt), "q_norm");
+  check_rope(a.pre.rope, d.B, d.Nq, d.H, d.D);
+  check_norm_grads(a.pre.q_norm, a.d_norm_weight, a.d_norm_bias, d.H, d.D, "q_norm");
   const int threads = resolve_threads(a.num_threads);
   const std::int64_t q_parts = choose_splits(d.B * d.H, d.Nq, threads, kMinReducedPartTokens);
-  const std::int64_t slot = query_slot<T>(d, *q_map, no_pre<T>(d.D)), Dvp = padded<T>(d.Dv);
+  const PreTransform<T> q_pre(a.pre.q_norm, a.pre.rope, a.pre.q_stats, d.D);
+  const std::int64_t slot = query_slot<T>(d, *q_map, q_pre), Dvp = padded<T>(d.Dv);
   Buffer<T> dstate(d.B * d.H * q_parts * slot);
   visit_elements<T>(dt, [&](auto tag) {
     run_queries<typename decltype(tag)::type, T>(a.grad_out, a.q, a.state, a.normaliser, a.dq,
-                                                 a.d_q_params, d, *q_map, NormArg{}, RopeArg{},
-                                                 std::nullopt, NormGrads{}, T(a.eps), q_parts,
+                                                 a.d_q_params, d, *q_map, a.pre.q_norm,
+                                                 a.pre.rope, a.pre.q_stats,
+                                                 NormGrads{a.d_norm_weight, a.d_norm_bias},
+                                                 T(a.eps), q_parts,
                                                  dstate.data(), threads);
   });
   for (std::int64_t bh = 0; bh < d.B * d.H; ++bh) {
@@ -408,6 +414,9 @@ void keys_typed(const KeyGradArgs& a, Dims d) {
   check_tensor(a.dk, {d.B, d.Nk, d.H, d.D}, dt, "dk", "(B, Nk, H, D)", "k's dtype");
   check_tensor(a.dv, {d.B, d.Nk, d.H, d.Dv}, dt, "dv", "(B, Nk, H, Dv)", "v's dtype");
   k_map->check_param_grads(a.d_k_params, "d_k_params");
+  check_norm(a.pre.k_norm, a.pre.k_stats, d.B, d.Nk, d.H, d.D, state_dtype(dt), "k_norm");
+  check_rope(a.pre.rope, d.B, d.Nk, d.H, d.D);
+  check_norm_grads(a.pre.k_norm, a.d_norm_weight, a.d_norm_bias, d.H, d.D, "k_norm");
   const int threads = resolve_threads(a.num_threads);
   // Stage the given dS, dz in the layout the pass reads (Buffer zero-fills the padding).
   const std::int64_t slot = state_slot<T>(d), Dvp = padded<T>(d.Dv);
@@ -419,8 +428,9 @@ void keys_typed(const KeyGradArgs& a, Dims d) {
   }
   visit_elements<T>(dt, [&](auto tag) {
     run_keys<typename decltype(tag)::type, T>(a.k, a.v, a.key_mask, a.dk, a.dv, a.d_k_params, d,
-                                              *k_map, NormArg{}, RopeArg{}, std::nullopt,
-                                              NormGrads{}, dstates.data(), slot, threads);
+                                              *k_map, a.pre.k_norm, a.pre.rope, a.pre.k_stats,
+                                              NormGrads{a.d_norm_weight, a.d_norm_bias},
+                                              dstates.data(), slot, threads);
   });
 }
 

@@ -12,8 +12,8 @@
 //              written in o's dtype.
 //
 // cpu_forward runs both; cpu_forward_state and cpu_forward_output run one each (the phases a
-// context-parallel caller separates with an all-reduce of S and z, linear_attention.h), without
-// pre-attention work (the context-parallel op refuses it).
+// context-parallel caller separates with an all-reduce of S and z, linear_attention.h), each
+// with its own side's pre-attention work (and the statistics of that side's norm).
 #include <omp.h>
 
 #include <type_traits>
@@ -191,11 +191,15 @@ void state_typed(const StateArgs& a, Dims d) {
   const auto k_map = make_feature_map<T>(a.k_map.name, a.k_map.params, d.H, d.D, "k_map");
   d.F = k_map->features();
   check_state(a.state, a.normaliser, d, a.k.dtype, "state", "normaliser");
+  check_norm(a.pre.k_norm, a.pre.k_stats, d.B, d.Nk, d.H, d.D, state_dtype(a.k.dtype), "k_norm");
+  check_rope(a.pre.rope, d.B, d.Nk, d.H, d.D);
   const int threads = resolve_threads(a.num_threads);
+  const PreTransform<T> k_pre(a.pre.k_norm, a.pre.rope, a.pre.k_stats, d.D);
+  if (k_pre.norm_over_heads()) compute_norm_stats(a.k, a.pre.k_norm, *a.pre.k_stats, threads);
   const std::int64_t k_parts = choose_splits(d.B * d.H, d.Nk, threads, kMinReducedPartTokens);
   Buffer<T> partials(d.B * d.H * k_parts * state_slot<T>(d));
   visit_elements<T>(a.k.dtype, [&](auto tag) {
-    run_state<typename decltype(tag)::type, T>(a.k, a.v, a.key_mask, d, *k_map, no_pre<T>(d.D),
+    run_state<typename decltype(tag)::type, T>(a.k, a.v, a.key_mask, d, *k_map, k_pre,
                                                k_parts, partials.data(), a.state, a.normaliser,
                                                threads);
   });
@@ -209,7 +213,11 @@ void output_typed(const OutputArgs& a, Dims d) {
   d.Dv = a.o.shape[3];
   check_tensor(a.o, {d.B, d.Nq, d.H, d.Dv}, a.q.dtype, "o", "(B, Nq, H, Dv)", "q's dtype");
   check_state(a.state, a.normaliser, d, a.q.dtype, "state", "normaliser");
+  check_norm(a.pre.q_norm, a.pre.q_stats, d.B, d.Nq, d.H, d.D, state_dtype(a.q.dtype), "q_norm");
+  check_rope(a.pre.rope, d.B, d.Nq, d.H, d.D);
   const int threads = resolve_threads(a.num_threads);
+  const PreTransform<T> q_pre(a.pre.q_norm, a.pre.rope, a.pre.q_stats, d.D);
+  if (q_pre.norm_over_heads()) compute_norm_stats(a.q, a.pre.q_norm, *a.pre.q_stats, threads);
   // Stage the given S and z in the layout the pass reads (Buffer zero-fills the padding).
   const std::int64_t slot = state_slot<T>(d), Dvp = padded<T>(d.Dv);
   Buffer<T> states(d.B * d.H * slot);
@@ -219,7 +227,7 @@ void output_typed(const OutputArgs& a, Dims d) {
     read_vector(a.normaliser, bh / d.H, bh % d.H, S + d.F * Dvp, padded<T>(d.F));
   }
   visit_elements<T>(a.q.dtype, [&](auto tag) {
-    run_output<typename decltype(tag)::type, T>(a.q, a.o, d, *q_map, no_pre<T>(d.D), T(a.eps),
+    run_output<typename decltype(tag)::type, T>(a.q, a.o, d, *q_map, q_pre, T(a.eps),
                                                 states.data(), slot, threads);
   });
 }

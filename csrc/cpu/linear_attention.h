@@ -12,7 +12,11 @@
 // linattn/distributed): the state pass (S, z from keys), the output pass (o from queries and
 // a given S, z), the query pass of the backward (dq, dS, dz and the q map's parameter gradient
 // from queries) and the key pass (dk, dv and the k map's parameter gradient from a given
-// dS, dz). forward = state + output and backward = queries + keys run the same code.
+// dS, dz). forward = state + output and backward = queries + keys run the same code. A phase
+// takes the call's PreArgs and applies its own side of it (the state and key passes k's norm
+// and the RoPE, the output and query passes q's): its statistics of a norm over all heads are
+// written by the forward phase and read by the backward one, and the backward phases write
+// their side's norm weight and bias gradients (over their own tokens).
 #pragma once
 
 #include <optional>
@@ -59,6 +63,7 @@ struct StateArgs {
   MapArg k_map;
   View state, normaliser;  // written: (B, H, D', Dv), (B, H, D') in the state dtype
   int num_threads = 0;
+  PreArgs pre;             // its k_norm (statistics k_stats, written) and rope apply to k
 };
 
 struct OutputArgs {
@@ -68,6 +73,7 @@ struct OutputArgs {
   View state, normaliser;  // read
   View o;                  // written
   int num_threads = 0;
+  PreArgs pre;             // its q_norm (statistics q_stats, written) and rope apply to q
 };
 
 struct QueryGradArgs {
@@ -79,6 +85,8 @@ struct QueryGradArgs {
   View d_state, d_normaliser;    // written: this call's queries' dS, dz in the state dtype
   std::vector<View> d_q_params;  // written: the q map's parameter gradients over these queries
   int num_threads = 0;
+  PreArgs pre;                   // as output's (q_stats read)
+  std::optional<View> d_norm_weight, d_norm_bias;  // written: the q norm's, over these queries
 };
 
 struct KeyGradArgs {
@@ -89,6 +97,8 @@ struct KeyGradArgs {
   View dk, dv;                   // written
   std::vector<View> d_k_params;  // written: the k map's parameter gradients over these keys
   int num_threads = 0;
+  PreArgs pre;                   // as state's (k_stats read)
+  std::optional<View> d_norm_weight, d_norm_bias;  // written: the k norm's, over these keys
 };
 
 void cpu_forward(const ForwardArgs& args);

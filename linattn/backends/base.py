@@ -36,7 +36,12 @@ and ``backward_keys``. They run the same kernels as forward and backward; forwar
 stay single calls so that one process pays for no hand-over between the passes. In the phases,
 S, z, dS and dz are contiguous tensors in the state dtype that the caller allocates (it packs
 them into one buffer for one all-reduce), and Nq of the query phases may differ from Nk of the
-key phases (each process holds its own number of tokens).
+key phases (each process holds its own number of tokens). A backend with supports_pre_attention
+takes a PreCall in the phases too, and each phase applies its own side of it: forward_state and
+backward_keys k's norm and the RoPE, forward_output and backward_queries q's. A forward phase
+writes its side's statistics (q_stats or k_stats, for a norm over all heads), the backward
+phase of that side reads them, and a backward phase's d_pre is its side's (d weight, d bias),
+summed over its own tokens.
 
 The centre. A backend may centre the state in its backward (the Triton kernels do:
 kernels/triton/backward.py): the query pass then writes a vector m (B, H, Dv), a function of the
@@ -129,27 +134,33 @@ class KernelBackend:
     # The phases (module docstring).
 
     def forward_state(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
-                      state: Tensor, normaliser: Tensor) -> None:
-        """state <- Σ_j φ(k_j) v_jᵀ and normaliser <- Σ_j φ(k_j) over the kept keys."""
+                      state: Tensor, normaliser: Tensor, pre: Optional[PreCall] = None) -> None:
+        """state <- Σ_j φ(k_j) v_jᵀ and normaliser <- Σ_j φ(k_j) over the kept keys (φ of
+        RoPE(k_norm(k)) with pre; pre.k_stats written)."""
         raise NotImplementedError
 
     def forward_output(self, q: Tensor, q_map: MapCall, eps: float, state: Tensor,
-                       normaliser: Tensor, o: Tensor) -> None:
-        """o <- φ(q)ᵀ S / (φ(q)ᵀ z + eps) for the given S (state) and z (normaliser)."""
+                       normaliser: Tensor, o: Tensor, pre: Optional[PreCall] = None) -> None:
+        """o <- φ(q)ᵀ S / (φ(q)ᵀ z + eps) for the given S (state) and z (normaliser) (φ of
+        RoPE(q_norm(q)) with pre; pre.q_stats written)."""
         raise NotImplementedError
 
     def backward_queries(self, do: Tensor, q: Tensor, q_map: MapCall, eps: float,
                          state: Tensor, normaliser: Tensor, dq: Tensor, d_state: Tensor,
                          d_normaliser: Tensor, centre: Tensor,
-                         d_q_params: Sequence[Tensor]) -> None:
+                         d_q_params: Sequence[Tensor], pre: Optional[PreCall] = None,
+                         d_pre: Sequence[Optional[Tensor]] = (None, None)) -> None:
         """dq; centre <- m (B, H, Dv) (module docstring; 0 where the backend does not centre);
         d_state <- Σ_i φ(q_i) (do_i / den_i)ᵀ and d_normaliser <- Σ_i φ(q_i) dden_i + dS m
-        over these queries; the q map's parameter gradients over these queries."""
+        over these queries; the q map's parameter gradients over these queries; with pre, the
+        q norm's (weight, bias) gradients over these queries into d_pre."""
         raise NotImplementedError
 
     def backward_keys(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
                       d_state: Tensor, d_normaliser: Tensor, centre: Tensor, dk: Tensor,
-                      dv: Tensor, d_k_params: Sequence[Tensor]) -> None:
+                      dv: Tensor, d_k_params: Sequence[Tensor], pre: Optional[PreCall] = None,
+                      d_pre: Sequence[Optional[Tensor]] = (None, None)) -> None:
         """dk, dv (0 for masked keys) and the k map's parameter gradients over these keys,
-        from the given dS (d_state), dz' (d_normaliser) and m (centre) of backward_queries."""
+        from the given dS (d_state), dz' (d_normaliser) and m (centre) of backward_queries;
+        with pre, the k norm's (weight, bias) gradients over these keys into d_pre."""
         raise NotImplementedError

@@ -115,16 +115,17 @@ class CpuBackend(KernelBackend):
             _views(d_k_params) if d_k_params else (), torch.get_num_threads(), *pre_args)
 
     def forward_state(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
-                      state: Tensor, normaliser: Tensor) -> None:
+                      state: Tensor, normaliser: Tensor, pre: Optional[PreCall] = None) -> None:
         native.cpu_forward_state(
             _view(k), _view(v), None if key_mask is None else _view(key_mask), k_map.name,
-            _views(k_map.params), _view(state), _view(normaliser), torch.get_num_threads())
+            _views(k_map.params), _view(state), _view(normaliser), torch.get_num_threads(),
+            _pre_args(pre))
 
     def forward_output(self, q: Tensor, q_map: MapCall, eps: float, state: Tensor,
-                       normaliser: Tensor, o: Tensor) -> None:
+                       normaliser: Tensor, o: Tensor, pre: Optional[PreCall] = None) -> None:
         native.cpu_forward_output(
             _view(q), q_map.name, _views(q_map.params), eps, _view(state), _view(normaliser),
-            _view(o), torch.get_num_threads())
+            _view(o), torch.get_num_threads(), _pre_args(pre))
 
     # The cpu kernels keep S and dS in the state dtype throughout: no operand rounding to undo,
     # so they do not centre (base.py): the query pass writes m = 0 and dz' = dz.
@@ -132,16 +133,19 @@ class CpuBackend(KernelBackend):
     def backward_queries(self, do: Tensor, q: Tensor, q_map: MapCall, eps: float,
                          state: Tensor, normaliser: Tensor, dq: Tensor, d_state: Tensor,
                          d_normaliser: Tensor, centre: Tensor,
-                         d_q_params: Sequence[Tensor]) -> None:
+                         d_q_params: Sequence[Tensor], pre: Optional[PreCall] = None,
+                         d_pre: Sequence[Optional[Tensor]] = (None, None)) -> None:
         native.cpu_backward_queries(
             _view(do), _view(q), q_map.name, _views(q_map.params), eps, _view(state),
             _view(normaliser), _view(dq), _view(d_state), _view(d_normaliser),
-            _views(d_q_params), torch.get_num_threads())
+            _views(d_q_params), torch.get_num_threads(), _pre_args(pre),
+            *(_optional_view(t) for t in d_pre))
         centre.zero_()
 
     def backward_keys(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
                       d_state: Tensor, d_normaliser: Tensor, centre: Tensor, dk: Tensor,
-                      dv: Tensor, d_k_params: Sequence[Tensor]) -> None:
+                      dv: Tensor, d_k_params: Sequence[Tensor], pre: Optional[PreCall] = None,
+                      d_pre: Sequence[Optional[Tensor]] = (None, None)) -> None:
         # dz = dz' − dS m. The m this backend writes is 0, whose product is exactly 0: this is
         # only the contract's arithmetic (B·H·D'·Dv multiply-adds), kept so any m is right.
         d_normaliser = torch.baddbmm(
@@ -150,4 +154,5 @@ class CpuBackend(KernelBackend):
         native.cpu_backward_keys(
             _view(k), _view(v), None if key_mask is None else _view(key_mask), k_map.name,
             _views(k_map.params), _view(d_state), _view(d_normaliser), _view(dk), _view(dv),
-            _views(d_k_params), torch.get_num_threads())
+            _views(d_k_params), torch.get_num_threads(), _pre_args(pre),
+            *(_optional_view(t) for t in d_pre))

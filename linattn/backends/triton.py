@@ -155,54 +155,59 @@ class TritonBackend(KernelBackend):
 
     # The phases (base.py). A phase sees one map; the pair was checked by unsupported() when the
     # backend was chosen. Scratch budgets are measured against the tensors a phase holds. The
-    # callers (linattn/distributed) allocate S, z, dS, dz' and m contiguous in fp32.
+    # callers (linattn/distributed) allocate S, z, dS, dz' and m contiguous in fp32. A phase
+    # applies its own side of `pre`; the forward phases write that side's norm statistics.
 
-    def forward_state(self, k, v, key_mask, k_map, state, normaliser) -> None:
+    def forward_state(self, k, v, key_mask, k_map, state, normaliser, pre=None) -> None:
         with _on_device(k.device):
             _replay().call("forward_state", self._plan_forward_state,
-                           (k, v, key_mask, k_map, state, normaliser))
+                           (k, v, key_mask, k_map, state, normaliser, pre))
 
-    def forward_output(self, q, q_map, eps, state, normaliser, o) -> None:
+    def forward_output(self, q, q_map, eps, state, normaliser, o, pre=None) -> None:
         with _on_device(q.device):
             _replay().call("forward_output", self._plan_forward_output,
-                           (q, q_map, eps, state, normaliser, o))
+                           (q, q_map, eps, state, normaliser, o, pre))
 
     def backward_queries(self, do, q, q_map, eps, state, normaliser, dq, d_state,
-                         d_normaliser, centre, d_q_params) -> None:
+                         d_normaliser, centre, d_q_params, pre=None,
+                         d_pre=(None, None)) -> None:
         with _on_device(q.device):
             _replay().call("backward_queries", self._plan_backward_queries,
                            (do, q, q_map, eps, state, normaliser, dq, d_state, d_normaliser, centre,
-                            tuple(d_q_params)))
+                            tuple(d_q_params), pre, tuple(d_pre)))
 
     def backward_keys(self, k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
-                      d_k_params) -> None:
+                      d_k_params, pre=None, d_pre=(None, None)) -> None:
         with _on_device(k.device):
             _replay().call("backward_keys", self._plan_backward_keys,
                            (k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
-                            tuple(d_k_params)))
+                            tuple(d_k_params), pre, tuple(d_pre)))
 
-    def _plan_forward_state(self, k, v, key_mask, k_map, state, normaliser) -> None:
+    def _plan_forward_state(self, k, v, key_mask, k_map, state, normaliser, pre) -> None:
+        _side_statistics(k, pre, "k")
         if k_map.name == HEDGEHOG:
             self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_state(
-                k, v, key_mask, k_map.params[0], state, normaliser)
+                k, v, key_mask, k_map.params[0], state, normaliser, pre=pre)
             return
         forward = _builtin_kernels().forward
         forward.compute_state(k, v, key_mask, k_map.name, state, normaliser,
-                              forward.qkv_bytes(k, k, v))
+                              forward.qkv_bytes(k, k, v), _pre_launch(pre, "k"))
 
-    def _plan_forward_output(self, q, q_map, eps, state, normaliser, o) -> None:
+    def _plan_forward_output(self, q, q_map, eps, state, normaliser, o, pre) -> None:
+        _side_statistics(q, pre, "q")
         if q_map.name == HEDGEHOG:
             self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_output(
-                q, q_map.params[0], eps, state, normaliser, o)
+                q, q_map.params[0], eps, state, normaliser, o, pre=pre)
             return
-        _builtin_kernels().forward.compute_output(q, q_map.name, eps, state, normaliser, o)
+        _builtin_kernels().forward.compute_output(q, q_map.name, eps, state, normaliser, o,
+                                                  _pre_launch(pre, "q"))
 
     def _plan_backward_queries(self, do, q, q_map, eps, state, normaliser, dq, d_state,
-                               d_normaliser, centre, d_q_params) -> None:
+                               d_normaliser, centre, d_q_params, pre, d_pre) -> None:
         if q_map.name == HEDGEHOG:
             self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_query_grads(
                 do, q, q_map.params[0], eps, state, normaliser, dq, d_q_params[0], d_state,
-                d_normaliser, centre)
+                d_normaliser, centre, pre=pre, d_pre=d_pre)
             return
         kernels = _builtin_kernels()
         from ..kernels.triton.common import check_state
@@ -210,19 +215,21 @@ class TritonBackend(KernelBackend):
         check_state(d_state, d_normaliser, "backward_queries")
         kernels.backward.state_gradients(do, q, q_map.name, eps, state, normaliser, dq,
                                          d_state, d_normaliser, centre,
-                                         kernels.forward.qkv_bytes(q, q, do))
+                                         kernels.forward.qkv_bytes(q, q, do),
+                                         _pre_launch(pre, "q"), d_pre)
 
     def _plan_backward_keys(self, k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
-                            d_k_params) -> None:
+                            d_k_params, pre, d_pre) -> None:
         if k_map.name == HEDGEHOG:
             self._hedgehog(HEDGEHOG, HEDGEHOG).hedgehog_key_grads(
                 k, v, key_mask, k_map.params[0], d_state, d_normaliser, centre, dk, dv,
-                d_k_params[0])
+                d_k_params[0], pre=pre, d_pre=d_pre)
             return
         from ..kernels.triton.common import check_state
         check_state(d_state, d_normaliser, "backward_keys")
         _builtin_kernels().backward.key_gradients(k, v, key_mask, k_map.name, d_state,
-                                                  d_normaliser, centre, dk, dv)
+                                                  d_normaliser, centre, dk, dv,
+                                                  _pre_launch(pre, "k"), d_pre)
 
     def _hedgehog(self, q_name: str, k_name: str):
         """The Hedgehog kernels module; raises when the pair or the module cannot run."""
@@ -236,6 +243,25 @@ class TritonBackend(KernelBackend):
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton' cannot run these inputs: {reason}")
         return module
+
+
+def _pre_launch(pre, side: str):
+    """The kernels' PreLaunch of one side of a phase's pre (None without pre)."""
+    if pre is None:
+        return None
+    from ..kernels.triton.pre_attention import PreLaunch
+    return PreLaunch(pre, side)
+
+
+def _side_statistics(x, pre, side: str) -> None:
+    """The statistics of `side`'s norm over all heads, written before its forward phase reads
+    them (the single-call forward writes both sides' at its start)."""
+    if pre is None:
+        return
+    launch = _pre_launch(pre, side)
+    if launch.over_heads:
+        from ..kernels.triton.pre_attention import norm_statistics
+        norm_statistics(x, launch)
 
 
 _NO_DEVICE_SWITCH = contextlib.nullcontext()

@@ -16,7 +16,8 @@ layer's selector; this module only chooses and mixes the branches.
 
 Where the selector hands over q and k as projected with their norm and RoPE (Projection.pre),
 the linear branch passes them to the op, whose kernels apply norm -> RoPE -> φ while loading q
-and k (``fuse_pre_attention = True``, the default). With ``fuse_pre_attention = False`` it runs
+and k (``fuse_pre_attention = True``, the default), under diffusers' context parallelism too
+(each process's norms and its rows of the RoPE tables, linattn.distributed). With ``fuse_pre_attention = False`` it runs
 the stock norm and RoPE in PyTorch first, then the op: the same maths, unfused (for comparisons
 and benchmarks). RoPE tables that need gradients (Mochi's, built from a learnable parameter,
 while training it) also take the unfused path: the kernels give no gradient to tables.
@@ -94,19 +95,20 @@ class LinAttnProcessor(nn.Module):
         return self.selector.finish(attn, o, p)
 
     def _linear(self, attn: nn.Module, p) -> Tensor:
-        group = context_parallel_group(self._parallel_config)
-        if group is not None:
-            # This process holds its own tokens' q, k, v: S and z are summed over the group.
-            # The sharded op takes q and k as φ sees them: the norms (per token) and RoPE (its
-            # tables sharded with the tokens) run here, unfused.
-            q, k = self.selector.attention_qk(attn, p)
-            return sharded_linear_attention(
-                q, k, p.v, group=group, feature_map=(self.q_map, self.k_map),
-                key_padding_mask=p.key_padding_mask, layout=p.layout, backend=self.backend)
         if p.pre is not None and self.fuse_pre_attention and not _learns_rope(p.pre):
             q, k, pre = p.q, p.k, p.pre.kwargs()
         else:
             (q, k), pre = self.selector.attention_qk(attn, p), {}
+        group = context_parallel_group(self._parallel_config)
+        if group is not None:
+            # This process holds its own tokens' q, k, v: S and z are summed over the group.
+            # The norms are per token and diffusers' plans shard the RoPE tables with the
+            # tokens, so the layer's specs are this process's own (token_offset None): the
+            # sharded op fuses them as the single-process op does.
+            return sharded_linear_attention(
+                q, k, p.v, group=group, feature_map=(self.q_map, self.k_map),
+                key_padding_mask=p.key_padding_mask, layout=p.layout, backend=self.backend,
+                **pre)
         return linear_attention(q, k, p.v, feature_map=(self.q_map, self.k_map),
                                 key_padding_mask=p.key_padding_mask, layout=p.layout,
                                 backend=self.backend, **pre)

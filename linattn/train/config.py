@@ -29,6 +29,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUME = ("auto", "never")
 LR_SCHEDULES = ("constant", "cosine")
 SELECTIONS = ("exact", "round")
+LOADS = ("full", "sharded")
 # model.pretrained and data.embeddings: the toy video DiT shipped with linattn (linattn.toy) and
 # its class embeddings; a run on it logs the toy's fidelity metrics at every evaluation.
 TOY_SOURCE = "linattn:toy"
@@ -51,12 +52,31 @@ class ModelConfig:
     # Options of the family's model call (linattn.train.families: CogVideoX snr_shift_scale,
     # HunyuanVideo guidance, LTX-Video frame_rate and VAE compressions).
     call_options: dict = field(default_factory=dict)
+    # How model.pretrained is loaded (linattn/train/sharded_load.py): "full" (every process
+    # reads the whole model, diffusers' from_pretrained) or "sharded" (train.strategy "fsdp"
+    # only, a local safetensors folder: the model is built on the meta device, sharded, and
+    # each process reads only its shard's rows; the peak host memory per process is about its
+    # shard instead of the whole model, which Wan 14B needs: docs/scale.md).
+    load: str = "full"
 
     def check_source(self) -> None:
         """Raise ValueError unless the teacher comes from one source (shared by every stage)."""
         if self.pretrained is not None and self.config is not None:
             raise ValueError("model: give one of model.pretrained (load weights) and "
                              "model.config (build with random weights), not both")
+
+    def check_load(self, strategy: str, strategy_field: str) -> None:
+        """Raise ValueError unless model.load fits the source and the stage's strategy."""
+        _one_of("model.load", self.load, LOADS)
+        if self.load != "sharded":
+            return
+        if self.pretrained is None or self.pretrained == TOY_SOURCE:
+            raise ValueError(f"model.load: 'sharded' reads the safetensors of a local "
+                             f"model.pretrained folder, got pretrained={self.pretrained!r} "
+                             f"(use 'full' for model.config or {TOY_SOURCE})")
+        if strategy != "fsdp":
+            raise ValueError(f"model.load: 'sharded' loads each process's FSDP2 shard; set "
+                             f"{strategy_field} to 'fsdp' (got {strategy!r})")
 
 
 @dataclass
@@ -190,6 +210,7 @@ class TrainConfig:
         """Raise ValueError naming the first field that is missing, out of range or unknown."""
         m, c, d, t, o = self.model, self.convert, self.data, self.train, self.output
         m.check_source()
+        m.check_load(t.strategy, "train.strategy")
         if m.pretrained == TOY_SOURCE and m.class_name != "WanTransformer3DModel":
             raise ValueError(f"model.class_name: the toy teacher ({TOY_SOURCE}) is a "
                              f"WanTransformer3DModel, got {m.class_name!r}")

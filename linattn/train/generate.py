@@ -13,9 +13,10 @@ from .teacher_data import DataSpec, generate_teacher_data
 
 
 def ensure_teacher_data(teacher: nn.Module, config: TrainConfig, ctx: D.DistContext,
-                        progress: bool = True) -> list[int]:
+                        progress: bool = True, lockstep: bool = False) -> list[int]:
     """Generate whatever shards of config.data are missing (every rank calls this); return
-    the shards this rank wrote. The text encoder, if any, runs once, on rank 0."""
+    the shards this rank wrote. The text encoder, if any, runs once, on rank 0. lockstep: the
+    teacher is sharded (FSDP2), so every rank runs every shard (generate_teacher_data)."""
     dc, mc = config.data, config.model
     call = model_call_for(teacher, mc.call_options, mc.pretrained)
     model_config = dict(getattr(D.unwrap(teacher), "config", {}) or {})
@@ -26,7 +27,7 @@ def ensure_teacher_data(teacher: nn.Module, config: TrainConfig, ctx: D.DistCont
                                  device=ctx.device,
                                  batch_size=dc.generation_batch_size, rank=ctx.rank,
                                  world_size=ctx.world_size, progress=progress and ctx.is_main,
-                                 barrier=ctx.barrier)
+                                 barrier=ctx.barrier, lockstep=lockstep)
 
 
 def generate_from_config(config: TrainConfig, progress: bool = True) -> int:

@@ -262,7 +262,7 @@ def generate_teacher_data(teacher, data_dir: str, spec: DataSpec,
                           conditioning: Union[Conditioning, Callable[[], Conditioning]], *,
                           device: Optional[torch.device] = None, batch_size: int = 1,
                           rank: int = 0, world_size: int = 1, progress: bool = True,
-                          barrier=None) -> list[int]:
+                          barrier=None, lockstep: bool = False) -> list[int]:
     """Generate the shards of ``spec`` missing from ``data_dir``; return those this rank made.
 
     ``teacher``: a FlowModel or a diffusers flow transformer (wrapped with
@@ -271,7 +271,9 @@ def generate_teacher_data(teacher, data_dir: str, spec: DataSpec,
     and every resumed run samples with the same stored values. Resumable: existing shards are
     kept. With world_size > 1 every rank must call this (rank 0 writes the manifest;
     ``barrier`` is called after it, and after the last shard so that all shards exist when
-    any rank returns).
+    any rank returns). ``lockstep``: every rank runs every missing shard and rank k % world
+    writes shard k: for a teacher sharded by FSDP2, whose every forward needs all ranks (the
+    noise is a function of the trajectory number, so every rank computes the same shard).
     """
     if not isinstance(teacher, FlowModel):
         teacher = FlowModel(teacher, spec.num_train_timesteps)
@@ -281,16 +283,19 @@ def generate_teacher_data(teacher, data_dir: str, spec: DataSpec,
         prepare_data_dir(data_dir, spec, conditioning)
     if barrier is not None:
         barrier()
-    mine = [k for k in missing_shards(data_dir, spec) if k % world_size == rank]
-    total = sum(len(spec.shard_trajectories(k)) for k in mine)
-    if mine:
+    missing = missing_shards(data_dir, spec)
+    mine = [k for k in missing if k % world_size == rank]
+    runs = missing if lockstep else mine
+    total = sum(len(spec.shard_trajectories(k)) for k in runs)
+    if runs:
         conditioning = Conditioning.load(os.path.join(data_dir, CONDITIONING))
     with tqdm(total=total, desc=f"teacher trajectories (rank {rank}/{world_size})",
               unit="traj", disable=not progress or total == 0) as bar:
-        for shard in mine:
+        for shard in runs:
             tensors = generate_shard(teacher, spec, conditioning, shard, device=device,
                                      batch_size=batch_size, progress=bar)
-            write_shard(data_dir, shard, tensors)
+            if shard in mine:
+                write_shard(data_dir, shard, tensors)
     if barrier is not None:
         barrier()
     return mine

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
+from . import sharded_load as SL
 from .config import TrainConfig, load_config
 from .data import BatchSchedule, TeacherDataset
 from .evaluate import EvalMetric, EvalSet, default_eval_metrics, rounded_gates, run_metrics
@@ -92,8 +93,18 @@ class Trainer(StageLoop):
                              else default_eval_metrics(config))
         tc = config.train
 
-        # Teacher: loaded (or given), frozen, on the device.
-        if teacher is None:
+        # Teacher: loaded (or given), frozen, on the device. model.load "sharded": built on the
+        # meta device and sharded at once, each process reading only its shard
+        # (sharded_load.py); the student likewise once it is converted and wrapped.
+        self.sharded_load = teacher is None and config.model.load == "sharded"
+        if self.sharded_load:
+            self.checkpoint_files = SL.checkpoint_files(SL.model_folder(config.model))
+            teacher = freeze(SL.build_empty(config.model, DTYPES[config.model.teacher_dtype]))
+            D.shard_frozen(teacher, self.strategy)
+            SL.materialize_(teacher, self.ctx.device)
+            SL.load_shards_(teacher, self.checkpoint_files)
+            student_source = SL.build_empty(config.model, torch.float32)
+        elif teacher is None:
             teacher = load_transformer(config.model, DTYPES[config.model.teacher_dtype])
             student_source = (teacher if config.model.teacher_dtype == "float32"
                               else load_transformer(config.model, torch.float32))
@@ -103,7 +114,8 @@ class Trainer(StageLoop):
                              "model.pretrained or model.config at the end; give one of them")
         else:
             student_source = teacher
-        self.teacher_module = freeze(teacher).to(self.ctx.device)
+        self.teacher_module = (teacher if self.sharded_load
+                               else freeze(teacher).to(self.ctx.device))
 
         self.dataset = self._prepare_data()
 
@@ -111,10 +123,15 @@ class Trainer(StageLoop):
         # teacher, as DMD initialises its fake score, trained on the student's samples.
         fake = None
         if tc.objective == "adm" and tc.adm_fake_score == "trained":
-            fake = copy.deepcopy(student_source).float().to(self.ctx.device).train()
+            fake = copy.deepcopy(student_source).float().train()
+            fake = fake if self.sharded_load else fake.to(self.ctx.device)
             set_trainable(fake, tc.trainable, [])
         # Student: a float32 converted copy, its gates, what trains, checkpointing, wrapper.
-        student = make_student(student_source, config.convert).to(self.ctx.device)
+        student = make_student(student_source, config.convert)
+        # Sharded load: the parameters the conversion made (maps, gates) are real already.
+        created = {n for n, p in student.named_parameters() if not p.is_meta}
+        if not self.sharded_load:
+            student = student.to(self.ctx.device)
         del student_source
         self.gates = student_gates(student, config.convert.mode)
         self.layer_names = layer_names(student, self.gates)
@@ -134,7 +151,11 @@ class Trainer(StageLoop):
                 fake.enable_gradient_checkpointing()
         self.student = student
         self.module = D.wrap(student, self.strategy, self.ctx, ignored_params=self.gates)
-        D.shard_frozen(self.teacher_module, self.strategy)
+        if self.sharded_load:
+            SL.materialize_(student, self.ctx.device)
+            SL.load_shards_(student, self.checkpoint_files, created)
+        else:
+            D.shard_frozen(self.teacher_module, self.strategy)
 
         num_t = self.dataset.spec.num_train_timesteps
         # The family's forward call (linattn.train.families), the same for every model here.
@@ -149,6 +170,9 @@ class Trainer(StageLoop):
         self.fake_module = self.fake_fn = self.fake_eval = self.fake_optimizer = None
         if fake is not None:
             self.fake_module = D.wrap(fake, self.strategy, self.ctx)
+            if self.sharded_load:
+                SL.materialize_(fake, self.ctx.device)
+                SL.load_shards_(fake, self.checkpoint_files)
             self.fake_fn = FlowModel(self.fake_module, num_t, input_dtype=torch.float32,
                                      call=call)
             self.fake_eval = FlowModel(D.unwrap(self.fake_module), num_t, call=call,
@@ -176,7 +200,10 @@ class Trainer(StageLoop):
     # ------------------------------------------------------------------ data
 
     def _prepare_data(self) -> TeacherDataset:
-        ensure_teacher_data(self.teacher_module, self.cfg, self.ctx, self.progress)
+        # A teacher sharded before the data exist (sharded load) needs every rank in each
+        # forward: all ranks run every missing shard together.
+        ensure_teacher_data(self.teacher_module, self.cfg, self.ctx, self.progress,
+                            lockstep=self.sharded_load)
         return TeacherDataset(self.cfg.data.dir)
 
     # ------------------------------------------------------------------ loop hooks
@@ -405,6 +432,14 @@ class Trainer(StageLoop):
             full_state_dict=True, cpu_offload=True))
         if not self.ctx.is_main:
             return None
-        model = make_student(load_transformer(self.cfg.model, torch.float32), self.cfg.convert)
-        model.load_state_dict(full, strict=True)
+        if self.sharded_load:
+            # Rank 0 holds the gathered state anyway: build the structure on the meta device
+            # and take those tensors as they are (assign), not a second loaded copy.
+            model = make_student(SL.build_empty(self.cfg.model, torch.float32),
+                                 self.cfg.convert)
+            model.load_state_dict(full, strict=True, assign=True)
+        else:
+            model = make_student(load_transformer(self.cfg.model, torch.float32),
+                                 self.cfg.convert)
+            model.load_state_dict(full, strict=True)
         return model.to(self.ctx.device)
