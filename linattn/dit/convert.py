@@ -79,7 +79,12 @@ def check_backend(backend: str) -> None:
 
 
 def device_of(attn: nn.Module):
-    return next((p.device for p in attn.parameters()), None)
+    """Where a converted layer's new parameters (maps, gate) go: the layer's device, except for
+    a layer on the meta device (a model built without storage, to be loaded shard by shard:
+    linattn/train/sharded_load.py), whose new parameters are made on the CPU with their initial
+    values, which nothing would load later (None: the default device)."""
+    device = next((p.device for p in attn.parameters()), None)
+    return None if device is not None and device.type == "meta" else device
 
 
 def install(model: nn.Module, selector: Selector, plan: Plan, backend: str,
