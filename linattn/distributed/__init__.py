@@ -16,9 +16,13 @@ keys and values themselves. ``state_bytes`` computes the figure.
     from linattn.distributed import linear_attention
     o_local = linear_attention(q_local, k_local, v_local, group=group, feature_map="relu")
 
+q/k norms and RoPE are fused as in the single-process op; ``token_offset`` says whether their
+positions are this process's own or the whole sequence's (shard_pre.py).
+
 Modules: op (the public function: checks, backend choice), autograd (the kernels' phases with
 the all-reduces between them), reference (the float64 path, differentiated by autograd through
-an all-reduce), collectives (the all-reduce with its autograd rule).
+an all-reduce), collectives (the all-reduce with its autograd rule), shard_pre (each process's
+side of the norms and RoPE).
 """
 from .op import linear_attention, state_bytes
 
