@@ -10,10 +10,12 @@ One torchrun of two processes (spawned once for the module) runs:
 * the trainer, one step, FSDP2, from the same folder with model.load "sharded" and "full": the
   checkpoints (parameters, gates, Adam moments) are identical bit for bit; the sharded run
   generates the teacher data (every rank in each forward of the sharded teacher);
-* the trainer, one step, FSDP2 over both processes with context parallelism (a Ulysses group of
-  2: each holds half of every sample's tokens) and the sharded load, against one process
-  without either (the test process itself): the same tolerance as
-  tests/test_train_distributed.py's (max |a - b| <= 5e-3 max |a| per tensor).
+* then, in a torchrun of four processes, the trainer, one step, with the sharded load and
+  context parallelism: two data replicas x Ulysses groups of 2 (each process holds half of its
+  sample's tokens), FSDP2 over all four (the flattened mesh), against one process without
+  either (the test process itself): the same tolerance as tests/test_train_distributed.py's
+  (max |a - b| <= 5e-3 max |a| per tensor). (tests/test_train_distributed.py runs context
+  parallelism under DDP.)
 """
 import json
 import os
@@ -47,6 +49,11 @@ dist.init_process_group("gloo")
 torch.set_num_threads(1)
 root, configs = sys.argv[1], json.load(open(sys.argv[2]))
 rank = dist.get_rank()
+if dist.get_world_size() != 2:  # the loader is checked by the 2-process run
+    for config in configs:
+        train(config, progress=False)
+    dist.destroy_process_group()
+    sys.exit(0)
 
 # The loader alone: the same parameters and buffers as diffusers' full load.
 from diffusers import WanTransformer3DModel
@@ -134,20 +141,22 @@ def runs(tmp_path_factory):
     configs = [
         run_config(root, "sharded", model={"load": "sharded"}, train=fsdp),
         run_config(root, "full", train=fsdp),
-        run_config(root, "cp_sharded", model={"load": "sharded"},
-                   train={**fsdp, "context_parallel": {"ring": 1, "ulysses": 2}}),
     ]
-    path = os.path.join(root, "configs.json")
-    with open(path, "w") as f:
-        json.dump(configs, f)
+    # Four processes: two data replicas x Ulysses groups of two, FSDP2 over all four.
+    four = [run_config(root, "cp4_sharded", model={"load": "sharded"},
+                       train={**fsdp, "context_parallel": {"ring": 1, "ulysses": 2}})]
     script = os.path.join(root, "worker.py")
     with open(script, "w") as f:
         f.write(WORKER)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node", "2", script, root, path],
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    for processes, runs in ((2, configs), (4, four)):
+        path = os.path.join(root, f"configs-{processes}.json")
+        with open(path, "w") as f:
+            json.dump(runs, f)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node", str(processes), script, root, path],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     # The one-process reference of the context-parallel run: same data, full load, no wrapper.
     train(run_config(root, "single"), progress=False)
     return root
@@ -184,7 +193,7 @@ def test_a_training_step_after_a_sharded_load_is_identical(runs):
 
 
 def test_fsdp2_with_context_parallelism_matches_one_process(runs):
-    parallel, single = (flat(state(os.path.join(runs, n))) for n in ("cp_sharded", "single"))
+    parallel, single = (flat(state(os.path.join(runs, n))) for n in ("cp4_sharded", "single"))
     assert parallel.keys() == single.keys()
     for key in parallel:
         scale = float(single[key].double().abs().max())
