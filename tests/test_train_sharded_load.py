@@ -10,6 +10,8 @@ One torchrun of two processes (spawned once for the module) runs:
 * the trainer, one step, FSDP2, from the same folder with model.load "sharded" and "full": the
   checkpoints (parameters, gates, Adam moments) are identical bit for bit; the sharded run
   generates the teacher data (every rank in each forward of the sharded teacher);
+* the distillation stage, one step, FSDP2, with model.load "sharded" and "full" (real score and
+  fake score from the saved Wan, the generator from a converted folder): identical bit for bit;
 * then, in a torchrun of four processes, the trainer, one step, with the sharded load and
   context parallelism: two data replicas x Ulysses groups of 2 (each process holds half of its
   sample's tokens), FSDP2 over all four (the flattened mesh), against one process without
@@ -28,6 +30,9 @@ from safetensors.torch import save_file
 
 from linattn.train import train
 
+from test_distill_stage import config as distill_stage_config
+from test_distill_stage import linear_generator
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4,
             out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2,
@@ -43,15 +48,27 @@ import torch.distributed as dist
 from types import SimpleNamespace
 
 from linattn.train import train
+
+from test_distill_stage import config as distill_stage_config
+from test_distill_stage import linear_generator
 from linattn.train import distributed as D, sharded_load as SL
 
 dist.init_process_group("gloo")
 torch.set_num_threads(1)
 root, configs = sys.argv[1], json.load(open(sys.argv[2]))
 rank = dist.get_rank()
+
+def run(entry):
+    if entry["stage"] == "distill":
+        from linattn.train.distill import distill
+        distill(entry["config"], progress=False)
+    else:
+        train(entry["config"], progress=False)
+
+
 if dist.get_world_size() != 2:  # the loader is checked by the 2-process run
-    for config in configs:
-        train(config, progress=False)
+    for entry in configs:
+        run(entry)
     dist.destroy_process_group()
     sys.exit(0)
 
@@ -83,8 +100,8 @@ summary = {"mismatch": mismatch, "read": read, "total": total,
 json.dump(summary, open(f"{root}/loader-{rank}.json", "w"))
 del model, full
 
-for config in configs:
-    train(config, progress=False)
+for entry in configs:
+    run(entry)
 dist.destroy_process_group()
 """
 
@@ -104,6 +121,15 @@ def run_config(root, name, **changes):
     }
     for section, values in changes.items():
         cfg[section].update(values)
+    return cfg
+
+
+def distill_config(root, name, load):
+    """The distillation stage, one FSDP2 step: the real and fake scores from the saved Wan, the
+    generator from a converted folder (layer 0 linear)."""
+    cfg = distill_stage_config(root, name, strategy="fsdp", steps=1)
+    cfg["model"] = {"pretrained": os.path.join(root, "wan"), "subfolder": None, "load": load}
+    cfg["output"].update(checkpoint_every=1, eval_every=0)
     return cfg
 
 
@@ -137,14 +163,19 @@ def runs(tmp_path_factory):
     gen = torch.Generator().manual_seed(0)
     save_file({"prompt_embeds": torch.randn(2, 3, 32, generator=gen)},
               os.path.join(root, "emb.safetensors"))
+    linear_generator(os.path.join(root, "stage1"))
     fsdp = {"strategy": "fsdp"}
     configs = [
-        run_config(root, "sharded", model={"load": "sharded"}, train=fsdp),
-        run_config(root, "full", train=fsdp),
+        {"stage": "train", "config": run_config(root, "sharded", model={"load": "sharded"},
+                                                train=fsdp)},
+        {"stage": "train", "config": run_config(root, "full", train=fsdp)},
+        {"stage": "distill", "config": distill_config(root, "distill_sharded", "sharded")},
+        {"stage": "distill", "config": distill_config(root, "distill_full", "full")},
     ]
     # Four processes: two data replicas x Ulysses groups of two, FSDP2 over all four.
-    four = [run_config(root, "cp4_sharded", model={"load": "sharded"},
-                       train={**fsdp, "context_parallel": {"ring": 1, "ulysses": 2}})]
+    four = [{"stage": "train", "config": run_config(
+        root, "cp4_sharded", model={"load": "sharded"},
+        train={**fsdp, "context_parallel": {"ring": 1, "ulysses": 2}})}]
     script = os.path.join(root, "worker.py")
     with open(script, "w") as f:
         f.write(WORKER)
@@ -190,6 +221,15 @@ def test_a_training_step_after_a_sharded_load_is_identical(runs):
     name = "blocks.0.attn1.to_q.weight"
     original = load_file(str(checkpoint_files(__import__("pathlib").Path(runs, "wan"))[name]))
     assert not torch.equal(sharded[f"model.{name}"], original[name].float())
+
+
+def test_a_distillation_step_after_a_sharded_load_is_identical(runs):
+    sharded = flat(state(os.path.join(runs, "distill_sharded")))
+    full = flat(state(os.path.join(runs, "distill_full")))
+    assert sharded.keys() == full.keys()
+    assert any("processor.q_map.weight" in k for k in sharded)  # the converted generator
+    for key in sharded:
+        assert torch.equal(sharded[key], full[key]), key
 
 
 def test_fsdp2_with_context_parallelism_matches_one_process(runs):

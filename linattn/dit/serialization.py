@@ -25,7 +25,7 @@ _SHOWN = 8  # keys listed per kind of mismatch
 def load_converted(path: Union[str, Path], *, subfolder: Optional[str] = None,
                    model: Optional[nn.Module] = None, selector: Optional[Selector] = None,
                    feature_map: Optional[maps.FeatureMapArg] = None,
-                   backend: str = "auto") -> nn.Module:
+                   backend: str = "auto", weights: bool = True) -> nn.Module:
     """Load a model saved with ``model.save_pretrained(path)`` after ``linattn.convert``.
 
     Args:
@@ -36,6 +36,10 @@ def load_converted(path: Union[str, Path], *, subfolder: Optional[str] = None,
         selector: required when the checkpoint was converted with a user's own selector.
         feature_map: required when it used a custom feature map (the same factory or template).
         backend: the linattn.linear_attention backend the loaded layers use.
+        weights: False: convert the model as the checkpoint records and read no weights (the
+            maps keep their initial values): for a caller that reads the weights itself, such as
+            a model built on the meta device and loaded shard by shard
+            (linattn/train/sharded_load.py).
 
     Returns the model in eval mode, as diffusers' from_pretrained does, every saved tensor in its
     saved dtype. Buffers a model does not save (RoPE tables) come from its constructor, as with
@@ -75,6 +79,8 @@ def load_converted(path: Union[str, Path], *, subfolder: Optional[str] = None,
                                        device_of(attn)) for role in ("q_map", "k_map"))
         plan.append((name, attn, entry["mode"], q_map, k_map))
     install(model, sel, plan, backend)
+    if not weights:
+        return model.eval()
 
     state = _read_weights(directory)
     expected = model.state_dict()

@@ -52,11 +52,12 @@ class ModelConfig:
     # Options of the family's model call (linattn.train.families: CogVideoX snr_shift_scale,
     # HunyuanVideo guidance, LTX-Video frame_rate and VAE compressions).
     call_options: dict = field(default_factory=dict)
-    # How model.pretrained is loaded (linattn/train/sharded_load.py): "full" (every process
-    # reads the whole model, diffusers' from_pretrained) or "sharded" (train.strategy "fsdp"
-    # only, a local safetensors folder: the model is built on the meta device, sharded, and
-    # each process reads only its shard's rows; the peak host memory per process is about its
-    # shard instead of the whole model, which Wan 14B needs: docs/scale.md).
+    # How the models are loaded (linattn/train/sharded_load.py): "full" (every process reads
+    # the whole model, diffusers' from_pretrained) or "sharded" (strategy "fsdp" only, a local
+    # safetensors folder: each model is built on the meta device, sharded, and each process
+    # reads only its shard's rows, so its host memory at load is about its shard instead of
+    # the whole model several times over, which Wan 14B needs: docs/scale.md). Both stages:
+    # the distillation stage loads its generator.path the same way.
     load: str = "full"
 
     def check_source(self) -> None:

@@ -110,10 +110,7 @@ class DistillConfig:
         """Raise ValueError naming the first field that is missing, out of range or unknown."""
         m, g, c, d, o = self.model, self.generator, self.conditioning, self.distill, self.output
         m.check_source()
-        if m.load != "full":
-            # The first stage reads model.load; this stage's three networks load in full.
-            raise ValueError(f"model.load: the distillation stage loads its models in full "
-                             f"(model.load 'full'); got {m.load!r}")
+        m.check_load(d.strategy, "distill.strategy")
         _one_of("model.teacher_dtype", m.teacher_dtype, tuple(DTYPES))
         if g.path is not None and not isinstance(g.path, str):
             raise ValueError(f"generator.path: expected a folder or null, got {g.path!r}")

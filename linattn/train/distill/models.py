@@ -57,6 +57,28 @@ def load_model_folder(directory: Union[str, os.PathLike], backend: str = "auto")
     return model.float()
 
 
+def empty_generator(generator_config, model_config) -> tuple[nn.Module, list]:
+    """(the generator with its parameters on the meta device, float32; the folder its weights
+    are read from) for model.load "sharded" (linattn/train/sharded_load.py): generator.path's
+    model converted as its config.json records, or (path null) the original's structure."""
+    from ...dit import load_converted
+    from ...dit.record import KEY
+    from .. import sharded_load as SL
+
+    if generator_config.path is None:
+        return SL.build_empty(model_config, torch.float32), SL.model_folder(model_config)
+    directory = generator_folder(generator_config.path, generator_config.subfolder)
+    config = json.loads((directory / "config.json").read_text())
+    cls = diffusers_class(config.get("_class_name", ""))
+    with SL.empty_parameters():
+        model = cls.from_config({k: v for k, v in config.items() if k != KEY})
+    if KEY in config:
+        model = load_converted(directory, model=model, backend=generator_config.backend,
+                               weights=False)
+    model.float().requires_grad_(True)
+    return model.train(), directory
+
+
 def load_generator(generator_config, teacher_float32: nn.Module) -> nn.Module:
     """The generator to train: generator.path's model, or (path null) a copy of the teacher;
     float32, train mode, every parameter trainable (distill.trainable then narrows it)."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import checkpoint as ckpt
 from .. import distributed as D
+from .. import sharded_load as SL
 from ..evaluate import EvalMetric, EvalSet, rel_mse_metric, run_metrics
 from ..flow import FlowModel
 from ..loop import StageLoop, clip_grad, save_model
@@ -34,7 +35,7 @@ from ..metrics import plot_series
 from ..models import DTYPES, freeze, load_transformer, set_trainable
 from . import conditioning as conditioning_store
 from .config import DistillConfig, load_distill_config
-from .models import SamplerSpec, load_generator, make_fake_score
+from .models import SamplerSpec, empty_generator, load_generator, make_fake_score
 from .objectives import dmd_generator_loss, flow_matching_loss, score_times
 from .sampler import backward_simulation, generator_times, seeded_sample
 from .schedule import (GENERATOR_NOISE, SCORE_NOISE, SCORE_TIME, ConditioningOrder,
@@ -95,8 +96,18 @@ class DistillTrainer(StageLoop):
         self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
         dc = config.distill
 
-        # Real score: the original, loaded (or given), frozen, on the device.
-        if teacher is None:
+        # Real score: the original, loaded (or given), frozen, on the device. model.load
+        # "sharded": all three networks are built on the meta device, sharded, and each process
+        # reads only its shards' rows (linattn/train/sharded_load.py).
+        self.sharded_load = teacher is None and config.model.load == "sharded"
+        if self.sharded_load:
+            files = SL.checkpoint_files(SL.model_folder(config.model))
+            teacher = freeze(SL.build_empty(config.model, DTYPES[config.model.teacher_dtype]))
+            D.shard_frozen(teacher, self.strategy)
+            SL.materialize_(teacher, self.ctx.device)
+            SL.load_shards_(teacher, files)
+            source = None
+        elif teacher is None:
             teacher = load_transformer(config.model, DTYPES[config.model.teacher_dtype])
             source = (teacher if config.model.teacher_dtype == "float32"
                       else load_transformer(config.model, torch.float32))
@@ -107,15 +118,20 @@ class DistillTrainer(StageLoop):
                              "model.config, at the end; give one of them")
         else:
             source = teacher
-        self.teacher_module = freeze(teacher).to(self.ctx.device)
+        self.teacher_module = (teacher if self.sharded_load
+                               else freeze(teacher).to(self.ctx.device))
 
         self.conditioning = conditioning_store.prepare(
             config.conditioning, dc.guidance_scale, self.out_dir, self.ctx,
             resuming=self._will_resume())
 
         # Generator and fake score: float32, trained, checkpointed, wrapped.
-        generator = load_generator(config.generator, source).to(self.ctx.device)
-        fake = make_fake_score(source).to(self.ctx.device)
+        if self.sharded_load:
+            generator, generator_folder = empty_generator(config.generator, config.model)
+            fake = make_fake_score(SL.build_empty(config.model, torch.float32))
+        else:
+            generator = load_generator(config.generator, source).to(self.ctx.device)
+            fake = make_fake_score(source).to(self.ctx.device)
         del source
         set_trainable(generator, dc.trainable, [])
         set_trainable(fake, dc.fake_score_trainable, [])
@@ -129,7 +145,13 @@ class DistillTrainer(StageLoop):
         self.generator, self.fake = generator, fake
         self.generator_module = D.wrap(generator, self.strategy, self.ctx)
         self.fake_module = D.wrap(fake, self.strategy, self.ctx)
-        D.shard_frozen(self.teacher_module, self.strategy)
+        if self.sharded_load:
+            for model, folder in ((generator, generator_folder),
+                                  (fake, SL.model_folder(config.model))):
+                SL.materialize_(model, self.ctx.device)
+                SL.load_shards_(model, SL.checkpoint_files(folder))
+        else:
+            D.shard_frozen(self.teacher_module, self.strategy)
 
         num_t = dc.num_train_timesteps
         self.real = FlowModel(self.teacher_module, num_t)
@@ -361,6 +383,11 @@ class DistillTrainer(StageLoop):
             full_state_dict=True, cpu_offload=True))
         if not self.ctx.is_main:
             return None
+        if self.sharded_load:
+            # Rank 0 holds the gathered state: take its tensors into a meta-built structure.
+            model, _ = empty_generator(self.cfg.generator, self.cfg.model)
+            model.load_state_dict(full, strict=True, assign=True)
+            return model.to(self.ctx.device)
         source = (load_transformer(self.cfg.model, torch.float32)
                   if self.cfg.generator.path is None else None)
         model = load_generator(self.cfg.generator, source)
