@@ -48,9 +48,6 @@ import torch.distributed as dist
 from types import SimpleNamespace
 
 from linattn.train import train
-
-from test_distill_stage import config as distill_stage_config
-from test_distill_stage import linear_generator
 from linattn.train import distributed as D, sharded_load as SL
 
 dist.init_process_group("gloo")

@@ -1,9 +1,10 @@
 """Loading a diffusers transformer under FSDP2 without the whole model on any process.
 
-Today's load (``model.load: full``) has every process read the whole checkpoint into a whole
-model on the host, then FSDP2 keeps 1/world of it: a Wan 14B teacher in bf16 plus a float32
-student is ~84 GB of host memory per process, ×8 processes on one node. ``model.load:
-sharded`` instead:
+The full load (``model.load: full``) has every process build the whole teacher (bf16), a whole
+float32 source and the student copied from it on the host before FSDP2 keeps 1/world of them:
+143 GB of tensors per process for Wan 14B, ×8 processes on one node (measured at 0.4 B
+parameters: a peak of 3.6x the float32 checkpoint per process, whatever the process count;
+benchmarks/RESULTS.md). ``model.load: sharded`` instead:
 
 1. builds the model with its parameters on the meta device (no storage; ``empty_parameters``):
    the buffers it computes in ``__init__`` (RoPE tables, which are not in the checkpoint) are
