@@ -1,8 +1,8 @@
 """Peak host memory per process: today's full load against model.load "sharded" (FSDP2).
 
-For each model size and process count, torchrun starts gloo processes that each load one float32
-Wan transformer from a local safetensors folder and shard it with FSDP2 as the trainer does
-(every block, then the root):
+For each model size and process count, torchrun starts gloo processes that load a Wan
+transformer from a local safetensors folder and shard it with FSDP2 as the trainer does (every
+block, then the root):
 
 * full: diffusers' from_pretrained on every process, then fully_shard;
 * sharded: linattn.train.sharded_load: built on the meta device, fully_shard, each process's
