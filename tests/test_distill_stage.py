@@ -125,6 +125,24 @@ def test_interrupted_run_resumes_bit_exact(root, full_run):
             == without_timing(read_metrics(full_run.metrics_path)))
 
 
+def test_longer_run_continues_a_finished_shorter_one(root, full_run):
+    """With a constant learning rate nothing depends on distill.steps, so a run asked for more
+    steps continues a finished shorter run from its last checkpoint, bit for bit the longer
+    run; a cosine schedule (which does depend on it) refuses."""
+    short = distill(config(root, "extended", steps=STEPS // 2), progress=False)
+    assert short.step == STEPS // 2 and short.final_dir is not None
+    longer = distill(config(root, "extended"), progress=False)
+    assert longer.step == STEPS
+    a = flat(checkpoint_state(os.path.join(root, "full"), STEPS))
+    b = flat(checkpoint_state(os.path.join(root, "extended"), STEPS))
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert (without_timing(read_metrics(longer.metrics_path))
+            == without_timing(read_metrics(full_run.metrics_path)))
+    distill(config(root, "cosine", steps=STEPS // 2, lr_schedule="cosine"), progress=False)
+    with pytest.raises(ValueError, match="steps"):
+        distill(config(root, "cosine", lr_schedule="cosine"), progress=False)
+
+
 def test_sample_command_generates_at_the_distilled_step_count(root, full_run, tmp_path,
                                                               capsys):
     path = tmp_path / "distill.json"
@@ -190,3 +208,40 @@ def test_bf16_autocast_and_gradient_checkpointing_run(root):
     # The saved generator keeps float32 master weights.
     model, _ = load_distilled(result.final_dir, backend="reference")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_toy_teacher_run_names_its_classes_and_logs_the_toy_figures(tmp_path):
+    """On the toy teacher (model.pretrained and conditioning.embeddings "linattn:toy"), the stage
+    needs no conditioning file of its own: it distils on the toy's class rows (with the null row
+    as the real score's unconditional branch), and every evaluation logs the toy's fidelity
+    figures with their spread and the teacher's, as the first stage's evaluations do."""
+    import linattn.toy as toy
+    from linattn.train.conditioning import Conditioning
+
+    cfg = {
+        "model": {"pretrained": "linattn:toy"},
+        "conditioning": {"embeddings": "linattn:toy"},
+        "distill": {"latent_shape": list(toy.VIDEO_SHAPE), "steps": 1, "global_batch_size": 2,
+                    "fake_score_updates": 1, "lr": 1e-4, "fake_score_lr": 1e-4,
+                    "mixed_precision": "no", "gradient_checkpointing": False},
+        "output": {"dir": str(tmp_path / "toy"), "checkpoint_every": 1, "eval_every": 1,
+                   "eval_num_samples": 6, "eval_num_steps": 2},
+    }
+    assert load_distill_config(cfg).conditioning.embeddings == str(toy.CLASS_EMBEDDINGS_FILE)
+    result = distill(cfg, progress=False)
+    used = Conditioning.load(os.path.join(result.output_dir, "conditioning.safetensors"))
+    classes = toy.class_conditioning()
+    assert torch.equal(used.embeds, classes.embeds) and torch.equal(used.negative,
+                                                                    classes.negative)
+    records = read_metrics(result.metrics_path)
+    assert [r["step"] for r in records] == [0, 1]
+    for record in records:
+        for name in ("rel_mse", "psnr", "class_accuracy", "frechet_distance", "jitter",
+                     "flicker"):
+            assert f"eval_{name}" in record and f"eval_{name}_spread" in record, name
+        for name in ("class_accuracy", "frechet_distance", "jitter", "flicker"):
+            assert f"eval_teacher_{name}" in record, name
+    # The teacher's figures are of its own samples (the same at every evaluation); the
+    # generator's 4-step samples are not the teacher's.
+    assert records[0]["eval_teacher_frechet_distance"] == records[1]["eval_teacher_frechet_distance"]
+    assert records[0]["eval_rel_mse"] > 0

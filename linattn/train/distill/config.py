@@ -20,8 +20,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, ModelConfig,
-                      OutputSection, _one_of, _positive, load_sections, read_sections)
+from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, TOY_SOURCE,
+                      ModelConfig, OutputSection, _one_of, _positive, load_sections,
+                      read_sections)
 
 STAGE_SECTION = "distill"   # a config with this section is a distillation config
 
@@ -45,13 +46,23 @@ class ConditioningConfig:
     negative conditioning (a negative_prompt_embeds tensor, or the encoded negative_prompt) is
     the real score's unconditional branch."""
 
-    embeddings: Optional[str] = None        # safetensors: prompt_embeds (P, L, D) [+ negative]
+    embeddings: Optional[str] = None        # safetensors: prompt_embeds (P, L, D) [+ negative];
+    #                                         "linattn:toy" the toy teacher's class embeddings
     random_conditioning: Optional[list] = None  # (P, L, D) N(0, 1) embeddings, seeded by seed
     prompts: Optional[Union[str, list]] = None  # a list, or a text file with one per line
     text_encoder: Optional[str] = None      # pipeline folder/hub id with tokenizer/, text_encoder/
     negative_prompt: str = ""
     max_sequence_length: int = 512
     seed: int = 0                           # seed of random_conditioning
+
+    def __post_init__(self):
+        # As the first stage's data.embeddings: the toy's classes (row i: class i, with the
+        # null row as the negative), the shipped file, so that a run on the toy teacher names
+        # it the way model.pretrained does.
+        if self.embeddings == TOY_SOURCE:
+            from ...toy.teacher import CLASS_EMBEDDINGS_FILE
+
+            self.embeddings = str(CLASS_EMBEDDINGS_FILE)
 
 
 @dataclass

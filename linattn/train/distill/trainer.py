@@ -28,7 +28,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from .. import distributed as D
 from .. import sharded_load as SL
-from ..evaluate import EvalMetric, EvalSet, rel_mse_metric, run_metrics
+from ..evaluate import EvalMetric, EvalSet, default_eval_metrics, run_metrics
 from ..flow import FlowModel
 from ..loop import StageLoop, clip_grad, save_model
 from ..metrics import plot_series
@@ -74,7 +74,9 @@ def distill(config: Union[str, os.PathLike, dict, DistillConfig], *, overrides=N
         progress: show progress bars (rank 0).
         eval_metrics: functions (generator samples, EvalSet) -> {name: value} logged as
             eval_<name> at every evaluation (linattn.train.evaluate); default: rel_mse against
-            the teacher's many-step samples from the same noise.
+            the teacher's many-step samples from the same noise, and on the toy teacher
+            (model.pretrained "linattn:toy") every toy fidelity figure with its spread and the
+            teacher's own (linattn.toy.TrainerMetrics), as in the first stage.
     """
     cfg = load_distill_config(config, overrides)
     trainer = DistillTrainer(cfg, teacher=teacher, progress=progress, eval_metrics=eval_metrics)
@@ -93,7 +95,8 @@ class DistillTrainer(StageLoop):
         super().__init__(config.distill, config.output, section_name="distill",
                          progress=progress)
         self.cfg = config
-        self.eval_metrics = list(eval_metrics) if eval_metrics is not None else [rel_mse_metric]
+        self.eval_metrics = (list(eval_metrics) if eval_metrics is not None
+                             else default_eval_metrics(config))
         dc = config.distill
 
         # Real score: the original, loaded (or given), frozen, on the device. model.load
@@ -346,8 +349,14 @@ class DistillTrainer(StageLoop):
 
     def resume_keys(self) -> dict:
         dc = self.cfg.distill
-        return {**super().resume_keys(), "fake_score_updates": dc.fake_score_updates,
+        keys = {**super().resume_keys(), "fake_score_updates": dc.fake_score_updates,
                 "num_steps": dc.num_steps, "num_rows": self.order.num_rows}
+        if dc.lr_schedule == "constant":
+            # Nothing a step does depends on the step count then (the draws are functions of
+            # the step number, the learning rate is constant after warmup), so a run asked for
+            # more steps continues a shorter one where it stopped, as the same longer run.
+            del keys["steps"]
+        return keys
 
     def checkpoint_state(self) -> dict:
         return {"conditioning_position": self.order.position(self.step)}
