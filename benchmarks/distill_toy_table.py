@@ -11,14 +11,22 @@ timed on the CPU (sampling wall time of one seed's videos, median over seeds):
 4. the distilled linear 4-step model (this stage, generator = the linearised model);
 5. for reference, the distilled softmax 4-step model (generator = a copy of the teacher).
 
+    linattn train linattn/train/configs/toy_wan_cpu.yaml --set output.dir=runs/toy_linvideo \\
+        --set data.dir=runs/toy_linvideo/teacher_data --set output.eval_every=0
     python benchmarks/distill_toy_table.py --linear runs/toy_linvideo/final --steps 500 \\
         --out runs/distill_toy
 
-The linearised model comes from the first stage on the toy teacher (linattn train with the
-toy config). The distillation runs are ordinary stage runs (resumable; their output.dir is
-under --out); a finished run is reused. Writes --out/table.md and --out/grid.png (one row per
+The linearised model comes from the first stage on the toy teacher (the first command). The
+distillations are ordinary stage runs on the toy (model.pretrained and conditioning.embeddings
+"linattn:toy", so their evaluations log the toy's fidelity figures to metrics.jsonl), their
+output.dir under --out; a run finished at the asked step count is reused, and, the learning
+rate being constant, one asked for more steps continues the shorter one from its last
+checkpoint (``--distill-only`` runs or extends them without the table; ``--runs`` picks
+which). Writes --out/table.md (with the target's verdict) and --out/grid.png (one row per
 model, the same noise). Target (issue 13): the distilled linear 4-step model within 1.5x the
 teacher's Fréchet distance and 2 points of its class accuracy, at >= 8x lower latency.
+Run it with the repository root on PYTHONPATH (``PYTHONPATH=. python benchmarks/...``) to
+measure a worktree's linattn rather than the installed one.
 """
 from __future__ import annotations
 
@@ -45,7 +53,7 @@ from linattn.train.flow import FlowModel
 SHOWN = ("class_accuracy", "frechet_distance", "jitter")
 
 
-def distill_config(out_dir: str, generator_path, args) -> dict:
+def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
     """The stage's config on the toy: the shipped teacher as the real score and its class rows
     as the only data (both named "linattn:toy"), so every evaluation logs the toy's fidelity
     figures (linattn.toy.TrainerMetrics) on 3 groups of 8 held-out samples, one per class."""
@@ -55,7 +63,7 @@ def distill_config(out_dir: str, generator_path, args) -> dict:
         "conditioning": {"embeddings": "linattn:toy"},
         "distill": {"latent_shape": list(VIDEO_SHAPE), "num_steps": args.num_steps,
                     "shift": SAMPLER.shift, "guidance_scale": SAMPLER.guidance_scale,
-                    "steps": args.steps, "fake_score_updates": args.fake_score_updates,
+                    "steps": steps, "fake_score_updates": args.fake_score_updates,
                     "global_batch_size": args.batch_size, "lr": args.lr,
                     "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
                     "gradient_checkpointing": False, "seed": args.seed},
@@ -125,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--linear", required=True, help="the first stage's final/ on the toy")
     p.add_argument("--out", default="runs/distill_toy")
     p.add_argument("--steps", type=int, default=500, help="distillation steps per run")
+    p.add_argument("--softmax-steps", type=int,
+                   help="steps of the reference softmax run (default --steps)")
     p.add_argument("--num-steps", type=int, default=4)
     p.add_argument("--fake-score-updates", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
@@ -146,12 +156,13 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     runs = {"linear": args.linear, "softmax": None}
+    steps = {"linear": args.steps, "softmax": args.softmax_steps or args.steps}
     for name in args.runs:
         out_dir = os.path.join(args.out, f"distill_{name}")
-        if finished_step(out_dir) != args.steps:
-            print(f"distilling the {name} generator: {args.steps} steps -> {out_dir}",
+        if finished_step(out_dir) != steps[name]:
+            print(f"distilling the {name} generator: {steps[name]} steps -> {out_dir}",
                   flush=True)
-            distill(distill_config(out_dir, runs[name], args))
+            distill(distill_config(out_dir, runs[name], args, steps[name]))
     if args.distill_only:
         return 0
 
@@ -171,7 +182,7 @@ def main(argv=None) -> int:
           lambda s: sample(linear, ref.labels, seed=s, sampler=few), ref, rows)
     for name in args.runs:
         model, spec = load_distilled(os.path.join(args.out, f"distill_{name}"))
-        score(f"{name} distilled, {spec.num_steps} steps",
+        score(f"{name} distilled, {spec.num_steps} steps ({steps[name]} DMD steps)",
               lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
 
     grid = rows.pop("_grid")
@@ -187,8 +198,10 @@ def main(argv=None) -> int:
                                                  for m in SHOWN) + " | - | - |")
     lines.append(f"\n{len(args.seeds)} sampling seeds x {args.num_samples} videos, mean ± std "
                  f"across seeds; sampling time the median over seeds; {args.threads} CPU "
-                 f"threads; command: python {' '.join(sys.argv)}")
-    distilled = f"linear distilled, {args.num_steps} steps"
+                 f"threads; distillation: batch {args.batch_size}, {args.fake_score_updates} "
+                 f"fake-score updates per step, lr {args.lr:g} (generator) and "
+                 f"{args.fake_score_lr:g} (fake score); command: python {' '.join(sys.argv)}")
+    distilled = f"linear distilled, {args.num_steps} steps ({steps['linear']} DMD steps)"
     if distilled in rows:
         lines += ["", "Target (issue 13), distilled linear against the teacher:"]
         lines += verdict(rows, distilled, teacher_row)
