@@ -39,12 +39,13 @@ import time
 
 import torch
 
-from linattn.toy.classifier import load_classifier  # noqa: F401  (fails early without the toy)
-from linattn.toy.fidelity import METRICS, Figure, sample_figures, teacher_reference
+from linattn.toy.classifier import load_classifier
+from linattn.toy.fidelity import (METRICS, REAL_SAMPLE_SEED, Figure, TeacherReference,
+                                  real_features, sample_figures)
 from linattn.toy.grid import save_grid
-from linattn.toy.sampling import sample, sample_noise
+from linattn.toy.sampling import balanced_labels, sample, sample_noise
 from linattn.toy.teacher import SAMPLER, Sampler, embed_labels, load_teacher
-from linattn.toy.videos import VIDEO_SHAPE
+from linattn.toy.videos import VIDEO_SHAPE, procedural_videos
 from linattn.train.distill import (distill, few_step_sample, load_distilled,
                                    sample_step_noise)
 from linattn.train.distill.models import generator_folder, load_model_folder
@@ -97,13 +98,34 @@ def few_step_samples(model, times, labels, seed: int) -> torch.Tensor:
                            lambda k: sample_step_noise(seed, indices, k, VIDEO_SHAPE))
 
 
-def score(name, sampler_fn, ref, rows):
-    """Sample every seed (timed) and score it; append the row."""
+def timed_reference(teacher, seeds, num_samples: int):
+    """linattn.toy.fidelity.teacher_reference, with the teacher's sampling timed per seed: the
+    reference's samples are the teacher row's (sampled once, not twice)."""
+    classifier = load_classifier()
+    labels = balanced_labels(num_samples)
+    samples, times = {}, {}
+    for s in seeds:
+        start = time.perf_counter()
+        samples[s] = sample(teacher, labels, seed=s)
+        times[s] = time.perf_counter() - start
+    features = real_features(classifier)
+    ref = TeacherReference(teacher, classifier, tuple(seeds), num_samples, SAMPLER, labels,
+                           samples, features)
+    real = [sample_figures(procedural_videos(num_samples, REAL_SAMPLE_SEED, labels=labels,
+                                             start=k * num_samples).videos,
+                           labels, classifier, features) for k in range(len(seeds))]
+    ref.real_figures = {m: Figure.of([f[m] for f in real]) for m in METRICS if m in real[0]}
+    return ref, times
+
+
+def score(name, sampler_fn, ref, rows, seconds=None):
+    """Sample every seed (timed) and score it; append the row. ``seconds``: the per-seed
+    times of samples already taken (sampler_fn then returns them)."""
     per_seed, times = [], []
     for s in ref.seeds:
         start = time.perf_counter()
         videos = sampler_fn(s)
-        times.append(time.perf_counter() - start)
+        times.append(seconds[s] if seconds is not None else time.perf_counter() - start)
         per_seed.append(sample_figures(videos, ref.labels, ref.classifier, ref.real_features,
                                        ref.samples[s]))
         if s == ref.seeds[0]:
@@ -146,6 +168,8 @@ def main(argv=None) -> int:
                    help="distillation steps between evaluations (0: none)")
     p.add_argument("--runs", nargs="+", choices=["linear", "softmax"],
                    default=["linear", "softmax"], help="which distillations to run and score")
+    p.add_argument("--extra", nargs="*", default=[], metavar="LABEL=DIR",
+                   help="further distilled models (a distillation output.dir) to score as rows")
     p.add_argument("--distill-only", action="store_true",
                    help="run the distillations (resuming) and stop, without the table")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -167,13 +191,13 @@ def main(argv=None) -> int:
         return 0
 
     teacher = load_teacher()
-    ref = teacher_reference(teacher, seeds=args.seeds, num_samples=args.num_samples,
-                            progress=True)
+    print("sampling the teacher (the reference and its row)", flush=True)
+    ref, teacher_seconds = timed_reference(teacher, args.seeds, args.num_samples)
     linear = load_model_folder(generator_folder(args.linear)).eval()
 
     rows: dict = {}
     teacher_row = f"teacher, {SAMPLER.num_steps} steps"
-    score(teacher_row, lambda s: sample(teacher, ref.labels, seed=s), ref, rows)
+    score(teacher_row, lambda s: ref.samples[s], ref, rows, teacher_seconds)
     score(f"linear, {SAMPLER.num_steps} steps", lambda s: sample(linear, ref.labels, seed=s),
           ref, rows)
     few = Sampler(num_steps=args.num_steps, shift=SAMPLER.shift,
@@ -184,6 +208,10 @@ def main(argv=None) -> int:
         model, spec = load_distilled(os.path.join(args.out, f"distill_{name}"))
         score(f"{name} distilled, {spec.num_steps} steps ({steps[name]} DMD steps)",
               lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
+    for extra in args.extra:
+        label, path = extra.split("=", 1)
+        model, spec = load_distilled(path)
+        score(label, lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
 
     grid = rows.pop("_grid")
     save_grid(torch.cat(grid), os.path.join(args.out, "grid.png"))
