@@ -120,6 +120,21 @@ def test_metrics_plot_and_saved_model(root):
                                FlowModel(result.model.eval())(x, t, cond))
 
 
+def test_without_binarization_loss_the_gates_follow_only_the_constraint(root):
+    """train.binarization false (the paper's ablation): L_reg is logged, not trained on. With
+    both gates linear as the target, L_con alone pushes them down; L_reg (at α 1.5 → 1 its slope
+    at r = 1 is 2α) holds them back, so the ablated gates end lower."""
+    on = read_metrics(train(config(root, "reg_on", steps=2), progress=False).metrics_path)
+    off = read_metrics(train(config(root, "reg_off", steps=2, binarization=False),
+                             progress=False).metrics_path)
+    assert off[-1]["l_reg"] > 0                   # step 1 starts at r = 1, where L_reg is 0
+    for r in off[1:]:
+        assert r["loss"] == pytest.approx(r["objective"] + 0.01 * r["l_con"])
+    for r in on[1:]:
+        assert r["loss"] == pytest.approx(r["objective"] + 0.01 * (r["l_con"] + r["l_reg"]))
+    assert all(a < b for a, b in zip(off[-1]["gates"], on[-1]["gates"]))
+
+
 def test_gradient_accumulation_matches_one_batch(root):
     """Two micro-batches of 2 accumulate to the gradient of one batch of 4: Adam's first
     moment after one step is (1 − β1) · gradient, compared to 1e-4 of its largest entry."""

@@ -148,6 +148,9 @@ class TrainSection:
     final_selection: str = "exact"          # "exact": the n_linear lowest gates; "round": r < 0.5
     alpha_start: float = 20.0
     alpha_end: float = 2.0
+    # false drops L_reg from the loss (still logged): the paper's "without the binarisation loss"
+    # ablation, where gates stay near 0.5 and the rounded model collapses (method.md §3).
+    binarization: bool = True
     # ADM's push g (linattn.train.objectives): "dmd": DMD's normaliser, the score difference
     # over the size of the teacher's clean-sample correction (does not vanish, so the push
     # shrinks as the student converges); "clip": the exact weight (1 - t) / max(t, adm_t_min);

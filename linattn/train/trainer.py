@@ -196,6 +196,8 @@ class Trainer(StageLoop):
         self.schedule = BatchSchedule(len(self.dataset), tc.global_batch_size,
                                       self.mesh.data_size, tc.seed)
         self._eval_cache = None
+        # train.binarization false: L_reg is logged but not trained on (the ablation).
+        self._reg_weight = 1.0 if tc.binarization else 0.0
 
     # ------------------------------------------------------------------ data
 
@@ -252,7 +254,7 @@ class Trainer(StageLoop):
                 if last and transfer:
                     l_con = transfer.constraint_loss(self.gates, self.cfg.convert.n_linear)
                     l_reg = transfer.binarization_loss(self.gates, alpha)
-                    loss = loss + tc.transfer_lambda * (l_con + l_reg)
+                    loss = loss + tc.transfer_lambda * (l_con + self._reg_weight * l_reg)
                     extras = {"l_con": float(l_con.detach()), "l_reg": float(l_reg.detach())}
                 loss.backward()
             objective_sum += objective.detach()
@@ -284,8 +286,8 @@ class Trainer(StageLoop):
                   **{k: float(v) for k, v in zip(names, stats[1:])}, "lr": tc.lr * scale}
         if transfer:
             record.update(extras, alpha=alpha)
-            record["loss"] = objective_value + tc.transfer_lambda * (extras["l_con"] +
-                                                                     extras["l_reg"])
+            record["loss"] = objective_value + tc.transfer_lambda * (
+                extras["l_con"] + self._reg_weight * extras["l_reg"])
         else:
             record["loss"] = objective_value
         if grad_norm is not None:
