@@ -1,0 +1,138 @@
+"""linattn.toy.study: the run grid, the verdicts of the document, and the runner end to end on
+tiny settings (1 training step, a 2-step sampler, 2 samples per seed), with its cache."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from linattn.toy.study import Settings, layer_choice, plan  # noqa: E402
+from linattn.toy.study.document import (DISCUSSION_END, DISCUSSION_START, Results,  # noqa: E402
+                                        target_verdicts, write_document)
+from linattn.toy.study.plan import ADM_VARIANTS, ALPHA_VARIANTS, headline_name  # noqa: E402
+from linattn.toy.teacher import Sampler  # noqa: E402
+
+
+def test_layer_choices():
+    assert layer_choice("first", 5) == (0, 1, 2, 3, 4)
+    assert layer_choice("last", 5) == (3, 4, 5, 6, 7)
+    assert layer_choice("even", 5) == (0, 2, 4, 5, 7)
+    assert layer_choice("even", 2) == (0, 7) and layer_choice("even", 8) == tuple(range(8))
+    sens = [0.5, 0.1, 0.3, 0.1, 0.9, 0.2, 0.8, 0.7]
+    assert layer_choice("heuristic", 3, sensitivity=sens) == (1, 3, 5)   # ties: earlier
+    with pytest.raises(ValueError, match="sensitivity"):
+        layer_choice("heuristic", 3)
+    with pytest.raises(ValueError, match="rule"):
+        layer_choice("random", 3)
+    with pytest.raises(ValueError, match="k"):
+        layer_choice("first", 9)
+
+
+def test_plan_keys_follow_settings_and_share_runs():
+    s = Settings()
+    p = plan(s, sensitivity=[0.5, 0.1, 0.3, 0.1, 0.9, 0.2, 0.8, 0.7])
+    assert set(p.studies) == {"a", "b", "c", "d"}
+    names = {r.name for runs in p.studies.values() for r in runs}
+    assert {"teacher", "all 8 linear + ADM", "velocity-MSE", "manual: first 5",
+            "heuristic: 5 least sensitive", *ALPHA_VARIANTS} - {"config α 1.5 → 1 (default)"} \
+        <= names
+    runs = p.runs()
+    assert len({r.key for r in runs}) == len(runs)
+    # The headline run is one run shared by every sub-study, and it comes first.
+    head = [r for r in runs if r.name == headline_name(s)]
+    assert [r.train_seed for r in head] == [0, 1] and runs[0] is head[0]
+    assert all(any(r.key == head[0].key for r in p.studies[k]) for k in "abcd")
+    # Keys: a change of settings is a new run, the same settings the same run.
+    assert plan(Settings()).studies["a"][1].key == p.studies["a"][1].key
+    assert plan(Settings(steps=61)).studies["a"][1].key != p.studies["a"][1].key
+    fixed = next(r for r in runs if r.name == "manual: last 5")
+    assert "convert.mode=linear" in fixed.overrides and fixed.layers == (3, 4, 5, 6, 7)
+    # A heuristic picking a manual rule's layers is that run, trained once.
+    same = plan(s, sensitivity=[0, 0, 0, 0, 0, 1, 1, 1])
+    b = {r.name: r.key for r in same.studies["b"]}
+    assert b["heuristic: 5 least sensitive"] == b["manual: first 5"]
+    with pytest.raises(ValueError, match="sub-studies"):
+        plan(Settings(studies=("e",)))
+
+
+def _score(key, name, **means):
+    return {"key": key, "name": name, "figures": {
+        m: {"mean": v[0], "spread": v[1], "values": [v[0]] * 3} for m, v in means.items()}}
+
+
+def test_verdicts_state_met_and_not_met_with_numbers(tmp_path):
+    s = Settings(studies=("a", "c"), counts=(0, 5), adm_variants=tuple(ADM_VARIANTS)[:1],
+                 train_seeds=(0,))
+    p = plan(s)
+    head = p.studies["a"][1]
+    mse = next(r for r in p.studies["c"] if r.name == "velocity-MSE")
+    base = dict(psnr=(20, 1), jitter=(1, 0.1), flicker=(0.1, 0.01))
+    results = Results(p)
+    results.trained[head.key] = {"linear_layers": [0, 1, 2, 3, 4], "curve": []}
+    results.scores = {
+        "teacher-x": _score("teacher-x", "teacher", class_accuracy=(0.9, 0.05),
+                            frechet_distance=(100, 10), jitter=(1, 0.1), flicker=(0.1, 0.01)),
+        # Fréchet 115 is 1.5 teacher spreads worse: not teacher level.
+        head.key: _score(head.key, head.name, rel_mse=(0.1, 0.01), class_accuracy=(0.9, 0.0),
+                         frechet_distance=(115, 5), **base),
+        mse.key: _score(mse.key, "velocity-MSE", rel_mse=(0.2, 0.01),
+                        class_accuracy=(0.9, 0.0), frechet_distance=(120, 5), **base),
+    }
+    lines = target_verdicts(results)
+    assert any(line.startswith("- **NOT met**: 5 of 8 linear") and "Fréchet 115 ± 5" in line
+               and "(outside)" in line for line in lines)
+    # ADM not worse anywhere, better beyond the spread on rel-MSE (0.1 vs 0.2, spreads 0.01).
+    assert any(line.startswith("- **met**: selective + ADM") and "better beyond the spread on "
+               "rel-MSE;" in line for line in lines)
+    results.scores[head.key]["figures"]["frechet_distance"]["mean"] = 105
+    assert any(line.startswith("- **met**: 5 of 8") for line in target_verdicts(results))
+
+    # The hand-written discussion survives a rewrite.
+    doc = tmp_path / "study.md"
+    write_document(results, doc, tmp_path)
+    text = doc.read_text().replace("(not written yet: the hand-written reading of the numbers "
+                                   "goes here)", "Measured and read by hand.")
+    doc.write_text(text)
+    write_document(results, doc, tmp_path)
+    again = doc.read_text()
+    assert f"{DISCUSSION_START}\nMeasured and read by hand.\n{DISCUSSION_END}" in again
+    assert "| velocity-MSE | - | 0.2 ± 0.01 |" in again      # scored, no training record
+    assert "| teacher | none | not run |" in again               # the plan's teacher: no score
+
+
+def test_study_end_to_end_tiny_and_cached(tmp_path, monkeypatch, one_torch_thread):
+    import linattn.train as train_module
+    from linattn.toy.study import run_study
+
+    s = Settings(steps=1, batch_size=2, num_trajectories=1, data_num_steps=2, num_samples=2,
+                 sampler=Sampler(num_steps=2, shift=3.0, guidance_scale=3.0),
+                 train_seeds=(0,), studies=("a",), counts=(0, 5), timing_samples=1,
+                 timing_repeats=1)
+    root, doc = tmp_path / "root", tmp_path / "docs" / "toy_study.md"
+    results = run_study(s, root, doc, command="python -m linattn.toy.study --tiny",
+                        progress=False)
+    assert all(results.score(r) is not None for r in results.plan.runs())
+    head = results.plan.studies["a"][1]
+    assert len(results.trained[head.key]["linear_layers"]) == 5
+    assert [len(f["values"]) for f in results.score(head)["figures"].values()] == [3] * 6
+    assert set(results.timing["seconds_per_video"]) == {r.key for r in results.plan.studies["a"]}
+    text = doc.read_text()
+    for part in ("python -m linattn.toy.study --tiny", "## Targets", "## a. Number of linear",
+                 "| selective + ADM, 5 linear | ", "untrained conversion of the same layers",
+                 "speed-up", "toy_study_samples.png"):
+        assert part in text, part
+    for png in ("toy_study_a.png", "toy_study_samples.png"):
+        assert (doc.parent / png).stat().st_size > 1000
+    record = json.loads((root / "runs" / head.key / "run.json").read_text())
+    assert record["curve"][-1]["step"] == 1 and len(record["curve"][-1]["gates"]) == 8
+
+    # A rerun reuses every training run and score: nothing trains or samples again.
+    def refuse(*args, **kwargs):
+        raise AssertionError("the rerun trained or sampled again")
+
+    monkeypatch.setattr(train_module, "train", refuse)
+    monkeypatch.setattr("linattn.toy.study.scoring.evaluate", refuse)
+    monkeypatch.setattr("linattn.toy.study.scoring.teacher_reference", refuse)
+    again = run_study(s, root, doc, progress=False)
+    assert again.scores == results.scores
