@@ -19,7 +19,8 @@ network), fidelity (the metrics), entropy (attention entropy per layer), grid (s
 PNG), train (``python -m linattn.toy.train teacher|classifier`` reproduces the shipped weights),
 report (``python -m linattn.toy.report`` recomputes docs/toy_teacher.md's figures), linvideo
 (LinVideo run on the toy and scored against the teacher and the untrained conversion: the table
-of ``python -m linattn.demo``). In linattn.train, ``model.pretrained: linattn:toy`` and
+of ``python -m linattn.demo``), and the subpackage study (``python -m linattn.toy.study``: issue
+9 §4's study on the teacher, written to docs/toy_study.md). In linattn.train, ``model.pretrained: linattn:toy`` and
 ``data.embeddings: linattn:toy`` name the teacher and its class embeddings
 (linattn/train/configs/toy_wan_cpu.yaml), and a run on it logs TrainerMetrics.
 Needs the ``train`` extra (diffusers).
