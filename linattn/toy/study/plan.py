@@ -168,7 +168,8 @@ class Plan:
 
     def _priority(self, run: Run) -> int:
         """The headline pair; the teacher and the all-linear end of a; the layer choices of b;
-        the α variants of d; a's count above k; the ADM variants of c; the other counts."""
+        the paper's ADM (no anchor) and no L_reg, the ablations the paper reports; the other
+        α variants of d; a's count above k; the other ADM variants of c; the other counts."""
         k = self.settings.k
         if run.name in (headline_name(self.settings), "velocity-MSE"):
             return 0
@@ -178,14 +179,16 @@ class Plan:
             return 2
         if run.name.startswith(("manual", "heuristic")):
             return 3
-        if run.name in ALPHA_VARIANTS:
+        if run.name in ("ADM dmd, no anchor (paper's ADM)", "no binarisation loss"):
             return 4
+        if run.name in ALPHA_VARIANTS:
+            return 5
         if run.name.startswith("selective + ADM, ") and run.name != f"selective + ADM, {k} linear" \
                 and int(run.name.split(", ")[1].split()[0]) > k:
-            return 5
-        if run.name in ADM_VARIANTS:
             return 6
-        return 7
+        if run.name in ADM_VARIANTS:
+            return 7
+        return 8
 
 
 def selective(s: Settings, n_linear: int, name: str, extra: Sequence[str] = (),
