@@ -134,5 +134,11 @@ def test_study_end_to_end_tiny_and_cached(tmp_path, monkeypatch, one_torch_threa
     monkeypatch.setattr(train_module, "train", refuse)
     monkeypatch.setattr("linattn.toy.study.scoring.evaluate", refuse)
     monkeypatch.setattr("linattn.toy.study.scoring.teacher_reference", refuse)
-    again = run_study(s, root, doc, progress=False)
+    again = run_study(s, root, doc, command="python -m linattn.toy.study --tiny",
+                      progress=False)
     assert again.scores == results.scores
+    # --document-only: the figures are the measuring invocation's, and the doc says so.
+    run_study(s, root, doc, command="python -m linattn.toy.study --document-only",
+              document_only=True, progress=False)
+    text = doc.read_text()
+    assert "python -m linattn.toy.study --tiny" in text and "regenerated from the cache" in text

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     parser.add_argument("--doc", default="docs/toy_study.md", help="the document to write")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="start no new run after this many minutes")
+    parser.add_argument("--document-only", action="store_true",
+                        help="train, sample and time nothing: write the document from the cache")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
         argv if argv is not None else sys.argv[1:]))
     results = run_study(settings, args.root, args.doc, command=command.strip(),
                         time_budget_s=None if args.time_budget is None else 60 * args.time_budget,
-                        progress=not args.no_progress)
+                        document_only=args.document_only, progress=not args.no_progress)
     missing = [r for r in results.plan.runs() if results.score(r) is None]
     print(f"wrote {args.doc}" + (f" ({len(missing)} runs not run)" if missing else ""))
     return 0

@@ -42,6 +42,7 @@ class Results:
     untrained_of: Dict[str, Run] = field(default_factory=dict)   # run key -> its untrained twin
     sensitivity: Optional[dict] = None
     timing: Optional[dict] = None
+    diagnostics: Dict[str, dict] = field(default_factory=dict)   # run key -> seed-0 checks
     meta: dict = field(default_factory=dict)   # command, date, commit, machine, wall time
 
     def score(self, run: Run) -> Optional[dict]:
@@ -356,9 +357,11 @@ def write_document(results: Results, doc: Path, images: Path) -> Path:
     L.append(f"- machine: {meta.get('machine', '?')}; shared with other jobs, so the timings "
              f"are not idle-machine figures (ratios measured within one timing pass are what "
              f"count). No GPU: every time here is CPU time.")
-    L.append(f"- wall time of this invocation: {meta.get('wall_minutes', float('nan')):.1f} "
+    L.append(f"- wall time of that invocation: {meta.get('wall_minutes', float('nan')):.1f} "
              f"min (finished runs and scores are cached; earlier invocations' time not "
              f"included)")
+    if meta.get("regenerated"):
+        L.append(f"- this document regenerated from the cache {meta['regenerated']}")
     L.append(f"- settings: {s.steps} optimiser steps per training run (batch {s.batch_size}, "
              f"toy_wan_cpu.yaml otherwise), teacher data {s.num_trajectories} trajectories x "
              f"{s.data_num_steps} steps; scores over sampling seeds {list(s.seeds)} x "
@@ -448,6 +451,7 @@ def write_document(results: Results, doc: Path, images: Path) -> Path:
                      + " |\n")
             L.append("Manual and heuristic choices train with mode linear on their fixed "
                      "layers (no gates), the same steps and objective.\n")
+            L.extend(same_choices(results))
         L.append(metric_table(rows, results, extra_cols, extra))
         L.append("")
         plot = images / f"toy_study_{study}.png"
@@ -468,6 +472,10 @@ def write_document(results: Results, doc: Path, images: Path) -> Path:
                                           if r.train_seed == 0]))
             L.append("")
 
+    if results.diagnostics:
+        L.append("## What the samples look like (first sampling seed)\n")
+        L.append(diagnostics_table(results))
+        L.append("")
     grid = meta.get("grid")
     if grid:
         L.append("## Samples: teacher / untrained conversion / LinVideo, same noise\n")
@@ -476,6 +484,57 @@ def write_document(results: Results, doc: Path, images: Path) -> Path:
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(L) + "\n")
     return doc
+
+
+def same_choices(results: Results) -> List[str]:
+    """Sentences naming the choices of sub-study b that picked the same layers (one run when
+    both are fixed choices; selective transfer's own pick trained with gates is another)."""
+    runs = [r for r in results.plan.studies.get("b", []) if r.train_seed == 0]
+    chosen = {r.name: run_layers(results, r) for r in runs}
+    out, done = [], set()
+    for name, layers in chosen.items():
+        if layers is None or name in done:
+            continue
+        same = [n for n, other in chosen.items() if other == layers and n != name]
+        if same:
+            done.update(same)
+            out.append(f"- **{name}** and **{'**, **'.join(same)}** chose the same layers "
+                       f"({layers_text(layers)}); fixed choices of the same layers are one run "
+                       f"(trained once), so only selective transfer's gated training differs "
+                       f"among them.")
+    if out:
+        out.append("")
+    return out
+
+
+def diagnostics_table(results: Results) -> str:
+    """Per scored model: how many of the first seed's videos hold no object, and the class the
+    classifier reads for each (label i mod 8 was asked for)."""
+    from ..videos import COUNTS, DIRECTIONS, split_label
+
+    def class_name(label: int) -> str:
+        direction, count = split_label(label)
+        return f"{DIRECTIONS[direction]}-{COUNTS[count]}"
+
+    s = results.plan.settings
+    lines = [f"Seed {s.seeds[0]}'s {s.num_samples} samples (label i mod 8 asked for sample i): "
+             f"videos with no object in most frames (bright mass under 8 pixels), and the class "
+             f"the metrics' classifier reads for each sample, the figure class accuracy "
+             f"counts.\n",
+             "| model | empty videos | classes read |", "|---|---|---|"]
+    seen = set()
+    named = [*((r.name + (f" (training seed {r.train_seed})" if r.train_seed else ""), r)
+               for r in results.plan.runs()),
+             *((f"untrained conversion, layers {list(t.layers)}", t)
+               for t in results.untrained_of.values())]
+    for name, run in named:
+        d = results.diagnostics.get(run.key)
+        if d is None or run.key in seen:
+            continue
+        seen.add(run.key)
+        lines.append(f"| {name} | {d['empty_count']} of {d['num']} | "
+                     f"{', '.join(class_name(c) for c in d['predicted'])} |")
+    return "\n".join(lines)
 
 
 def gate_table(results: Results, runs: Sequence[Run]) -> str:

@@ -23,7 +23,9 @@ from ..train import _git_commit
 from .document import Results, write_document
 from .plan import Plan, Run, Settings, headline_name, plan, untrained
 from .scoring import Scorer
-from .training import load_trained, train_run, trained_record
+from .training import load_trained, read_json, train_run, trained_record, write_json
+
+INVOCATION_FILE = "invocation.json"    # the last measuring invocation: command, date, commit
 
 
 def machine() -> str:
@@ -34,19 +36,24 @@ def machine() -> str:
 def run_study(settings: Settings, root: str | os.PathLike = "runs/study",
               doc: str | os.PathLike = "docs/toy_study.md",
               images: Optional[str | os.PathLike] = None, *, command: str = "",
-              time_budget_s: Optional[float] = None, progress: bool = True) -> Results:
+              time_budget_s: Optional[float] = None, document_only: bool = False,
+              progress: bool = True) -> Results:
+    """Run (or reuse) the plan and write the document (module docstring). document_only:
+    train, sample and time nothing; write the document from what is cached."""
     start = time.perf_counter()
     root, doc = Path(root), Path(doc)
     images = Path(images) if images is not None else doc.parent
     teacher = load_teacher()
     scorer = Scorer(root, settings, teacher, progress=progress)
 
-    sensitivity = scorer.sensitivity() if "b" in settings.studies else None
+    sensitivity = None
+    if "b" in settings.studies:
+        sensitivity = scorer.sensitivity_cached() if document_only else scorer.sensitivity()
     the_plan = plan(settings, sensitivity["rel_mse"] if sensitivity else None)
     results = Results(the_plan, sensitivity=sensitivity)
     runs = the_plan.runs()
-    out_of_time = lambda: (time_budget_s is not None
-                           and time.perf_counter() - start > time_budget_s)
+    out_of_time = lambda: document_only or (time_budget_s is not None
+                                            and time.perf_counter() - start > time_budget_s)
 
     bar = tqdm(runs, desc="study runs", unit="run", disable=not progress)
     for run in bar:
@@ -72,25 +79,60 @@ def run_study(settings: Settings, root: str | os.PathLike = "runs/study",
             continue
         twin = untrained(rec["linear_layers"])
         results.untrained_of[run.key] = twin
-        if scorer.cached(twin) is None and i > 0 and out_of_time():
+        if scorer.cached(twin) is None and (i > 0 or document_only) and out_of_time():
             results.scores[twin.key] = None
             continue
         results.scores[twin.key] = scorer.score(twin)
 
-    results.timing = speed_pass(scorer, the_plan, results, root, teacher, out_of_time)
+    results.diagnostics = seed_diagnostics(scorer, the_plan, results)
+    results.timing = speed_pass(scorer, the_plan, results, root, teacher, document_only)
     grid, caption = sample_grid(scorer, the_plan, results, settings, images)
-    results.meta = {
-        "command": command or "python -m linattn.toy.study",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": _git_commit(), "machine": machine(),
-        "wall_minutes": (time.perf_counter() - start) / 60, "grid": grid,
-        "grid_caption": caption}
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    invocation = {"command": command or "python -m linattn.toy.study", "date": now,
+                  "commit": _git_commit(), "machine": machine(),
+                  "wall_minutes": (time.perf_counter() - start) / 60}
+    if document_only:
+        # The figures are the last measuring invocation's: say so, and when it ran.
+        previous = read_json(root / INVOCATION_FILE)
+        if previous is not None:
+            invocation = {**previous, "regenerated": f"{now} by `{invocation['command']}`"}
+    else:
+        write_json(root / INVOCATION_FILE, invocation)
+    results.meta = {**invocation, "grid": grid, "grid_caption": caption}
     write_document(results, doc, images)
     return results
 
 
+# A frame with less bright mass than this (pixels of weight 1) holds no object: the smallest
+# square or disc of the procedural videos covers ~28 pixels.
+EMPTY_MASS = 8.0
+
+
+def seed_diagnostics(scorer: Scorer, the_plan: Plan, results: Results) -> dict:
+    """Per scored run, from its first seed's saved samples: the fraction of videos with no
+    object in most frames, and the class the metrics' classifier reads for each sample (what
+    class accuracy counts)."""
+    from ..classifier import load_classifier
+    from ..fidelity import bright_weights
+
+    classifier = load_classifier()
+    runs = [*the_plan.runs(), *results.untrained_of.values()]
+    out = {}
+    for run in runs:
+        samples = scorer.samples(run) if results.scores.get(run.key) else None
+        if samples is None:
+            continue
+        mass = bright_weights(samples).sum((-1, -2))             # (N, F)
+        empty = (mass < EMPTY_MASS).float().mean(1) > 0.5
+        with torch.no_grad():
+            predicted = classifier(samples).argmax(-1)
+        out[run.key] = {"empty": float(empty.float().mean()), "empty_count": int(empty.sum()),
+                        "num": int(samples.shape[0]), "predicted": predicted.tolist()}
+    return out
+
+
 def speed_pass(scorer: Scorer, the_plan: Plan, results: Results, root: Path, teacher,
-               out_of_time) -> Optional[dict]:
+               document_only: bool = False) -> Optional[dict]:
     """Seconds per video of the teacher and of every trained count of study a (a minute or
     two; it runs whatever the time budget, being what sub-study a plots against)."""
     models = {}
@@ -99,7 +141,7 @@ def speed_pass(scorer: Scorer, the_plan: Plan, results: Results, root: Path, tea
             models[run.key] = lambda: teacher
         elif results.trained.get(run.key) is not None:
             models[run.key] = (lambda r=run: load_trained(root, r))
-    if len(models) < 2:
+    if len(models) < 2 or (document_only and not scorer.timing_cached(models)):
         return None
     return scorer.timing(models)
 

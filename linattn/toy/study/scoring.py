@@ -109,12 +109,19 @@ class Scorer:
 
     # ------------------------------------------------------------------ the heuristic's probe
 
-    def sensitivity(self) -> dict:
-        """{"rel_mse": [per layer], ...}: each layer alone converted, untrained (cached)."""
+    def _sensitivity_path(self) -> Path:
         s = self.settings
         tag = _digest({"seed": s.sensitivity_seed, "num": s.sensitivity_samples,
                        "sampler": asdict(s.sampler)})
-        path = self.root / f"sensitivity-{tag}.json"
+        return self.root / f"sensitivity-{tag}.json"
+
+    def sensitivity_cached(self) -> Optional[dict]:
+        return read_json(self._sensitivity_path())
+
+    def sensitivity(self) -> dict:
+        """{"rel_mse": [per layer], ...}: each layer alone converted, untrained (cached)."""
+        s = self.settings
+        path = self._sensitivity_path()
         done = read_json(path)
         if done is not None:
             return done
