@@ -90,11 +90,11 @@ def test_verdicts_state_met_and_not_met_with_numbers(tmp_path):
 
     # The hand-written discussion survives a rewrite.
     doc = tmp_path / "study.md"
-    write_document(results, doc, tmp_path)
+    write_document(results, doc, tmp_path, plots=False)
     text = doc.read_text().replace("(not written yet: the hand-written reading of the numbers "
                                    "goes here)", "Measured and read by hand.")
     doc.write_text(text)
-    write_document(results, doc, tmp_path)
+    write_document(results, doc, tmp_path, plots=False)
     again = doc.read_text()
     assert f"{DISCUSSION_START}\nMeasured and read by hand.\n{DISCUSSION_END}" in again
     assert "| velocity-MSE | - | 0.2 ± 0.01 |" in again      # scored, no training record

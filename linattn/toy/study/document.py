@@ -339,8 +339,9 @@ def target_verdicts(results: Results) -> List[str]:
 
 # ---------------------------------------------------------------- the document
 
-def write_document(results: Results, doc: Path, images: Path) -> Path:
-    """Write the markdown (and its PNGs into ``images``, beside it in docs/)."""
+def write_document(results: Results, doc: Path, images: Path, plots: bool = True) -> Path:
+    """Write the markdown (and its PNGs into ``images``, beside it in docs/; plots=False
+    leaves the plots out)."""
     s = results.plan.settings
     meta = results.meta
     doc, images = Path(doc), Path(images)
@@ -455,9 +456,9 @@ def write_document(results: Results, doc: Path, images: Path) -> Path:
         L.append(metric_table(rows, results, extra_cols, extra))
         L.append("")
         plot = images / f"toy_study_{study}.png"
-        drawn = (plot_counts(results, plot) if study == "a"
-                 else plot_bars(rows, teacher, plot, STUDY_TITLES[study]))
-        if study == "a" and drawn is False:
+        drawn = plots and (plot_counts(results, plot) if study == "a"
+                           else plot_bars(rows, teacher, plot, STUDY_TITLES[study]))
+        if plots and study == "a" and drawn is False:
             drawn = plot_bars(rows, teacher, plot, STUDY_TITLES[study])
         if drawn:
             L.append(f"![{STUDY_TITLES[study]}]({rel(plot)})\n")
@@ -465,7 +466,7 @@ def write_document(results: Results, doc: Path, images: Path) -> Path:
             curves = {r.name: (results.trained.get(r.key) or {}).get("curve", [])
                       for r in results.plan.studies["d"] if r.train_seed == 0}
             gates_png = images / "toy_study_gates.png"
-            if plot_gates(curves, gates_png, s.k):
+            if plots and plot_gates(curves, gates_png, s.k):
                 L.append(f"Gate trajectories of these runs (from each run's metrics.jsonl):\n")
                 L.append(f"![gate trajectories]({rel(gates_png)})\n")
             L.append(gate_table(results, [r for r in results.plan.studies["d"]
