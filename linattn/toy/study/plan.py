@@ -164,12 +164,13 @@ class Plan:
                 if run.key not in seen:
                     seen.add(run.key)
                     out.append(run)
-        return sorted(out, key=lambda r: (r.train_seed > 0, self._priority(r)))
+        return sorted(out, key=self.order)
 
     def _priority(self, run: Run) -> int:
         """The headline pair; the teacher and the all-linear end of a; the layer choices of b;
         the paper's ADM (no anchor) and no L_reg, the ablations the paper reports; the other
-        α variants of d; a's count above k; the other ADM variants of c; the other counts."""
+        α variants of d; a's count above k; velocity-MSE on fixed layers; the other ADM
+        variants of c; the other counts."""
         k = self.settings.k
         if run.name in (headline_name(self.settings), "velocity-MSE"):
             return 0
@@ -186,9 +187,18 @@ class Plan:
         if run.name.startswith("selective + ADM, ") and run.name != f"selective + ADM, {k} linear" \
                 and int(run.name.split(", ")[1].split()[0]) > k:
             return 6
-        if run.name in ADM_VARIANTS:
+        if run.name.startswith("fixed first"):
             return 7
-        return 8
+        if run.name in ADM_VARIANTS:
+            return 9
+        return 10
+
+    def order(self, run: Run) -> tuple:
+        """Sort key of runs(): training seed 0 by priority; the headline pair's further
+        training seeds right after velocity-MSE on fixed layers (priority 8)."""
+        if run.train_seed > 0:
+            return (8, run.train_seed)
+        return (self._priority(run), 0)
 
 
 def selective(s: Settings, n_linear: int, name: str, extra: Sequence[str] = (),
@@ -202,13 +212,15 @@ def selective(s: Settings, n_linear: int, name: str, extra: Sequence[str] = (),
                train_seed, s.data_overrides())
 
 
-def fixed(s: Settings, layers: Sequence[int], name: str, train_seed: int = 0) -> Run:
-    """Training with mode linear on fixed layers (no gates), the config's objective."""
+def fixed(s: Settings, layers: Sequence[int], name: str, extra: Sequence[str] = (),
+          train_seed: int = 0) -> Run:
+    """Training with mode linear on fixed layers (no gates), the config's objective unless
+    ``extra`` overrides it."""
     layers = tuple(int(i) for i in layers)
     overrides = ("convert.mode=linear", f"convert.layers=[{','.join(map(str, layers))}]",
                  "convert.n_linear=null")
-    return Run(name, "train", layers, (*overrides, *s.train_overrides()), s.steps, train_seed,
-               s.data_overrides())
+    return Run(name, "train", layers, (*overrides, *s.train_overrides(), *extra), s.steps,
+               train_seed, s.data_overrides())
 
 
 def teacher_run() -> Run:
@@ -260,6 +272,11 @@ def plan(s: Settings, sensitivity: Optional[Sequence[float]] = None) -> Plan:
                 runs.append(selective(s, s.k, variant, ADM_VARIANTS[variant]))
         runs.extend(selective(s, s.k, "velocity-MSE", VELOCITY_MSE, train_seed=seed)
                     for seed in s.train_seeds)
+        # The objectives again on the same fixed layers (mode linear, no gates), where the
+        # gates cannot differ between them: the first k, the layers selection picks here.
+        first = layer_choice("first", s.k)
+        runs.append(fixed(s, first, f"manual: first {s.k}"))
+        runs.append(fixed(s, first, f"fixed first {s.k} + velocity-MSE", VELOCITY_MSE))
         p.studies["c"] = runs
     if "d" in s.studies:
         runs = []
