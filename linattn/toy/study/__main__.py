@@ -26,7 +26,9 @@ def main(argv=None) -> int:
     parser.add_argument("--studies", default="abcd", help="which sub-studies (default abcd)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--root", default="runs/study", help="run and cache directory")
-    parser.add_argument("--doc", default="docs/toy_study.md", help="the document to write")
+    parser.add_argument("--doc", default=None,
+                        help="the document to write (default docs/toy_study.md; with --quick "
+                             "ROOT/quick/toy_study.md, so a smoke run never overwrites it)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="MINUTES",
                         help="start no new run after this many minutes")
     parser.add_argument("--document-only", action="store_true",
@@ -34,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    if args.doc is None:
+        args.doc = f"{args.root}/quick/toy_study.md" if args.quick else "docs/toy_study.md"
     torch.set_num_threads(args.threads)
     settings = Settings.quick() if args.quick else Settings()
     changes = {"steps": args.steps, "num_samples": args.num_samples,
