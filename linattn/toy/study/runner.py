@@ -8,6 +8,7 @@ after that many seconds, and the document lists what was not run.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import platform
 import os
 import time
@@ -25,7 +26,8 @@ from .plan import Plan, Run, Settings, headline_name, plan, untrained
 from .scoring import Scorer
 from .training import load_trained, read_json, train_run, trained_record, write_json
 
-INVOCATION_FILE = "invocation.json"    # the last measuring invocation: command, date, commit
+# The last measuring invocation of one settings: command, date, commit.
+INVOCATION_FILE = "invocation-{}.json"
 
 
 def machine() -> str:
@@ -91,13 +93,15 @@ def run_study(settings: Settings, root: str | os.PathLike = "runs/study",
     invocation = {"command": command or "python -m linattn.toy.study", "date": now,
                   "commit": _git_commit(), "machine": machine(),
                   "wall_minutes": (time.perf_counter() - start) / 60}
+    # One record per settings: a --quick run sharing the root keeps the full study's.
+    record = root / INVOCATION_FILE.format(hashlib.sha1(repr(settings).encode()).hexdigest()[:10])
     if document_only:
         # The figures are the last measuring invocation's: say so, and when it ran.
-        previous = read_json(root / INVOCATION_FILE)
+        previous = read_json(record)
         if previous is not None:
             invocation = {**previous, "regenerated": f"{now} by `{invocation['command']}`"}
     else:
-        write_json(root / INVOCATION_FILE, invocation)
+        write_json(record, invocation)
     results.meta = {**invocation, "grid": grid, "grid_caption": caption}
     write_document(results, doc, images)
     return results
