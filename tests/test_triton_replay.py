@@ -44,6 +44,17 @@ def _fresh_programs():
 # ----------------------------------------------------------------------------- structure
 
 
+class _Call:
+    """A backend call to repeat, with the arguments replay.call sees (the backend's entry
+    point passes its optional ones explicitly)."""
+
+    def __init__(self, method, args: tuple, entry_args: tuple):
+        self.method, self.call_args, self.args = method, args, entry_args
+
+    def __call__(self):
+        self.method(*self.call_args)
+
+
 def _meta_call(map_name: str, mode: str, masked: bool, shape=(2, 4096, 12, 64)):
     """(run, tensors): a backend call on new meta tensors of one signature each time."""
     B, N, H, D = shape
@@ -63,13 +74,24 @@ def _meta_call(map_name: str, mode: str, masked: bool, shape=(2, 4096, 12, 64)):
         fmap = MapCall(map_name, params)
         if mode == "forward":
             args = (q, k, v, mask, fmap, fmap, 1e-6, o, state, normaliser)
-            return (lambda: backend.forward(*args)), [q, k, v, mask, *params, o, state,
-                                                      normaliser]
+            run = _Call(backend.forward, args, args + (None,))
+            return run, [q, k, v, mask, *params, o, state, normaliser]
         args = (do, q, k, v, mask, fmap, fmap, 1e-6, state, normaliser, dq, dk, dv, d_params,
                 d_params)
-        return (lambda: backend.backward(*args)), [do, q, k, v, mask, *params, state,
-                                                   normaliser, dq, dk, dv, *d_params]
+        run = _Call(backend.backward, args, args + (None, (None,) * 4))
+        return run, [do, q, k, v, mask, *params, state, normaliser, dq, dk, dv, *d_params]
     return make
+
+
+def _launch_list(launches: list, call_tensors: list) -> list:
+    """Launches comparable across runs: a call tensor by its slot, scratch by its geometry."""
+    slots = {id(t): i for i, t in enumerate(call_tensors)}
+
+    def name(a):
+        if not isinstance(a, torch.Tensor):
+            return a
+        return ("slot", slots[id(a)]) if id(a) in slots else (a.shape, a.stride(), a.dtype)
+    return [(k, tuple(g), [name(a) for a in args], kw) for k, g, args, kw in launches]
 
 
 def _captured(run) -> list:
@@ -92,6 +114,11 @@ def test_replay_launches_what_a_fresh_plan_launches(map_name, mode, masked):
         run, tensors = make()                            # new tensors, same signature
         replayed = _captured(run)
         assert replay.stats()["replayed"] == before + 1
+        # The compiled program launches what its steps, run one by one, launch.
+        (program,) = replay._programs.values()
+        call_tensors = replay.signature(mode, run.args)[1]
+        stepped = _captured(lambda: program.run_steps(call_tensors))
+    assert _launch_list(stepped, call_tensors) == _launch_list(replayed, call_tensors)
     ours = {id(t): i for i, t in enumerate(tensors) if t is not None}
     assert len(replayed) == len(fresh) > 0
     for (k1, g1, a1, kw1), (k2, g2, a2, kw2) in zip(fresh, replayed):

@@ -4,8 +4,9 @@ Why. Everything the host does before a Triton call's launches (checks, kernel co
 counts, scratch sizes, strides, each launch's argument list) depends only on the call's
 signature: the shapes, strides and dtypes of its tensors, which optional ones are present, the
 feature maps, eps, the pre-attention settings and the planning switches (plan.settings).
-Done afresh it cost 35-80 µs per forward and 60-150 µs per backward on the 2-core CPU (issue 10,
-benchmarks/test_overhead.py), several times an H200's work at small shapes. So the first call of
+Done afresh it costs 28 µs per relu forward and 80 µs per Hedgehog forward on the 2-core CPU,
+45 and 147 µs per backward (benchmarks/test_overhead.py; several times an H200's work at small
+shapes); replayed, 16 and 19 µs, 25 and 48 µs. So the first call of
 a signature runs the planning code with a recorder attached, and later calls replay what it did.
 
 What is recorded. The planning code touches tensors only through torch calls and kernel
@@ -14,8 +15,9 @@ metadata queries (shape, stride, dtype, ...) pass unrecorded, since the signatur
 answers; every other call (allocating scratch, views such as the backward's
 ``split_with_sizes``, ``zero_``, ``copy_``, the NaN poisoning of alloc.empty) becomes a step of the program, its tensor arguments
 named by slot: the call's own tensors, or a tensor an earlier step returned. Launches become
-steps the same way. Replaying runs the steps with the new call's tensors in the slots; launches
-still go through common.launch, so capture_launches sees them.
+steps the same way. The steps are compiled into one generated function (Program); replaying
+calls it with the new call's tensors in the slots. Launches still go through common.launch, so
+capture_launches sees them.
 
 What makes a signature unrecordable (it is then planned afresh on every call, never replayed;
 ``stats()`` counts it): a torch call reading tensor values or memory addresses (``item``,
@@ -205,19 +207,71 @@ class _Launch(_Step):
 
 
 class Program:
-    """The steps of one signature and how many slots they need beyond the call's tensors."""
+    """The steps of one signature, compiled into one Python function of the call's tensors.
 
-    __slots__ = ("steps", "n_slots", "aliasing")
+    Why compiled: stepping through _Step objects costs ~1 µs per step in argument copying and
+    attribute lookups; the generated function is what the planning code would be if written
+    out for this signature, so a replay costs its torch calls and launches and little else.
+    The steps stay for reading (``program.steps``) and run the same way (``run_steps``)."""
 
-    def __init__(self, steps: list, n_slots: int, aliasing: Optional[tuple]):
+    __slots__ = ("steps", "n_slots", "aliasing", "run")
+
+    def __init__(self, steps: list, n_slots: int, aliasing: Optional[tuple], n_inputs: int):
         self.steps = steps
         self.n_slots = n_slots
         self.aliasing = aliasing        # the recording call's repeated tensors (aliasing())
+        self.run = _compile(steps, n_inputs)
 
-    def run(self, tensors: list) -> None:
+    def run_steps(self, tensors: list) -> None:
+        """What ``run`` does, one _Step at a time (the reference the tests compare)."""
         slots = tensors + [None] * (self.n_slots - len(tensors))
         for step in self.steps:
             step.run(slots)
+
+
+def _compile(steps: list, n_inputs: int) -> Callable[[list], None]:
+    """A function f(tensors) running `steps`: slots become local variables s<i>, constants
+    are bound by name (a literal only for ints, bools and None, whose repr is exact)."""
+    names: dict = {"launch": common.launch}
+    lines = []
+
+    def constant(value) -> str:
+        if value is None or type(value) in (int, bool):
+            return repr(value)
+        name = f"c{len(names)}"
+        names[name] = value
+        return name
+
+    def arguments(step: _Step) -> str:
+        filled = dict(step.fills)
+        parts = [f"s{filled[i]}" if i in filled else constant(a)
+                 for i, a in enumerate(step.args)]
+        kw_filled = dict(step.kwarg_fills)
+        parts += [f"{k}=s{kw_filled[k]}" if k in kw_filled else f"{k}={constant(v)}"
+                  for k, v in step.kwargs.items()]
+        return ", ".join(parts)
+
+    for i, step in enumerate(steps):
+        func = f"f{i}"
+        names[func] = step.func
+        if isinstance(step, _Launch):
+            names[f"g{i}"] = step.grid
+            call = f"launch({func}, g{i}, {arguments(step)})"
+            lines.append(call)
+        else:
+            targets = ", ".join(f"s{slot}" for slot in step.outputs)
+            if len(step.outputs) == 1:
+                lines.append(f"{targets} = {func}({arguments(step)})")
+            else:
+                lines.append(f"({targets},) = {func}({arguments(step)})")
+    header = (f"    {', '.join(f's{i}' for i in range(n_inputs))}, = tensors\n"
+              if n_inputs else "")
+    body = "".join(f"    {line}\n" for line in lines) or "    pass\n"
+    source = f"def program(tensors):\n{header}{body}"
+    exec(compile(source, "<linattn replay program>", "exec"), names)  # noqa: S102
+    program = names["program"]
+    program.source = source     # for reading: what a replay of this signature runs
+    return program
 
 
 class _Unrecordable(Exception):
@@ -404,7 +458,8 @@ def _record(key: tuple, tensors: list, impl, args) -> None:
             return
         if len(_programs) >= MAX_PROGRAMS:
             _programs.pop(next(iter(_programs)))
-        _programs[key] = Program(recorder.steps, recorder.n_slots, aliasing(tensors))
+        _programs[key] = Program(recorder.steps, recorder.n_slots, aliasing(tensors),
+                                 len(tensors))
         _counts["recorded"] += 1
 
 
