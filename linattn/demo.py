@@ -99,7 +99,9 @@ def run_toy_linvideo(steps: int, n_linear: int, grid: str) -> bool:
         return False
     from linattn.toy.linvideo import comparison_table, run_linvideo
 
-    with tempfile.TemporaryDirectory(prefix="linattn-demo-") as tmp, warnings.catch_warnings():
+    with tempfile.TemporaryDirectory(prefix="linattn-demo-") as tmp, \
+            warnings.catch_warnings(record=True) as notices:
+        warnings.simplefilter("always")
         # torch's distributed checkpointing announces that it saves in one process: true, and
         # not news (the run's checkpoint is written to the temporary folder and dropped).
         warnings.filterwarnings("ignore", message="torch.distributed is disabled",
@@ -107,6 +109,10 @@ def run_toy_linvideo(steps: int, n_linear: int, grid: str) -> bool:
         result = run_linvideo(steps=steps, n_linear=n_linear, workdir=tmp, grid=grid)
     print(f"   trained in {result.train_seconds:.0f} s; linear attention in layers "
           f"{result.linear_layers}, softmax in the rest")
+    # What the recipe had to say (e.g. how many gates rounded to linear before the final
+    # selection) is part of the demo's report, as a line of it rather than a warning trace.
+    for notice in notices:
+        print(f"   note ({notice.category.__name__}): {notice.message}")
     print()
     for line in comparison_table(result.rows).splitlines():
         print(f"   {line}")

@@ -356,3 +356,27 @@ def test_run_linvideo_end_to_end_on_fast_settings(tmp_path, one_torch_thread):
     assert untrained.model["rel_mse"].mean > 0
     assert isinstance(result.linvideo_beats_untrained, bool)
     assert Image.open(tmp_path / "grid.png").size[1] == 2 * 6 * 34   # 6 rows of 34-px tiles
+
+
+def test_demo_reports_the_recipes_notices_as_lines_not_warnings(monkeypatch, capsys, tmp_path):
+    import warnings
+    from types import SimpleNamespace
+
+    import linattn.toy.linvideo as linvideo
+    from linattn import demo
+    from linattn.toy.linvideo import Row
+
+    def fake_run_linvideo(**kwargs):
+        warnings.warn("4 gates round to linear, the target was 5", RuntimeWarning)
+        report = SimpleNamespace(seeds=(0, 1, 2), num_samples=8)
+        return SimpleNamespace(train_seconds=1.0, linear_layers=[0, 1, 2, 3, 4],
+                               rows=[Row("teacher", {}, 1.0)], reports={"untrained": report},
+                               linvideo_beats_untrained=True)
+
+    monkeypatch.setattr(linvideo, "run_linvideo", fake_run_linvideo)
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
+        assert demo.run_toy_linvideo(1, 5, str(tmp_path / "grid.png")) is True
+    assert escaped == []
+    out = capsys.readouterr().out
+    assert "note (RuntimeWarning): 4 gates round to linear, the target was 5" in out
