@@ -53,6 +53,7 @@ does when S and z are the same everywhere (all-reduced), as m depends on nothing
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Optional, Sequence
 
@@ -85,7 +86,7 @@ class BackendUnavailableError(RuntimeError):
     """A requested backend cannot run these inputs; the message says why."""
 
 
-class KernelBackend:
+class KernelBackend(abc.ABC):
     name: str = ""
     #: Feature maps whose φ the kernels fuse.
     supported_maps: frozenset = frozenset()
@@ -93,10 +94,12 @@ class KernelBackend:
     #: Whether forward/backward take a PreCall (q/k norms and RoPE fused into the loads).
     supports_pre_attention: bool = False
 
+    @abc.abstractmethod
     def availability(self) -> Availability:
         """Whether this backend can run at all here (built, importable, a device present)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def check_device(self, device: torch.device) -> Optional[str]:
         """None when the backend runs tensors on `device`; else the reason it cannot."""
         raise NotImplementedError
@@ -117,12 +120,14 @@ class KernelBackend:
                         f"(fused: {sorted(self.supported_maps)})")
         return None
 
+    @abc.abstractmethod
     def forward(self, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                 q_map: MapCall, k_map: MapCall, eps: float,
                 o: Tensor, state: Tensor, normaliser: Tensor,
                 pre: Optional[PreCall] = None) -> None:
         raise NotImplementedError
 
+    @abc.abstractmethod
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, key_mask: Optional[Tensor],
                  q_map: MapCall, k_map: MapCall, eps: float, state: Tensor, normaliser: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor,
@@ -133,18 +138,21 @@ class KernelBackend:
 
     # The phases (module docstring).
 
+    @abc.abstractmethod
     def forward_state(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
                       state: Tensor, normaliser: Tensor, pre: Optional[PreCall] = None) -> None:
         """state <- Σ_j φ(k_j) v_jᵀ and normaliser <- Σ_j φ(k_j) over the kept keys (φ of
         RoPE(k_norm(k)) with pre; pre.k_stats written)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def forward_output(self, q: Tensor, q_map: MapCall, eps: float, state: Tensor,
                        normaliser: Tensor, o: Tensor, pre: Optional[PreCall] = None) -> None:
         """o <- φ(q)ᵀ S / (φ(q)ᵀ z + eps) for the given S (state) and z (normaliser) (φ of
         RoPE(q_norm(q)) with pre; pre.q_stats written)."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def backward_queries(self, do: Tensor, q: Tensor, q_map: MapCall, eps: float,
                          state: Tensor, normaliser: Tensor, dq: Tensor, d_state: Tensor,
                          d_normaliser: Tensor, centre: Tensor,
@@ -156,6 +164,7 @@ class KernelBackend:
         q norm's (weight, bias) gradients over these queries into d_pre."""
         raise NotImplementedError
 
+    @abc.abstractmethod
     def backward_keys(self, k: Tensor, v: Tensor, key_mask: Optional[Tensor], k_map: MapCall,
                       d_state: Tensor, d_normaliser: Tensor, centre: Tensor, dk: Tensor,
                       dv: Tensor, d_k_params: Sequence[Tensor], pre: Optional[PreCall] = None,

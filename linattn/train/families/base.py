@@ -13,6 +13,7 @@ both.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Union
 
@@ -93,7 +94,7 @@ def expand_conditioning(c: Conditioning, batch: int) -> Conditioning:
                    None if c.pooled is None else c.pooled.expand(batch, -1))
 
 
-class ModelCall:
+class ModelCall(abc.ABC):
     """One family's forward call in the trainer's flow convention (module docstring).
 
     Subclasses set the class attributes and implement ``velocity``; ``OPTIONS`` are the keys
@@ -120,6 +121,7 @@ class ModelCall:
         self.options = {**self.OPTIONS, **options}
         self.pretrained = pretrained
 
+    @abc.abstractmethod
     def velocity(self, module: nn.Module, x: Tensor, t: Tensor, cond: Conditioning,
                  dtype: torch.dtype, num_train_timesteps: int) -> Tensor:
         """u(x, t) of `module` (possibly a DDP/FSDP wrapper) for latents x (B, C, F, H, W) in
