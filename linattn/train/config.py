@@ -122,10 +122,39 @@ class DataConfig:
 
 
     def __post_init__(self):
-        if self.embeddings == TOY_SOURCE:
-            from ..toy.teacher import CLASS_EMBEDDINGS_FILE
+        self.embeddings = embeddings_file(self.embeddings)
 
-            self.embeddings = str(CLASS_EMBEDDINGS_FILE)
+
+def embeddings_file(embeddings: Optional[str]) -> Optional[str]:
+    """An embeddings setting as a path: "linattn:toy" is the toy teacher's class embeddings
+    (row i: class i, the null row last), the file shipped with linattn.toy."""
+    if embeddings == TOY_SOURCE:
+        from ..toy.teacher import CLASS_EMBEDDINGS_FILE
+
+        return str(CLASS_EMBEDDINGS_FILE)
+    return embeddings
+
+
+def check_conditioning_source(section: str, s, embeddings_what: str,
+                              random_note: str = "") -> None:
+    """The conditioning of a section (the first stage's data, the distillation's
+    conditioning) comes from exactly one of embeddings, prompts with a text encoder, and
+    random_conditioning (P, L, D); raise ValueError naming the field otherwise."""
+    sources = [s.embeddings is not None, s.prompts is not None,
+               s.random_conditioning is not None]
+    if sum(sources) != 1:
+        raise ValueError(f"{section}: give exactly one of {section}.embeddings "
+                         f"({embeddings_what}), {section}.prompts (with {section}.text_encoder) "
+                         f"and {section}.random_conditioning{random_note}")
+    if s.random_conditioning is not None and (
+            len(s.random_conditioning) != 3
+            or not all(isinstance(n, int) and n > 0 for n in s.random_conditioning)):
+        raise ValueError(f"{section}.random_conditioning: expected (P, L, D) positive ints, got "
+                         f"{s.random_conditioning!r}")
+    if s.prompts is not None and s.text_encoder is None:
+        raise ValueError(f"{section}.text_encoder: {section}.prompts needs a text encoder (a "
+                         f"diffusers pipeline folder or hub id holding tokenizer/ and "
+                         f"text_encoder/)")
 
 
 @dataclass
@@ -257,20 +286,8 @@ class TrainConfig:
             raise ValueError(f"data.guidance_scale: must be >= 1 (1 = no guidance), got "
                              f"{d.guidance_scale}")
         _one_of("data.store_dtype", d.store_dtype, DTYPES)
-        sources = [d.embeddings is not None, d.prompts is not None,
-                   d.random_conditioning is not None]
-        if sum(sources) != 1:
-            raise ValueError("data: give exactly one of data.embeddings (a safetensors file of "
-                             "prompt_embeds), data.prompts (with data.text_encoder) and "
-                             "data.random_conditioning (for a teacher with random weights)")
-        if d.random_conditioning is not None and (
-                len(d.random_conditioning) != 3
-                or not all(isinstance(n, int) and n > 0 for n in d.random_conditioning)):
-            raise ValueError(f"data.random_conditioning: expected (P, L, D) positive ints, got "
-                             f"{d.random_conditioning!r}")
-        if d.prompts is not None and d.text_encoder is None:
-            raise ValueError("data.text_encoder: data.prompts needs a text encoder (a diffusers "
-                             "pipeline folder or hub id holding tokenizer/ and text_encoder/)")
+        check_conditioning_source("data", d, "a safetensors file of prompt_embeds",
+                                  " (for a teacher with random weights)")
 
         _one_of("train.objective", t.objective, OBJECTIVES)
         _one_of("train.adm_weighting", t.adm_weighting, ADM_WEIGHTINGS)

@@ -20,9 +20,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional, Union
 
-from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, TOY_SOURCE,
-                      ModelConfig, OutputSection, _one_of, _positive, load_sections,
-                      read_sections)
+from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, ModelConfig,
+                      OutputSection, _one_of, _positive, check_conditioning_source,
+                      embeddings_file, load_sections, read_sections)
 
 STAGE_SECTION = "distill"   # a config with this section is a distillation config
 
@@ -56,13 +56,9 @@ class ConditioningConfig:
     seed: int = 0                           # seed of random_conditioning
 
     def __post_init__(self):
-        # As the first stage's data.embeddings: the toy's classes (row i: class i, with the
-        # null row as the negative), the shipped file, so that a run on the toy teacher names
-        # it the way model.pretrained does.
-        if self.embeddings == TOY_SOURCE:
-            from ...toy.teacher import CLASS_EMBEDDINGS_FILE
-
-            self.embeddings = str(CLASS_EMBEDDINGS_FILE)
+        # As the first stage's data.embeddings: the toy's classes (the null row is the
+        # negative), so that a run on the toy teacher names it the way model.pretrained does.
+        self.embeddings = embeddings_file(self.embeddings)
 
 
 @dataclass
@@ -126,22 +122,8 @@ class DistillConfig:
         if g.path is not None and not isinstance(g.path, str):
             raise ValueError(f"generator.path: expected a folder or null, got {g.path!r}")
 
-        sources = [c.embeddings is not None, c.prompts is not None,
-                   c.random_conditioning is not None]
-        if sum(sources) != 1:
-            raise ValueError("conditioning: give exactly one of conditioning.embeddings (a "
-                             "safetensors file of prompt_embeds and negative_prompt_embeds), "
-                             "conditioning.prompts (with conditioning.text_encoder) and "
-                             "conditioning.random_conditioning")
-        if c.random_conditioning is not None and (
-                len(c.random_conditioning) != 3
-                or not all(isinstance(n, int) and n > 0 for n in c.random_conditioning)):
-            raise ValueError(f"conditioning.random_conditioning: expected (P, L, D) positive "
-                             f"ints, got {c.random_conditioning!r}")
-        if c.prompts is not None and c.text_encoder is None:
-            raise ValueError("conditioning.text_encoder: conditioning.prompts needs a text "
-                             "encoder (a diffusers pipeline folder or hub id holding "
-                             "tokenizer/ and text_encoder/)")
+        check_conditioning_source(
+            "conditioning", c, "a safetensors file of prompt_embeds and negative_prompt_embeds")
         _positive("conditioning.max_sequence_length", c.max_sequence_length)
 
         if (not isinstance(d.latent_shape, list) or len(d.latent_shape) != 4
