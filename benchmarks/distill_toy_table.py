@@ -67,7 +67,9 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "steps": steps, "fake_score_updates": args.fake_score_updates,
                     "global_batch_size": args.batch_size, "lr": args.lr,
                     "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
-                    "gradient_checkpointing": False, "seed": args.seed},
+                    "gradient_checkpointing": False, "seed": args.seed,
+                    "regression_data": args.regression_data,
+                    "regression_weight": args.regression_weight if args.regression_data else 0.0},
         "output": {"dir": out_dir, "checkpoint_every": args.checkpoint_every,
                    "eval_every": args.eval_every, "eval_num_samples": 24,
                    "eval_num_steps": SAMPLER.num_steps},
@@ -163,6 +165,12 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--fake-score-lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--regression-data", metavar="DIR",
+                   help="DMD's regression anchor: a teacher-data folder of the toy teacher "
+                        "(linattn generate-data linattn/train/configs/toy_wan_cpu.yaml --set "
+                        "data.dir=DIR); default: no anchor (the published DMD2 recipe)")
+    p.add_argument("--regression-weight", type=float, default=1.0,
+                   help="the anchor's weight (with --regression-data)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=50,
                    help="distillation steps between evaluations (0: none)")
@@ -228,7 +236,10 @@ def main(argv=None) -> int:
                  f"across seeds; sampling time the median over seeds; {args.threads} CPU "
                  f"threads; distillation: batch {args.batch_size}, {args.fake_score_updates} "
                  f"fake-score updates per step, lr {args.lr:g} (generator) and "
-                 f"{args.fake_score_lr:g} (fake score); command: python {' '.join(sys.argv)}")
+                 f"{args.fake_score_lr:g} (fake score)"
+                 + (f", regression anchor weight {args.regression_weight:g} on "
+                    f"{args.regression_data}" if args.regression_data else "")
+                 + f"; command: python {' '.join(sys.argv)}")
     distilled = f"linear distilled, {args.num_steps} steps ({steps['linear']} DMD steps)"
     if distilled in rows:
         lines += ["", "Target (issue 13), distilled linear against the teacher:"]

@@ -95,6 +95,13 @@ class DistillSection:
     # The teacher's sampler for the evaluation's reference samples (output.eval_num_steps
     # steps, default 50): "euler" or "unipc" (linattn.train.flow).
     teacher_sampler: str = "euler"
+    # DMD's regression anchor (linattn.train.distill.regression): the generator's x̂_0 also
+    # regresses onto the teacher's own samples, L_G = L_DMD + regression_weight · L_reg, on the
+    # (noise, guided sample) pairs of a teacher-data folder (the first stage's data.dir, or
+    # `linattn generate-data`), sampled at distill.guidance_scale and distill.latent_shape.
+    # null / 0: the published DMD2 recipe, no anchor.
+    regression_data: Optional[str] = None
+    regression_weight: float = 0.0
     mixed_precision: str = "bf16"           # "bf16" autocast or "no"
     gradient_checkpointing: bool = True
     strategy: str = "auto"                  # "auto" (ddp when world > 1), "none", "ddp", "fsdp"
@@ -169,6 +176,16 @@ class DistillConfig:
             if isinstance(value, str) and value != "all":
                 raise ValueError(f"distill.{name}: expected 'all' or a list of parameter-name "
                                  f"substrings, got {value!r}")
+        if not isinstance(d.regression_weight, (int, float)) or d.regression_weight < 0:
+            raise ValueError(f"distill.regression_weight: must be a number >= 0, got "
+                             f"{d.regression_weight!r}")
+        if d.regression_weight > 0 and not d.regression_data:
+            raise ValueError("distill.regression_data: distill.regression_weight > 0 needs a "
+                             "teacher-data folder of (noise, sample) pairs")
+        if d.regression_data and d.regression_weight == 0:
+            raise ValueError("distill.regression_weight: distill.regression_data is given but "
+                             "its weight is 0, so the anchor would do nothing; set a weight "
+                             "> 0 or drop the folder")
         _one_of("distill.lr_schedule", d.lr_schedule, LR_SCHEDULES)
         _one_of("distill.teacher_sampler", d.teacher_sampler, SAMPLERS)
         _one_of("distill.mixed_precision", d.mixed_precision, PRECISIONS)

@@ -27,6 +27,8 @@ from torch import Tensor
 EXIT_STEP = 0
 SCORE_TIME = 1
 SCORE_NOISE = 2
+REGRESSION_PAIR = 3    # which teacher pair a sample's regression term uses
+REGRESSION_NOISE = 4   # the fresh noise a pair's sample is carried to t_k with
 GENERATOR_NOISE = 16   # + k: the noise the generator's step k starts from (k = 0: pure noise)
 
 
@@ -55,6 +57,11 @@ class StepDraws:
                                                                purpose, i))
                 for i in indices]
         return torch.stack(rows).to(self.device)
+
+    def integers(self, purpose: int, indices: Sequence[int], high: int) -> list[int]:
+        """One integer uniform in [0, high) per global sample index in ``indices``."""
+        return [int(torch.randint(high, (1,), generator=_generator(
+            self.seed, self.step, self.update, purpose, i))) for i in indices]
 
     def uniform(self, purpose: int, indices: Sequence[int]) -> Tensor:
         """(len(indices),) float32 uniform in [0, 1); entry i from global sample indices[i]."""

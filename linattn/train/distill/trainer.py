@@ -8,7 +8,9 @@ one generator update (the two time-scale rule):
   Adam step on the flow-matching loss at random shifted times;
 * generator update: the same, with gradient through the exit step, and an Adam step on the
   distribution-matching loss (real score with classifier-free guidance against the fake
-  score, DMD's normaliser; linattn.train.distill.objectives).
+  score, DMD's normaliser; linattn.train.distill.objectives), plus, with
+  distill.regression_weight > 0, DMD's regression anchor on teacher (noise, sample) pairs at
+  the same exit step (linattn.train.distill.regression).
 
 The loop, logging, checkpoints, bit-exact resume, DDP / FSDP2 and bf16 autocast are the first
 stage's (linattn.train.loop, linattn.train.distributed, linattn.train.checkpoint). Every random
@@ -37,13 +39,14 @@ from . import conditioning as conditioning_store
 from .config import DistillConfig, load_distill_config
 from .models import SamplerSpec, empty_generator, load_generator, make_fake_score
 from .objectives import dmd_generator_loss, flow_matching_loss, score_times
-from .sampler import backward_simulation, generator_times, seeded_sample
-from .schedule import (GENERATOR_NOISE, SCORE_NOISE, SCORE_TIME, ConditioningOrder,
-                       StepDraws)
+from .regression import RegressionPairs, regression_input, regression_loss
+from .sampler import backward_simulation, clean_prediction, generator_times, seeded_sample
+from .schedule import (GENERATOR_NOISE, REGRESSION_NOISE, REGRESSION_PAIR, SCORE_NOISE,
+                       SCORE_TIME, ConditioningOrder, StepDraws)
 
 EVAL_SEED = 1_000_003           # sampling seed of the evaluation's held-out noise
 DEFAULT_TEACHER_STEPS = 50      # the reference teacher sampler's steps (output.eval_num_steps)
-PLOTTED = ("dmd_push", "fake_score_loss", "score_gap", "generator_grad_norm")
+PLOTTED = ("dmd_push", "fake_score_loss", "score_gap", "generator_grad_norm", "regression_loss")
 
 
 @dataclass
@@ -178,6 +181,9 @@ class DistillTrainer(StageLoop):
         self.order = ConditioningOrder(self.conditioning.embeds.shape[0], dc.global_batch_size,
                                        dc.fake_score_updates + 1, dc.seed)
         self._eval_cache: Optional[EvalSet] = None
+        self.regression = (RegressionPairs(dc.regression_data, latent_shape=dc.latent_shape,
+                                           guidance_scale=dc.guidance_scale)
+                           if dc.regression_weight > 0 else None)
 
     def _will_resume(self) -> bool:
         resume = self.output.resume
@@ -218,6 +224,17 @@ class DistillTrainer(StageLoop):
                         t_max=dc.score_t_max, shift=self.score_shift)
         return t, draws.normal(SCORE_NOISE, indices, dc.latent_shape)
 
+    def _regression_loss(self, draws: StepDraws, indices: list, exit_step: int) -> torch.Tensor:
+        """DMD's regression anchor at the generator's step exit_step, for this micro-batch's
+        samples: each draws a teacher pair, and step exit_step's x̂_0 from the pair's input
+        regresses onto the pair's sample (linattn.train.distill.regression)."""
+        shape = self.cfg.distill.latent_shape
+        pairs = draws.integers(REGRESSION_PAIR, indices, len(self.regression))
+        noise, sample, cond = self.regression.batch(pairs, self.ctx.device)
+        t = float(self.sampler.times[exit_step])
+        x = regression_input(noise, sample, t, draws.normal(REGRESSION_NOISE, indices, shape))
+        return regression_loss(clean_prediction(self.generator_fn, x, t, cond), sample)
+
     def _fake_score_update(self, update: int) -> tuple[float, Optional[float]]:
         """One Adam step of the fake score on the generator's current samples; returns (loss,
         gradient norm before clipping)."""
@@ -250,13 +267,23 @@ class DistillTrainer(StageLoop):
         for i, (indices, cond, negative) in enumerate(self._micro_batches(update)):
             last = i == self.accumulation - 1
             t, noise = self._score_draws(draws, indices)
-            with D.maybe_no_sync(self.generator_module, self.strategy, sync=last):
+            # With the anchor, the regression term takes a backward of its own after DMD's
+            # (one forward per backward keeps DDP's and FSDP2's hooks simple); gradients are
+            # synchronised on the micro-batch's last backward only.
+            anchored = self.regression is not None
+            with D.maybe_no_sync(self.generator_module, self.strategy, sync=last and not anchored):
                 with self.autocast():
                     x = self._generate(draws, indices, cond, exit_step, grad=True)
                     loss, info = dmd_generator_loss(
                         x, self.real, self.fake_eval, cond, t=t, noise=noise,
                         negative_cond=negative, guidance_scale=dc.guidance_scale)
                 (loss / self.accumulation).backward()
+            if anchored:
+                with D.maybe_no_sync(self.generator_module, self.strategy, sync=last):
+                    with self.autocast():
+                        reg = self._regression_loss(draws, indices, exit_step)
+                    (dc.regression_weight * reg / self.accumulation).backward()
+                info["regression_loss"] = float(reg.detach())
             for key, value in {"generator_loss": float(loss.detach()), **info}.items():
                 sums[key] = sums.get(key, 0.0) + value / self.accumulation
         if dc.max_grad_norm is not None:

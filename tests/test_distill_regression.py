@@ -1,0 +1,141 @@
+"""DMD's regression anchor in the distillation stage (linattn.train.distill.regression): its
+pairs are the teacher data's (starting noise, guided sample), its inputs are what the
+generator's step sees at inference, it pulls the generator's samples onto the teacher's, a run
+with it resumes bit-exact, and its settings are checked."""
+import os
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+
+from linattn.train.conditioning import Conditioning
+from linattn.train.data import TeacherDataset
+from linattn.train.distill import distill, load_distill_config
+from linattn.train.distill.regression import RegressionPairs, regression_input
+from linattn.train.distill.sampler import clean_prediction
+from linattn.train.flow import FlowModel
+from linattn.train.metrics import read_metrics
+from linattn.train.teacher_data import DataSpec, conditioning_digest, generate_teacher_data
+
+from test_distill_stage import TINY, checkpoint_state, flat, without_timing
+
+LATENT = [4, 1, 4, 4]
+GUIDANCE = 3.0
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def tiny_teacher():
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)     # model.init_seed 1 of the stage's config below
+        return WanTransformer3DModel(**TINY).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """Teacher data of the tiny teacher: 6 guided 4-step trajectories."""
+    path = str(tmp_path_factory.mktemp("pairs"))
+    gen = torch.Generator().manual_seed(5)
+    cond = Conditioning(torch.randn(3, 3, 32, generator=gen),
+                        torch.randn(1, 3, 32, generator=gen))
+    spec = DataSpec(num_trajectories=6, trajectories_per_shard=4, num_steps=4, shift=3.0,
+                    num_train_timesteps=1000, latent_shape=tuple(LATENT),
+                    guidance_scale=GUIDANCE, store_dtype="float32", seed=9,
+                    conditioning_id=conditioning_digest(cond))
+    generate_teacher_data(tiny_teacher(), path, spec, cond, progress=False)
+    return path
+
+
+def config(root, name, pairs_dir, **distill_kw):
+    cfg = {
+        "model": {"config": TINY, "init_seed": 1},
+        "conditioning": {"random_conditioning": [3, 3, 32]},
+        "distill": {"latent_shape": LATENT, "steps": 4, "global_batch_size": 2,
+                    "fake_score_updates": 1, "lr": 1e-3, "fake_score_lr": 1e-3,
+                    "guidance_scale": GUIDANCE, "regression_data": pairs_dir,
+                    "regression_weight": 1.0, "mixed_precision": "no",
+                    "gradient_checkpointing": False, "seed": 3},
+        "output": {"dir": os.path.join(root, name), "checkpoint_every": 2, "eval_every": 0},
+    }
+    cfg["distill"].update(distill_kw)
+    return cfg
+
+
+def test_pairs_are_each_trajectorys_starting_noise_and_final_sample(pairs_dir):
+    pairs = RegressionPairs(pairs_dir, latent_shape=LATENT, guidance_scale=GUIDANCE)
+    ds = TeacherDataset(pairs_dir)
+    assert len(pairs) == 6
+    noise, sample, cond = pairs.batch([4, 1], torch.device("cpu"))
+    for row, traj in enumerate([4, 1]):
+        first = ds.batch([traj * 4])          # the trajectory's first point: t = 1, x_t = noise
+        assert float(first["t"][0]) == 1.0
+        assert torch.equal(noise[row], first["x_t"][0])
+        assert torch.equal(sample[row], ds.samples([traj])[0])
+        assert torch.equal(cond[row], ds.conditioning([traj])[0])
+
+
+def test_inputs_are_the_pair_noise_at_t1_and_the_renoised_sample_after():
+    noise, sample, fresh = torch.randn(3, 2, 4, 4, 4).unbind(0)
+    assert torch.equal(regression_input(noise, sample, 1.0, fresh), noise)
+    torch.testing.assert_close(regression_input(noise, sample, 0.75, fresh),
+                               0.25 * sample + 0.75 * fresh)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(latent_shape=[4, 2, 4, 4]), "latents of shape"),
+    (dict(guidance_scale=1.0), "sampled with guidance 3.0"),
+])
+def test_pairs_must_match_the_generators_shape_and_guidance(pairs_dir, kw, message):
+    args = {"latent_shape": LATENT, "guidance_scale": GUIDANCE, **kw}
+    with pytest.raises(ValueError, match=f"distill.regression_data: .*{message}"):
+        RegressionPairs(pairs_dir, **args)
+
+
+@pytest.mark.parametrize("override, message", [
+    (["distill.regression_weight=-1"], "distill.regression_weight: must be a number >= 0"),
+    (["distill.regression_data=null"], "distill.regression_data: .*needs a teacher-data"),
+    (["distill.regression_weight=0"], "distill.regression_weight: .*would do nothing"),
+])
+def test_config_errors_name_the_regression_fields(tmp_path, pairs_dir, override, message):
+    with pytest.raises(ValueError, match=message):
+        load_distill_config(config(str(tmp_path), "bad", pairs_dir), override)
+
+
+def step0_error(model, pairs_dir):
+    """mean ‖G(z) − x(z)‖² of a one-step generator over every pair."""
+    pairs = RegressionPairs(pairs_dir, latent_shape=LATENT, guidance_scale=GUIDANCE)
+    noise, sample, cond = pairs.batch(range(len(pairs)), torch.device("cpu"))
+    with torch.no_grad():
+        x = clean_prediction(FlowModel(model, 1000, input_dtype=torch.float32), noise, 1.0, cond)
+    return float((x - sample).square().mean())
+
+
+def test_anchor_pulls_a_one_step_generator_onto_the_teachers_samples(tmp_path, pairs_dir):
+    """K = 1 is DMD's own setting: the generator maps the pair's noise to a sample in one step,
+    and the regression target is the teacher's sample from that noise. With the anchor
+    dominating, the generator's error on the pairs falls; the logged regression loss falls."""
+    teacher = tiny_teacher()
+    before = step0_error(teacher, pairs_dir)
+    result = distill(config(str(tmp_path), "one_step", pairs_dir, num_steps=1, steps=6,
+                            regression_weight=100.0), progress=False)
+    after = step0_error(result.model, pairs_dir)
+    assert after < 0.5 * before, (before, after)
+    losses = [r["regression_loss"] for r in read_metrics(result.metrics_path)[1:]]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+
+
+def test_anchored_run_resumes_bit_exact(tmp_path, pairs_dir):
+    root = str(tmp_path)
+    full = distill(config(root, "full", pairs_dir), progress=False)
+    records = read_metrics(full.metrics_path)
+    assert all(r["regression_loss"] > 0 for r in records[1:])
+    stopped = distill(config(root, "resumed", pairs_dir), stop_at_step=3, progress=False)
+    assert stopped.step == 3
+    resumed = distill(config(root, "resumed", pairs_dir), progress=False)
+    assert resumed.step == 4
+    a = flat(checkpoint_state(os.path.join(root, "full"), 4))
+    b = flat(checkpoint_state(os.path.join(root, "resumed"), 4))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert without_timing(read_metrics(resumed.metrics_path)) == without_timing(records)
