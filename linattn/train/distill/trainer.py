@@ -329,7 +329,10 @@ class DistillTrainer(StageLoop):
         return record
 
     def progress_postfix(self, record: dict) -> dict:
-        return {"push": f"{record['dmd_push']:.3g}", "fake": f"{record['fake_score_loss']:.3g}"}
+        postfix = {"push": f"{record['dmd_push']:.3g}", "fake": f"{record['fake_score_loss']:.3g}"}
+        if "regression_loss" in record:
+            postfix["reg"] = f"{record['regression_loss']:.3g}"
+        return postfix
 
     # ------------------------------------------------------------------ evaluation
 
