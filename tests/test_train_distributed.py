@@ -3,6 +3,11 @@ does context parallelism (each sample's sequence split over the two), FSDP2 runs
 too, and an interrupted FSDP2 run resumed from its checkpoint ends
 bit-identical to an uninterrupted one.
 
+Every run has a selection phase of 2 of its 4 steps (train.select_steps): the gates are
+all-reduced while they train (steps 1-2), then fixed at the selection, their gradients dropped
+on every rank (steps 3-4); the FSDP2 run is resumed from its step-2 checkpoint, before the
+switch, so the switch happens after the resume.
+
 Tolerance for "matches one process", per tensor of the final checkpoint (every parameter, gate,
 Adam first and second moment): max |a - b| <= 5e-3 * max |a|. Measured: 2.0e-3 for DDP and for
 FSDP2 (4 steps, default ADM: DMD push + velocity anchor, bf16 teacher; 7.7e-4 under the former
@@ -51,7 +56,7 @@ def base_config(root, name, **train):
                  "store_dtype": "float32", "embeddings": os.path.join(root, "emb.safetensors")},
         "train": {"steps": STEPS, "global_batch_size": 4, "lr": 1e-3, "gate_lr": 0.05,
                   "alpha_start": 1.5, "alpha_end": 1.0, "mixed_precision": "no",
-                  "gradient_checkpointing": True, "seed": 5},
+                  "gradient_checkpointing": True, "seed": 5, "select_steps": 2},
         "output": {"dir": os.path.join(root, name), "checkpoint_every": 2},
     }
     cfg["train"].update(train)
@@ -131,6 +136,9 @@ def test_ddp_two_processes_match_one(single):
     assert len(gates) == 2 and all(float(g) < 1.0 for g in gates)
     records = read_metrics(os.path.join(root, "ddp", "metrics.jsonl"))
     assert [r["world_size"] for r in records[1:]] == [2] * STEPS
+    # The selection (both layers linear, n_linear 2) was fixed at step 2 and held under DDP.
+    assert [r["phase"] for r in records[1:]] == ["select", "select", "final", "final"]
+    assert all(r["gates"] == [0.0, 0.0] for r in records[3:])
 
 
 CP_STEPS = 2
@@ -202,6 +210,9 @@ def test_fsdp2_runs_matches_one_process_and_resumes_bit_exact(single, tmp_path):
                 for r in read_metrics(os.path.join(root, run, "metrics.jsonl"))]
 
     assert comparable("fsdp_resumed") == comparable("fsdp_full")
+    assert [r.get("phase") for r in comparable("fsdp_full")] == [None, "select", "select",
+                                                                 "final", "final"]
+    assert comparable("fsdp_full")[3]["selected"]["step"] == 2
     assert any("eval_rel_mse_rounded" in r for r in comparable("fsdp_full"))
     # The finalized model was gathered and saved once, by rank 0.
     with open(os.path.join(root, "fsdp_full", "final", "selection.json")) as f:

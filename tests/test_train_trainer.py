@@ -271,3 +271,136 @@ def test_guided_fake_score_run_evaluates_with_guidance_and_resumes_bit_exact(roo
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# ---------------------------------------------------------------- selection phase
+
+SELECT_STEPS = 2
+
+
+def phased(root, name, select_steps=SELECT_STEPS):
+    """5 steps: 2 select, then 3 train the fixed model. n_linear 1 of 2 layers, and no L_reg
+    (train.binarization false), so that L_con moves the gates off r = 1 during selection."""
+    cfg = config(root, name, steps=5, select_steps=select_steps, binarization=False)
+    cfg["convert"]["n_linear"] = 1
+    return cfg
+
+
+class ProbedTrainer:
+    """Runs a Trainer whose finish() first records the trained (hybrid, gates 0 / 1) student's
+    velocity on fixed inputs: the function phase 2 trained, before finalize()."""
+
+    def __init__(self, cfg):
+        from linattn.train.config import load_config
+        from linattn.train.trainer import Trainer
+
+        gen = torch.Generator().manual_seed(5)
+        self.inputs = (torch.randn(2, 4, 1, 4, 4, generator=gen), torch.tensor([0.3, 0.9]),
+                       torch.randn(2, 3, 32, generator=gen))
+        probe = self
+
+        class Probed(Trainer):
+            def finish(self):
+                self.student.eval()
+                with torch.no_grad():
+                    probe.before = FlowModel(self.student)(*probe.inputs)
+                    probe.gates = [float(g) for g in self.gates]
+                return super().finish()
+
+        self.trainer = Probed(load_config(cfg), progress=False)
+
+    def run(self, **kw):
+        try:
+            return self.trainer.run(**kw)
+        finally:
+            self.trainer.close()
+
+
+def test_select_steps_switch_fixes_the_gates_and_saves_the_trained_function(root):
+    probe = ProbedTrainer(phased(root, "phased"))
+    result = probe.run()
+    records = read_metrics(result.metrics_path)
+    assert [r.get("phase") for r in records] == [None, "select", "select", "final", "final",
+                                                 "final"]
+    # Selection: L_con / α logged and the gates moving; the switch on the first final step.
+    for r in records[1:SELECT_STEPS + 1]:
+        assert {"l_con", "l_reg", "alpha"} <= r.keys() and "selected" not in r
+    assert records[1]["alpha"] == 1.5 and records[SELECT_STEPS]["alpha"] == 1.0  # over S steps
+    moved = records[SELECT_STEPS]["gates"]
+    assert all(0.0 < g < 1.0 for g in moved)
+    switch = records[SELECT_STEPS + 1]["selected"]
+    assert switch["step"] == SELECT_STEPS and switch["gates_before"] == moved
+    lowest = min(range(2), key=lambda i: moved[i])
+    assert switch["linear"] == [f"blocks.{lowest}.attn1"]
+    # Phase 2: gates exactly 0 / 1 and unchanged, no selective-transfer loss.
+    expected = [0.0 if i == lowest else 1.0 for i in range(2)]
+    for r in records[SELECT_STEPS + 1:]:
+        assert r["gates"] == expected and r["n_linear_rounded"] == 1
+        assert not {"l_con", "l_reg", "alpha"} & r.keys()
+        assert r["loss"] == r["objective"]
+    assert "selected" not in records[-1]
+    assert probe.gates == expected
+    assert result.selection == {f"blocks.{i}.attn1": "linear" if i == lowest else "softmax"
+                                for i in range(2)}
+    # The saved (finalized) model is exactly the function phase 2 trained, and reloads as it.
+    after = FlowModel(result.model.eval())(*probe.inputs)
+    assert torch.equal(after, probe.before)
+    reloaded = dit.load_converted(result.final_dir, backend="reference")
+    torch.testing.assert_close(FlowModel(reloaded)(*probe.inputs), probe.before)
+    assert os.path.getsize(os.path.join(root, "phased", "gates.png")) > 1000
+
+    # No gate update after the switch: the gates' optimiser state at step 4 is the one of the
+    # last selection step (checkpoint 2 is gone, keep_checkpoints 2: compare with step 2's
+    # record through AdamW's step count), while the model's moments moved on.
+    state = flat(checkpoint_state(os.path.join(root, "phased"), 4))
+    gate_steps = [v for k, v in state.items() if k.endswith(".step") and "gate" in k]
+    model_steps = [v for k, v in state.items() if k.endswith(".step") and "gate" not in k]
+    assert gate_steps and all(float(s) == SELECT_STEPS for s in gate_steps)
+    assert model_steps and all(float(s) == 4 for s in model_steps)
+    with open(os.path.join(root, "phased", "checkpoints", "step-00000004",
+                           "trainer_state.json")) as f:
+        trainer_state = json.load(f)
+    assert trainer_state["phase_next"] == "final" and "alpha_next" not in trainer_state
+    assert trainer_state["select_steps"] == SELECT_STEPS
+
+
+def test_select_steps_resume_across_the_switch_is_bit_exact(root):
+    """Stopped at step 3, resumed from checkpoint 2 (before the switch: it happens after the
+    resume) and stopped at step 4, resumed from checkpoint 4 (after it): the same run as
+    uninterrupted (test above, run "phased")."""
+    full = os.path.join(root, "phased")
+    if not os.path.isdir(os.path.join(full, "final")):
+        train(phased(root, "phased"), progress=False)
+    assert train(phased(root, "phased-resumed"), stop_at_step=3, progress=False).step == 3
+    assert train(phased(root, "phased-resumed"), stop_at_step=4, progress=False).step == 4
+    resumed = train(phased(root, "phased-resumed"), progress=False)
+    assert resumed.step == 5
+    a = flat(checkpoint_state(full, 5))
+    b = flat(checkpoint_state(os.path.join(root, "phased-resumed"), 5))
+    assert a.keys() == b.keys() and any("gate" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert without_timing(read_metrics(os.path.join(full, "metrics.jsonl"))) == \
+        without_timing(read_metrics(resumed.metrics_path))
+    # Another select_steps is another run: resuming it from these checkpoints is refused.
+    with pytest.raises(ValueError, match="select_steps=2, this run has 3"):
+        train(phased(root, "phased-resumed", select_steps=3), progress=False)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"select_steps": 4}, r"train.select_steps: expected an int in \[1, train.steps - 1\] = "
+                          r"\[1, 3\]"),
+    ({"select_steps": 0}, "train.select_steps: expected an int"),
+    ({"select_steps": 1.5}, "train.select_steps: 1.5 matches none of the allowed types"),
+    ({"select_steps": True}, "train.select_steps: True matches none of the allowed types"),
+])
+def test_select_steps_configuration_errors(root, edit, message):
+    from linattn.train.config import load_config
+
+    with pytest.raises(ValueError, match=message):
+        load_config(config(root, "errors", **edit))
+    cfg = config(root, "errors", select_steps=2)
+    cfg["convert"].update(mode="linear", n_linear=None)
+    with pytest.raises(ValueError, match="train.select_steps: selects among the gates of mode "
+                                         "'hybrid', but convert.mode is 'linear'"):
+        load_config(cfg)

@@ -175,6 +175,12 @@ class TrainSection:
     max_grad_norm: Optional[float] = 1.0    # clips the model's gradients (gates excluded)
     transfer_lambda: float = 0.01           # λ in L = L_obj + λ (L_con + L_reg)
     final_selection: str = "exact"          # "exact": the n_linear lowest gates; "round": r < 0.5
+    # Selection phase, then training of the final model (mode hybrid): after this many steps the
+    # trainer applies final_selection to the gates, fixes them at exactly 0 / 1 (no gate updates,
+    # no L_con / L_reg) and trains the fixed model for the remaining steps, so that finalize()
+    # saves the function phase 2 trained (a gate of exactly 0 or 1 runs exactly one branch's
+    # value). α anneals over these steps. null: select over the whole run (the paper's recipe).
+    select_steps: Optional[int] = None
     alpha_start: float = 20.0
     alpha_end: float = 2.0
     # false drops L_reg from the loss (still logged): the paper's "without the binarisation loss"
@@ -317,6 +323,15 @@ class TrainConfig:
         _one_of("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
         _one_of("train.final_selection", t.final_selection, SELECTIONS)
         _positive("train.steps", t.steps)
+        if t.select_steps is not None:
+            if (isinstance(t.select_steps, bool) or not isinstance(t.select_steps, int)
+                    or not 1 <= t.select_steps < t.steps):
+                raise ValueError(f"train.select_steps: expected an int in [1, train.steps - 1] "
+                                 f"= [1, {t.steps - 1}] (steps of the selection phase) or null, "
+                                 f"got {t.select_steps!r}")
+            if c.mode != "hybrid":
+                raise ValueError(f"train.select_steps: selects among the gates of mode "
+                                 f"'hybrid', but convert.mode is {c.mode!r}; leave it null")
         _positive("train.global_batch_size", t.global_batch_size)
         if t.micro_batch_size is not None:
             _positive("train.micro_batch_size", t.micro_batch_size)

@@ -3,7 +3,9 @@ any logged quantities (the distillation stage's losses) over training.
 
 One line per logged step, written by rank 0. Linearisation: step, loss and its parts
 (objective, l_con, l_reg), alpha, lr, gates (every r_l in layer order), n_linear_rounded (how
-many gates round to linear); distillation: its losses (linattn.train.distill); both:
+many gates round to linear), with train.select_steps also phase ("select" / "final") and, on
+the first step of phase 2, selected (the step, the gates before the selection, the linear
+layers); distillation: its losses (linattn.train.distill); both:
 step_time_s, samples_per_s, and eval_* entries on evaluation steps. When a run is resumed,
 lines past the checkpoint's step are dropped so the log reads like one run.
 """
@@ -77,6 +79,12 @@ def plot_gates(metrics_path: str, png_path: str, layer_names: Optional[list[str]
         ax.plot(steps, [r["gates"][layer] for r in records], color=cmap(layer / max(num - 1, 1)),
                 linewidth=1.2, label=label)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
+    # train.select_steps: the gates are fixed at the selection from this step on.
+    switch = next((r["selected"]["step"] for r in records if r.get("selected")), None)
+    if switch is not None:
+        for axis in (ax, ax_count):
+            axis.axvline(switch, color="red", linestyle="-.", linewidth=0.9)
+        ax.text(switch, 1.02, " gates fixed", color="red", fontsize=7, va="bottom")
     ax.set_ylabel("gate r_l (1 = softmax, 0 = linear)")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Selective transfer: gates over training")

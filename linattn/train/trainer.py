@@ -5,7 +5,16 @@ One optimiser step (method.md §3-4):
     L = L_obj + λ (L_con + L_reg(α)),  α = alpha_at(step, steps, alpha_start, alpha_end)
 
 then the gates are clamped to [0, 1]; after the last step finalize() rounds them and the model
-is saved with save_pretrained (reload it with linattn.load_converted). Everything the step
+is saved with save_pretrained (reload it with linattn.load_converted).
+
+With train.select_steps = S the run has two phases: steps 0..S−1 select (the step above, α
+annealed over S steps); before step S the final selection (train.final_selection) is applied
+to the gates, which stay at exactly 0 / 1 from then on (their gradient is dropped before the
+optimiser step, so AdamW leaves them alone; no L_con / L_reg), and steps S.. train that fixed
+model with the same objective. A gate of exactly 0 makes a hybrid layer's output exactly its
+linear branch (0 · softmax + 1 · linear) and 1 exactly the softmax branch, so finalize() at the
+end saves exactly the function phase 2 trained. The switch is a function of the step number,
+logged in metrics.jsonl ("phase", and "selected" on the first record of phase 2). Everything the step
 depends on (learning rate, α, the data order) is a function of the step number, so a
 checkpoint's step plus the model, optimiser and RNG states resume the run bit for bit.
 
@@ -196,6 +205,7 @@ class Trainer(StageLoop):
         self.schedule = BatchSchedule(len(self.dataset), tc.global_batch_size,
                                       self.mesh.data_size, tc.seed)
         self._eval_cache = None
+        self.select_steps = tc.select_steps if self.gates else None
         # train.binarization false: L_reg is logged but not trained on (the ablation).
         self._reg_weight = 1.0 if tc.binarization else 0.0
 
@@ -217,22 +227,54 @@ class Trainer(StageLoop):
         return {"step": 0, **self._gate_record()}
 
     def resume_keys(self) -> dict:
-        return {**super().resume_keys(), "num_points": len(self.dataset)}
+        # Another select_steps would switch at another step: not the same run.
+        return {**super().resume_keys(), "num_points": len(self.dataset),
+                "select_steps": self.cfg.train.select_steps}
 
     def progress_postfix(self, record: dict) -> dict:
         return {"loss": f"{record['loss']:.4g}", "linear": record.get("n_linear_rounded", "-")}
 
+    def gates_fixed(self, step: int) -> bool:
+        """Whether the gates are fixed at their final 0 / 1 selection during ``step``."""
+        return self.select_steps is not None and step >= self.select_steps
+
+    def _alpha(self, step: int) -> float:
+        """L_reg's α at ``step``: annealed over the selection phase (the whole run without
+        one), so that it reaches alpha_end when the gates are rounded."""
+        tc = self.cfg.train
+        return dit_api("transfer").alpha_at(step, self.select_steps or tc.steps,
+                                            tc.alpha_start, tc.alpha_end)
+
+    def _select_now(self) -> dict:
+        """The switch to phase 2: the final selection applied to the gates (every rank: they
+        are replicated), which are exactly 0 / 1 from now on. Returns its log entries."""
+        before = [float(g.detach()) for g in self.gates]
+        apply_final_selection_(self.gates, self.cfg.convert.n_linear,
+                               self.cfg.train.final_selection)
+        transfer = dit_api("transfer")
+        with torch.no_grad():
+            for g in self.gates:        # "round" leaves them unrounded: fix them at 0 / 1
+                g.copy_(transfer.hard(g))
+        names = self.layer_names or [f"gate {i}" for i in range(len(self.gates))]
+        linear = [name for name, g in zip(names, self.gates) if float(g.detach()) == 0.0]
+        return {"selected": {"step": self.step, "gates_before": before, "linear": linear}}
+
     def train_step(self) -> dict:
         """One optimiser step at self.step (not yet incremented); returns its log record."""
         tc = self.cfg.train
-        transfer = dit_api("transfer") if self.gates else None
+        switch = {}
+        if self.select_steps is not None and self.step == self.select_steps:
+            switch = self._select_now()
+        fixed = self.gates_fixed(self.step)
+        # Phase 2 (train.select_steps): the gates are fixed, nothing of selective transfer
+        # is trained or logged as a loss.
+        transfer = dit_api("transfer") if self.gates and not fixed else None
         start = time.perf_counter()
         # The gates keep gate_lr throughout: they must still move while α reaches alpha_end.
         scale = self.lr_scale(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * (scale if group["name"] == "model" else 1.0)
-        alpha = (transfer.alpha_at(self.step, tc.steps, tc.alpha_start, tc.alpha_end)
-                 if transfer else None)
+        alpha = self._alpha(self.step) if transfer else None
 
         indices = self.schedule.rank_indices(self.step, self.mesh.data_rank)
         micro_batches = [indices[i * self.micro_batch:(i + 1) * self.micro_batch]
@@ -261,6 +303,12 @@ class Trainer(StageLoop):
             for key, value in info.items():
                 sums[key] = sums.get(key, 0.0) + value / self.accumulation
 
+        if fixed:
+            # Every rank drops them alike (so the FSDP2 all-reduce below has nothing to do on
+            # every rank); AdamW skips a parameter without a gradient: the gates, and their
+            # optimiser state, stay exactly as selected.
+            for g in self.gates:
+                g.grad = None
         if self.strategy == "fsdp":
             D.all_reduce_grads(self.gates, self.ctx)
         grad_norm = None
@@ -292,6 +340,9 @@ class Trainer(StageLoop):
             record["loss"] = objective_value
         if grad_norm is not None:
             record["grad_norm"] = grad_norm
+        if self.select_steps is not None:
+            record["phase"] = "final" if fixed else "select"
+        record.update(switch)
         record.update(self._gate_record())
         record.update(step_time_s=elapsed, samples_per_s=tc.global_batch_size / elapsed,
                       world_size=self.ctx.world_size)
@@ -392,11 +443,11 @@ class Trainer(StageLoop):
         return self.module, self.optimizer, extra
 
     def checkpoint_state(self) -> dict:
-        tc = self.cfg.train
         state = {"data_position": self.schedule.position(self.step), **self._gate_record()}
-        if self.gates:
-            state["alpha_next"] = dit_api("transfer").alpha_at(
-                self.step, tc.steps, tc.alpha_start, tc.alpha_end)
+        if self.gates and not self.gates_fixed(self.step):
+            state["alpha_next"] = self._alpha(self.step)
+        if self.select_steps is not None:
+            state["phase_next"] = "final" if self.gates_fixed(self.step) else "select"
         return state
 
     def plot(self) -> bool:
