@@ -50,10 +50,29 @@ def test_plan_keys_follow_settings_and_share_runs():
     assert "convert.mode=linear" in fixed.overrides and fixed.layers == (3, 4, 5, 6, 7)
     # A heuristic picking a manual rule's layers is that run, trained once.
     same = plan(s, sensitivity=[0, 0, 0, 0, 0, 1, 1, 1])
-    b = {r.name: r.key for r in same.studies["b"]}
+    b = {r.name: r.key for r in same.studies["b"] if r.train_seed == 0}
     assert b["heuristic: 5 least sensitive"] == b["manual: first 5"]
     with pytest.raises(ValueError, match="sub-studies"):
         plan(Settings(studies=("e",)))
+
+
+def test_plan_has_the_phased_selective_runs_beside_first_k_over_training_seeds():
+    s = Settings(select_steps=(30,))
+    b = plan(s).studies["b"]
+    phased = [r for r in b if "then train final" in r.name]
+    assert [r.name for r in phased] == ["selective + ADM, 5 linear (select 30 steps, then train "
+                                        "final)"] * 2
+    assert [r.train_seed for r in phased] == [0, 1]
+    assert all("train.select_steps=30" in r.overrides and r.steps == 60 for r in phased)
+    first = [r for r in b if r.name == "manual: first 5"]
+    assert [r.train_seed for r in first] == [0, 1] and first[0].layers == (0, 1, 2, 3, 4)
+    # The headline run is unchanged (its cached key stays valid), and two fractions are two runs.
+    assert plan(s).studies["b"][0].key == plan(Settings(select_steps=())).studies["b"][0].key
+    two = plan(Settings(select_steps=(20, 30, 60), train_seeds=(0,))).studies["b"]
+    assert [r.overrides[-1] for r in two if "then train final" in r.name] == \
+        ["train.select_steps=20", "train.select_steps=30"]
+    assert not [r for r in plan(Settings(select_steps=())).studies["b"]
+                if "then train final" in r.name or (r.train_seed and "manual" in r.name)]
 
 
 def _score(key, name, **means):
@@ -99,6 +118,45 @@ def test_verdicts_state_met_and_not_met_with_numbers(tmp_path):
     assert f"{DISCUSSION_START}\nMeasured and read by hand.\n{DISCUSSION_END}" in again
     assert "| velocity-MSE | - | 0.2 ± 0.01 |" in again      # scored, no training record
     assert "| teacher | none | not run |" in again               # the plan's teacher: no score
+
+
+def test_phased_run_in_verdicts_gate_table_and_training_seed_table(tmp_path):
+    s = Settings(studies=("b", "d"), manual_rules=("first",), alpha_variants=(),
+                 train_seeds=(0, 1), select_steps=(30,))
+    p = plan(s, sensitivity=[0, 0, 0, 0, 0, 1, 1, 1])
+    b = p.studies["b"]
+    phased = [r for r in b if "then train final" in r.name]
+    first = [r for r in b if r.name == "manual: first 5"]
+    results = Results(p)
+    curve = [{"step": i, "gates": [1.0 - 0.02 * i] * 8} for i in range(31)]
+    curve += [{"step": i, "phase": "final", "gates": [0.0] * 5 + [1.0] * 3}
+              for i in range(31, 61)]
+    for run in [*b]:
+        results.trained[run.key] = {"linear_layers": [0, 1, 2, 3, 4], "curve":
+                                    curve if run in phased else []}
+    base = dict(rel_mse=(0.2, 0.01), psnr=(20, 1), jitter=(1, 0.1), flicker=(0.1, 0.01),
+                class_accuracy=(0.5, 0.05))
+    results.scores = {"teacher-x": _score("teacher-x", "teacher", class_accuracy=(0.9, 0.05),
+                                          frechet_distance=(100, 10), jitter=(1, 0.1),
+                                          flicker=(0.1, 0.01))}
+    for i, run in enumerate(b):
+        results.scores[run.key] = _score(run.key, run.name, frechet_distance=(100 + i, 5),
+                                         **base)
+    lines = target_verdicts(results)
+    assert any(line.startswith("- **NOT met**: 5 of 8 linear (selective + ADM, 5 linear "
+                               "(select 30 steps, then train final))") for line in lines)
+    assert any(line.startswith("- Fréchet: selective, select 30 steps then train final ")
+               for line in lines)
+    doc = tmp_path / "study.md"
+    write_document(results, doc, tmp_path, plots=False)
+    text = doc.read_text()
+    # Its gates when they were selected, not the fixed 0 / 1 of the end.
+    assert ("| selective + ADM, 5 linear (select 30 steps, then train final): gates at step 30, "
+            "when selected | " + ", ".join(["0.40"] * 8)) in text
+    assert "| manual: first 5 (2 training seeds) |" in text
+    assert ("| selective + ADM, 5 linear (select 30 steps, then train final) (2 training "
+            "seeds) |") in text
+    assert first[1].key in results.scores
 
 
 def test_study_end_to_end_tiny_and_cached(tmp_path, monkeypatch, one_torch_thread):

@@ -24,6 +24,13 @@ def main(argv=None) -> int:
     parser.add_argument("--train-seeds", type=int, nargs="+",
                         help="training seeds of the headline comparison")
     parser.add_argument("--studies", default="abcd", help="which sub-studies (default abcd)")
+    parser.add_argument("--select-steps", type=int, nargs="*", metavar="S",
+                        help="train.select_steps of sub-study b's phased selective runs "
+                             "(default 20 30; none given: no phased runs)")
+    parser.add_argument("--counts", type=int, nargs="+",
+                        help="linear-layer counts of sub-study a (default 0 2 4 5 6 8)")
+    parser.add_argument("--manual-rules", nargs="+", choices=("first", "last", "even"),
+                        help="manual layer choices of sub-study b (default first last even)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--root", default="runs/study", help="run and cache directory")
     parser.add_argument("--doc", default=None,
@@ -43,7 +50,11 @@ def main(argv=None) -> int:
     changes = {"steps": args.steps, "num_samples": args.num_samples,
                "seeds": tuple(args.seeds) if args.seeds else None,
                "train_seeds": tuple(args.train_seeds) if args.train_seeds else None,
-               "studies": tuple(args.studies)}
+               "studies": tuple(args.studies),
+               "select_steps": (tuple(args.select_steps)
+                                if args.select_steps is not None else None),
+               "counts": tuple(args.counts) if args.counts else None,
+               "manual_rules": tuple(args.manual_rules) if args.manual_rules else None}
     settings = settings.__class__(**{**settings.__dict__,
                                      **{k: v for k, v in changes.items() if v is not None}})
     command = "python -m linattn.toy.study " + " ".join(shlex.quote(a) for a in (

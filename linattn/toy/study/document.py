@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from ..fidelity import _fmt
-from .plan import NUM_LAYERS, Plan, Run, headline_name
+from .plan import NUM_LAYERS, Plan, Run, headline_name, phased_name, run_select_steps
 
 # metric, column label, better direction, kind
 METRICS = (("rel_mse", "rel-MSE", "lower", "teacher-relative"),
@@ -151,6 +151,14 @@ def by_training_seed(results: Results, name: str) -> Optional[dict]:
     return {"figures": out, "n": len(scored)}
 
 
+def phased_runs(results: Results, train_seed: Optional[int] = 0) -> List[Run]:
+    """Sub-study b's selective runs with a selection phase (of one training seed; None: all)."""
+    s = results.plan.settings
+    names = {phased_name(s, n) for n in s.select_steps}
+    return [r for r in results.plan.studies.get("b", []) if r.name in names
+            and (train_seed is None or r.train_seed == train_seed)]
+
+
 # ---------------------------------------------------------------- plots
 
 def _plt():
@@ -236,11 +244,15 @@ def plot_bars(rows: List[tuple], teacher: Optional[dict], path: Path, title: str
 
 
 def _short(label: str) -> str:
-    return label.replace(" + velocity anchor", " +anchor").replace("selective + ", "sel. + ")[:34]
+    label = re.sub(r" \(select (\d+) steps, then train final\)", r" S=\1+final", label)
+    label = label.replace("(training seed ", "(seed ")
+    return label.replace(" + velocity anchor", " +anchor").replace("selective + ", "sel. + ")[:42]
 
 
-def plot_gates(curves: Dict[str, List[dict]], path: Path, n_linear: int) -> bool:
-    """Gate trajectories r_l over the steps, one panel per run."""
+def plot_gates(curves: Dict[str, List[dict]], path: Path, n_linear: int,
+               switches: Optional[Dict[str, int]] = None) -> bool:
+    """Gate trajectories r_l over the steps, one panel per run; ``switches``: the step at
+    which a run's gates were fixed at the selection (train.select_steps), marked."""
     curves = {k: v for k, v in curves.items() if v and "gates" in v[-1]}
     if not curves:
         return False
@@ -255,6 +267,8 @@ def plot_gates(curves: Dict[str, List[dict]], path: Path, n_linear: int) -> bool
             ax.plot(steps, [g[layer] for g in gates], label=f"layer {layer}",
                     color=f"C{layer}")
         ax.axhline(0.5, color="0.6", lw=0.8, ls="--")
+        if name in (switches or {}):
+            ax.axvline(switches[name], color="red", lw=0.9, ls="-.")
         ax.set_ylim(-0.03, 1.03)
         ax.set_title(_short(name), fontsize=9)
         ax.set_xlabel("step")
@@ -280,7 +294,7 @@ def target_verdicts(results: Results) -> List[str]:
     if teacher is None:
         return ["- the teacher was not scored: no target can be judged."]
     # 1. >= 60% linear at teacher level (class accuracy and Fréchet distance).
-    for run in results.plan.studies.get("a", []):
+    for run in [*results.plan.studies.get("a", []), *phased_runs(results)]:
         layers = run_layers(results, run)
         score = results.score(run)
         if score is None or layers is None or len(layers) < math.ceil(0.6 * NUM_LAYERS):
@@ -299,18 +313,25 @@ def target_verdicts(results: Results) -> List[str]:
     sel = results.score(b.get(headline_name(s))) if headline_name(s) in b else None
     manual = {n: results.score(r) for n, r in b.items() if n.startswith("manual")}
     heur = next((results.score(r) for n, r in b.items() if n.startswith("heuristic")), None)
+    selectives = [("selective", sel)] + [
+        (f"selective, select {r.name.split('select ')[1].split(' steps')[0]} steps then train "
+         f"final", results.score(r)) for r in phased_runs(results)]
     if sel is not None and manual and heur is not None and all(manual.values()):
-        for m, *_ in METRICS:
-            best_manual = max(manual.values(), key=lambda sc: (sc["figures"][m]["mean"]
-                              * (-1 if DIRECTION[m] == "lower" else 1)))
-            a = better(fig(sel, m)["mean"], fig(best_manual, m)["mean"], m) and all(
-                better(fig(sel, m)["mean"], fig(sc, m)["mean"], m) for sc in manual.values())
-            c = better(fig(best_manual, m)["mean"], fig(heur, m)["mean"], m)
-            out.append(f"- {LABEL[m]}: selective {cell(fig(sel, m))}, best manual "
-                       f"{cell(fig(best_manual, m))} ({best_manual['name']}), heuristic "
-                       f"{cell(fig(heur, m))}: selective > every manual "
-                       f"**{'yes' if a else 'no'}**, best manual > heuristic "
-                       f"**{'yes' if c else 'no'}**.")
+        for label, score in selectives:
+            if score is None:
+                continue
+            for m, *_ in METRICS:
+                best_manual = max(manual.values(), key=lambda sc: (sc["figures"][m]["mean"]
+                                  * (-1 if DIRECTION[m] == "lower" else 1)))
+                a = better(fig(score, m)["mean"], fig(best_manual, m)["mean"], m) and all(
+                    better(fig(score, m)["mean"], fig(sc, m)["mean"], m)
+                    for sc in manual.values())
+                c = better(fig(best_manual, m)["mean"], fig(heur, m)["mean"], m)
+                out.append(f"- {LABEL[m]}: {label} {cell(fig(score, m))}, best manual "
+                           f"{cell(fig(best_manual, m))} ({best_manual['name']}), heuristic "
+                           f"{cell(fig(heur, m))}: {label} > every manual "
+                           f"**{'yes' if a else 'no'}**, best manual > heuristic "
+                           f"**{'yes' if c else 'no'}**.")
     else:
         out.append("- selective > manual > heuristic: not judged (sub-study b incomplete).")
     # 3. ADM >= velocity-MSE on every metric, better on one beyond spread: every ADM variant
@@ -413,14 +434,16 @@ def write_document(results: Results, doc: Path, images: Path, plots: bool = True
     L.append("")
 
     # Headline over training seeds.
-    names = [headline_name(s), "velocity-MSE"]
+    names = [headline_name(s), "velocity-MSE",
+             *dict.fromkeys(r.name for r in phased_runs(results, None)), f"manual: first {s.k}"]
     seeded = {n: by_training_seed(results, n) for n in names}
     if any(v and v["n"] > 1 for v in seeded.values()):
         L.append("## Headline over training seeds\n")
-        L.append(f"Selective transfer at {s.k} linear, ADM (default) against velocity-MSE; "
-                 f"here `mean ± spread` is over **training seeds** {list(s.train_seeds)} (each "
-                 f"run's mean over the sampling seeds, then mean and std across training "
-                 f"seeds).\n")
+        L.append(f"Selective transfer at {s.k} linear, ADM (default) against velocity-MSE, "
+                 f"and selective transfer with a selection phase against the first {s.k} "
+                 f"layers trained linear from step 1; here `mean ± spread` is over **training "
+                 f"seeds** {list(s.train_seeds)} (each run's mean over the sampling seeds, then "
+                 f"mean and std across training seeds).\n")
         rows = [(f"{n} ({v['n']} training seeds)", None, v) for n, v in seeded.items() if v]
         L.append(metric_table(rows, results))
         L.append("")
@@ -472,14 +495,17 @@ def write_document(results: Results, doc: Path, images: Path, plots: bool = True
         if drawn:
             L.append(f"![{STUDY_TITLES[study]}]({rel(plot)})\n")
         if study == "d":
-            curves = {r.name: (results.trained.get(r.key) or {}).get("curve", [])
-                      for r in results.plan.studies["d"] if r.train_seed == 0}
+            gated = [r for r in results.plan.studies["d"] if r.train_seed == 0]
+            gated += phased_runs(results, None)
+            curves = {r.name + (f" (training seed {r.train_seed})" if r.train_seed else ""):
+                      (results.trained.get(r.key) or {}).get("curve", []) for r in gated}
             gates_png = images / "toy_study_gates.png"
-            if plots and plot_gates(curves, gates_png, s.k):
+            switches = {r.name + (f" (training seed {r.train_seed})" if r.train_seed else ""):
+                        run_select_steps(r) for r in gated if run_select_steps(r) is not None}
+            if plots and plot_gates(curves, gates_png, s.k, switches):
                 L.append(f"Gate trajectories of these runs (from each run's metrics.jsonl):\n")
                 L.append(f"![gate trajectories]({rel(gates_png)})\n")
-            L.append(gate_table(results, [r for r in results.plan.studies["d"]
-                                          if r.train_seed == 0]))
+            L.append(gate_table(results, gated))
             L.append("")
 
     if results.diagnostics:
@@ -548,6 +574,8 @@ def diagnostics_table(results: Results) -> str:
 
 
 def gate_table(results: Results, runs: Sequence[Run]) -> str:
+    """Final gates of each gated run; for a run with a selection phase, the gates when they
+    were selected (the last step of the phase) instead."""
     lines = ["| run | final gates r (layer 0 .. 7) | rounded linear | finalized linear layers |",
              "|---|---|---|---|"]
     for run in runs:
@@ -555,7 +583,12 @@ def gate_table(results: Results, runs: Sequence[Run]) -> str:
         if not rec or not rec["curve"] or "gates" not in rec["curve"][-1]:
             continue
         last = rec["curve"][-1]
-        lines.append(f"| {run.name} | {', '.join(f'{g:.2f}' for g in last['gates'])} | "
+        select = run_select_steps(run)
+        label = run.name + (f" (training seed {run.train_seed})" if run.train_seed else "")
+        if select is not None:
+            last = next(r for r in rec["curve"] if r["step"] == select)
+            label += f": gates at step {select}, when selected"
+        lines.append(f"| {label} | {', '.join(f'{g:.2f}' for g in last['gates'])} | "
                      f"{last.get('n_linear_rounded', '-')} | "
                      f"{layers_text(rec['linear_layers'])} |")
     return "\n".join(lines)

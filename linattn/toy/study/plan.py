@@ -13,7 +13,10 @@ a. number of linear layers: selective transfer + ADM at each count (0: the teach
    layer linear, trained the same steps), with their sampling speed;
 b. layer choice at ``k`` linear layers: selective transfer against manual choices (first k, last
    k, evenly spaced) and the sensitivity heuristic (the k layers whose single-layer untrained
-   conversion moves samples least), the fixed choices trained with mode linear;
+   conversion moves samples least), the fixed choices trained with mode linear; and selective
+   transfer with a selection phase (train.select_steps: select for S steps, then train the
+   fixed final model for the rest), over the headline's training seeds, beside the first k
+   trained with mode linear on the same training seeds;
 c. objective: ADM (every variant the trainer has) against velocity-MSE, selective transfer at k;
 d. the binarisation loss: the config's α, α annealed 20 → 2, fixed α, no L_reg.
 """
@@ -59,6 +62,12 @@ class Settings:
     sampler: Sampler = SAMPLER           # how every model samples for its score
     train_seeds: Tuple[int, ...] = (0, 1)  # training seeds of the headline comparisons
     k: int = 5                           # linear layers of sub-studies b-d (5 of 8 = 62.5%)
+    # train.select_steps of sub-study b's "select S steps, then train final" runs (those below
+    # ``steps``). In steps, not a fraction of the run: the gates' lockstep descent from r = 1
+    # to 0.5 takes ~17 steps at the toy's gate_lr 0.03 whatever the run's length, and their
+    # ranking settles right after it (step ~21 in the 60-step runs, docs/toy_study.md §3): 20,
+    # and 30 (half of the 60 steps) as the one other value measured.
+    select_steps: Tuple[int, ...] = (20, 30)
     counts: Tuple[int, ...] = (0, 2, 4, 5, 6, 8)
     manual_rules: Tuple[str, ...] = MANUAL_RULES
     adm_variants: Tuple[str, ...] = tuple(ADM_VARIANTS)
@@ -178,7 +187,7 @@ class Plan:
             return 1
         if run.name.startswith("all "):
             return 2
-        if run.name.startswith(("manual", "heuristic")):
+        if run.name.startswith(("manual", "heuristic")) or "then train final" in run.name:
             return 3
         if run.name in ("ADM dmd, no anchor (paper's ADM)", "no binarisation loss"):
             return 4
@@ -236,6 +245,16 @@ def headline_name(s: Settings) -> str:
     return f"selective + ADM, {s.k} linear"
 
 
+def run_select_steps(run: Run) -> Optional[int]:
+    """The run's train.select_steps (None: selection over the whole run, or no gates)."""
+    return next((int(o.split("=", 1)[1]) for o in run.overrides
+                 if o.startswith("train.select_steps=")), None)
+
+
+def phased_name(s: Settings, select_steps: int) -> str:
+    return (f"selective + ADM, {s.k} linear (select {select_steps} steps, then train final)")
+
+
 def plan(s: Settings, sensitivity: Optional[Sequence[float]] = None) -> Plan:
     """The sub-studies' runs (module docstring). ``sensitivity`` (per layer) places the
     heuristic's run; without it sub-study b has no heuristic run yet."""
@@ -257,8 +276,17 @@ def plan(s: Settings, sensitivity: Optional[Sequence[float]] = None) -> Plan:
         p.studies["a"] = runs
     if "b" in s.studies:
         runs = list(headline)
+        for select in s.select_steps:
+            if 1 <= select < s.steps:
+                runs.extend(selective(s, s.k, phased_name(s, select),
+                                      (f"train.select_steps={select}",), train_seed=seed)
+                            for seed in s.train_seeds)
         for rule in s.manual_rules:
             runs.append(fixed(s, layer_choice(rule, s.k), f"manual: {rule} {s.k}"))
+        if any(1 <= n < s.steps for n in s.select_steps) and "first" in s.manual_rules:
+            # The phased runs' comparison over training seeds: the first k trained linear.
+            runs.extend(fixed(s, layer_choice("first", s.k), f"manual: first {s.k}",
+                              train_seed=seed) for seed in s.train_seeds[1:])
         if sensitivity is not None:
             layers = layer_choice("heuristic", s.k, sensitivity=sensitivity)
             runs.append(fixed(s, layers, f"heuristic: {s.k} least sensitive"))

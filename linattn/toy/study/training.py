@@ -23,7 +23,7 @@ from .plan import Run
 
 RUN_FILE = "run.json"
 # Keys of metrics.jsonl kept in run.json, per step.
-CURVE_KEYS = ("step", "objective", "loss", "l_con", "l_reg", "alpha", "gates",
+CURVE_KEYS = ("step", "objective", "loss", "l_con", "l_reg", "alpha", "gates", "phase",
               "n_linear_rounded", "step_time_s")
 
 
@@ -69,6 +69,10 @@ def train_run(root: Path, run: Run, teacher: nn.Module, progress: bool = True) -
     if done is not None:
         return done
     out = run_dir(root, run)
+    # A run without its own train.select_steps selects over the whole run (the paper's
+    # recipe), whatever the toy config's default: its key names everything that decides it.
+    pinned = ([] if any(o.startswith("train.select_steps=") for o in run.overrides)
+              else ["train.select_steps=null"])
     start = time.perf_counter()
     with warnings.catch_warnings():
         # The trainer says when the rounded gates miss the target (the document shows the
@@ -78,7 +82,7 @@ def train_run(root: Path, run: Run, teacher: nn.Module, progress: bool = True) -
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         result = train(str(TOY_CONFIG), overrides=[
             f"data.dir={data_dir(root, run)}", f"output.dir={out / 'train'}",
-            *run.train_overrides(), f"output.checkpoint_every={run.steps}",
+            *run.train_overrides(), *pinned, f"output.checkpoint_every={run.steps}",
             "output.eval_every=0", "output.resume=auto"], teacher=teacher, progress=progress)
     seconds = time.perf_counter() - start
     names = layer_names(teacher)
