@@ -24,6 +24,7 @@ import os
 import tempfile
 import time
 import warnings
+from typing import Optional
 
 import torch
 
@@ -89,9 +90,11 @@ def time_against_peer(backend: str, device: torch.device, shape, dtype, repeats:
     return timings
 
 
-def run_toy_linvideo(steps: int, n_linear: int, grid: str) -> bool:
+def run_toy_linvideo(steps: int, n_linear: int, grid: str,
+                     select_steps: Optional[int] = None) -> bool:
     """LinVideo on the shipped toy teacher, scored against the teacher and the untrained
-    conversion of the same layers (linattn.toy.linvideo); True when LinVideo beat it."""
+    conversion of the same layers (linattn.toy.linvideo); True when LinVideo beat it.
+    select_steps: train.select_steps (None: the toy config's; 0: select over the whole run)."""
     try:
         import diffusers  # noqa: F401
     except ImportError as error:
@@ -106,7 +109,10 @@ def run_toy_linvideo(steps: int, n_linear: int, grid: str) -> bool:
         # not news (the run's checkpoint is written to the temporary folder and dropped).
         warnings.filterwarnings("ignore", message="torch.distributed is disabled",
                                 category=UserWarning)
-        result = run_linvideo(steps=steps, n_linear=n_linear, workdir=tmp, grid=grid)
+        overrides = ([] if select_steps is None
+                     else [f"train.select_steps={select_steps or 'null'}"])
+        result = run_linvideo(steps=steps, n_linear=n_linear, workdir=tmp, grid=grid,
+                              overrides=overrides)
     print(f"   trained in {result.train_seconds:.0f} s; linear attention in layers "
           f"{result.linear_layers}, softmax in the rest")
     # What the recipe had to say (e.g. how many gates rounded to linear before the final
@@ -127,6 +133,15 @@ def run_toy_linvideo(steps: int, n_linear: int, grid: str) -> bool:
     return result.linvideo_beats_untrained
 
 
+def toy_select_steps() -> Optional[int]:
+    """train.select_steps of the toy config (linattn/train/configs/toy_wan_cpu.yaml)."""
+    import yaml
+
+    path = os.path.join(os.path.dirname(__file__), "train", "configs", "toy_wan_cpu.yaml")
+    with open(path) as f:
+        return (yaml.safe_load(f).get("train") or {}).get("select_steps")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("B", "N", "H", "D"),
@@ -136,9 +151,18 @@ def main(argv=None) -> int:
                         help="steps of the toy LinVideo run (0 skips it)")
     parser.add_argument("--n-linear", type=int, default=5,
                         help="how many of the toy's 8 self-attention layers end linear")
+    parser.add_argument("--select-steps", type=int, default=None,
+                        help="steps of selective transfer's selection phase, after which the "
+                             "selected layers are fixed and trained for the rest (default: the "
+                             "toy config's train.select_steps; 0: select over the whole run)")
     parser.add_argument("--grid", default="linattn_demo_samples.png",
                         help="where the sample grid PNG goes")
     args = parser.parse_args(argv)
+    select = args.select_steps if args.select_steps is not None else toy_select_steps()
+    if args.train_steps > 0 and select and not select < args.train_steps:
+        parser.error(f"--select-steps: the selection phase ({select} steps) must end before "
+                     f"--train-steps ({args.train_steps}); pass --select-steps 0 to select over "
+                     f"the whole run")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = args.shape or ((1, 32760, 12, 128) if device.type == "cuda" else (2, 4096, 12, 64))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -195,7 +219,7 @@ def main(argv=None) -> int:
     if args.train_steps > 0:
         print(f"\n4. LinVideo on the toy video DiT shipped with linattn: {args.train_steps} "
               f"steps of ADM + selective transfer, {args.n_linear} of 8 layers linear")
-        ok &= run_toy_linvideo(args.train_steps, args.n_linear, args.grid)
+        ok &= run_toy_linvideo(args.train_steps, args.n_linear, args.grid, args.select_steps)
     print("\nresult:", "all checks passed" if ok and runnable else "see above")
     return 0 if ok and runnable else 1
 

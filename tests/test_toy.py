@@ -285,6 +285,8 @@ def test_toy_train_config_names_the_shipped_teacher_and_its_metrics(teacher):
     shipped = teacher.state_dict()
     assert all(torch.equal(v, shipped[k]) for k, v in loaded.state_dict().items())
     assert [type(m) for m in default_eval_metrics(cfg)] == [toy.TrainerMetrics]
+    # Its selection phase (docs/toy_study.md §3), inside the config's own 200 steps.
+    assert cfg.train.select_steps == 20 and cfg.train.steps == 200
     tiny = TOY_CONFIG.with_name("tiny_wan_cpu.yaml")
     assert default_eval_metrics(load_config(tiny)) == [rel_mse_metric]
     with pytest.raises(ValueError, match="class_name"):
@@ -299,8 +301,8 @@ def test_trainer_logs_the_toy_fidelity_figures(tmp_path, one_torch_thread):
 
     result = train(str(TOY_CONFIG), overrides=[
         f"data.dir={tmp_path}/data", f"output.dir={tmp_path}/run", "data.num_trajectories=1",
-        "data.num_steps=2", "train.steps=1", "train.global_batch_size=2",
-        "output.eval_every=1", "output.eval_num_samples=6", "output.checkpoint_every=1"],
+        "data.num_steps=2", "train.steps=1", "train.select_steps=null",
+        "train.global_batch_size=2", "output.eval_every=1", "output.eval_num_samples=6", "output.checkpoint_every=1"],
         progress=False)
     records = [json.loads(line) for line in open(result.metrics_path)]
     assert [r["step"] for r in records] == [0, 1]
@@ -349,7 +351,8 @@ def test_run_linvideo_end_to_end_on_fast_settings(tmp_path, one_torch_thread):
     result = run_linvideo(steps=1, n_linear=5, workdir=str(tmp_path), seeds=(0, 1, 2),
                           num_samples=2, sampler=FAST, grid=str(tmp_path / "grid.png"),
                           overrides=["data.num_trajectories=1", "data.num_steps=2",
-                                     "train.global_batch_size=2"], progress=False)
+                                     "train.global_batch_size=2", "train.select_steps=null"],
+                          progress=False)
     assert len(result.linear_layers) == 5 and len(result.rows) == 3
     assert [len(r.figures["class_accuracy"].values) for r in result.rows] == [3, 3, 3]
     untrained = next(iter(result.reports.values()))
