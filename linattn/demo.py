@@ -7,7 +7,8 @@ float64 reference and how fast they are beside the PyTorch einsum peer users hav
   3. time of forward and forward + backward beside the peer, at a video-DiT-like shape;
   4. the LinVideo recipe on the toy video DiT shipped with linattn (linattn.toy: 8
      self-attention layers, 512 tokens, trained on procedural bouncing-object videos):
-     teacher trajectories, ADM with selective transfer making 5 of the 8 layers linear,
+     teacher trajectories, ADM with selective transfer making 5 of the 8 layers linear (a
+     selection phase of the toy config's train.select_steps, then the selected model trained),
      finalize; then the table teacher / untrained conversion of the same layers / LinVideo on
      the three kinds of fidelity metric (teacher-relative, class accuracy and Fréchet distance
      in a video classifier's features, temporal jitter; mean ± spread over 3 sampling seeds)
@@ -217,8 +218,10 @@ def main(argv=None) -> int:
     if not runnable:
         print("   no kernel backend can run here; see the reasons above")
     if args.train_steps > 0:
+        phase = (f" (select {select} steps, then train the selected model)" if select
+                 else " (selection over the whole run)")
         print(f"\n4. LinVideo on the toy video DiT shipped with linattn: {args.train_steps} "
-              f"steps of ADM + selective transfer, {args.n_linear} of 8 layers linear")
+              f"steps of ADM + selective transfer{phase}, {args.n_linear} of 8 layers linear")
         ok &= run_toy_linvideo(args.train_steps, args.n_linear, args.grid, args.select_steps)
     print("\nresult:", "all checks passed" if ok and runnable else "see above")
     return 0 if ok and runnable else 1
