@@ -487,19 +487,24 @@ def write_document(results: Results, doc: Path, images: Path, plots: bool = True
             L.extend(same_choices(results))
         L.append(metric_table(rows, results, extra_cols, extra))
         L.append("")
-        plot = images / f"toy_study_{study}.png"
+        # Named after the document, so that two documents sharing docs/ keep their own plots.
+        plot = images / f"{doc.stem}_{study}.png"
         drawn = plots and (plot_counts(results, plot) if study == "a"
                            else plot_bars(rows, teacher, plot, STUDY_TITLES[study]))
         if plots and study == "a" and drawn is False:
             drawn = plot_bars(rows, teacher, plot, STUDY_TITLES[study])
         if drawn:
             L.append(f"![{STUDY_TITLES[study]}]({rel(plot)})\n")
-        if study == "d":
-            gated = [r for r in results.plan.studies["d"] if r.train_seed == 0]
+        # The gate trajectories: after d (its runs and b's phased ones), or after b when the
+        # study has no d.
+        if study == "d" or (study == "b" and "d" not in results.plan.studies):
+            gated = [r for r in results.plan.studies[study]
+                     if r.train_seed == 0 and r.kind == "train" and r.layers is None
+                     and run_select_steps(r) is None]
             gated += phased_runs(results, None)
             curves = {r.name + (f" (training seed {r.train_seed})" if r.train_seed else ""):
                       (results.trained.get(r.key) or {}).get("curve", []) for r in gated}
-            gates_png = images / "toy_study_gates.png"
+            gates_png = images / f"{doc.stem}_gates.png"
             switches = {r.name + (f" (training seed {r.train_seed})" if r.train_seed else ""):
                         run_select_steps(r) for r in gated if run_select_steps(r) is not None}
             if plots and plot_gates(curves, gates_png, s.k, switches):

@@ -88,7 +88,7 @@ def run_study(settings: Settings, root: str | os.PathLike = "runs/study",
 
     results.diagnostics = seed_diagnostics(scorer, the_plan, results)
     results.timing = speed_pass(scorer, the_plan, results, root, teacher, document_only)
-    grid, caption = sample_grid(scorer, the_plan, results, settings, images)
+    grid, caption = sample_grid(scorer, the_plan, results, settings, images, doc.stem)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     invocation = {"command": command or "python -m linattn.toy.study", "date": now,
                   "commit": _git_commit(), "machine": machine(),
@@ -151,7 +151,7 @@ def speed_pass(scorer: Scorer, the_plan: Plan, results: Results, root: Path, tea
 
 
 def sample_grid(scorer: Scorer, the_plan: Plan, results: Results, settings: Settings,
-                images: Path):
+                images: Path, stem: str = "toy_study"):
     """Per sample of the first sampling seed: teacher / untrained conversion / LinVideo (the
     headline run), every other frame; written as PNG beside the document."""
     head = next((r for r in the_plan.runs() if r.name == headline_name(settings)
@@ -164,7 +164,7 @@ def sample_grid(scorer: Scorer, the_plan: Plan, results: Results, settings: Sett
     if any(r is None for r in rows):
         return None, ""
     videos = [v for triple in zip(*rows) for v in triple]
-    path = images / "toy_study_samples.png"
+    path = images / f"{stem}_samples.png"
     save_grid(torch.stack(videos), path, frames=range(0, videos[0].shape[1], 2))
     layers = results.trained[head.key]["linear_layers"]
     caption = (f"Sampling seed {settings.seeds[0]}, one triple of rows per sample (classes in "
