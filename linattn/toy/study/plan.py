@@ -255,6 +255,18 @@ def phased_name(s: Settings, select_steps: int) -> str:
     return (f"selective + ADM, {s.k} linear (select {select_steps} steps, then train final)")
 
 
+def variant_runs(s: Settings, names: Sequence[str], table: dict, headline: List[Run]) -> List[Run]:
+    """The selective runs of sub-study c or d: one per variant name, with that variant's
+    overrides from ``table``; a variant without overrides is the headline run itself."""
+    runs: List[Run] = []
+    for variant in names:
+        if table[variant] == ():
+            runs.extend(headline)
+        else:
+            runs.append(selective(s, s.k, variant, table[variant]))
+    return runs
+
+
 def plan(s: Settings, sensitivity: Optional[Sequence[float]] = None) -> Plan:
     """The sub-studies' runs (module docstring). ``sensitivity`` (per layer) places the
     heuristic's run; without it sub-study b has no heuristic run yet."""
@@ -292,12 +304,7 @@ def plan(s: Settings, sensitivity: Optional[Sequence[float]] = None) -> Plan:
             runs.append(fixed(s, layers, f"heuristic: {s.k} least sensitive"))
         p.studies["b"] = runs
     if "c" in s.studies:
-        runs = []
-        for variant in s.adm_variants:
-            if ADM_VARIANTS[variant] == ():
-                runs.extend(headline)
-            else:
-                runs.append(selective(s, s.k, variant, ADM_VARIANTS[variant]))
+        runs = variant_runs(s, s.adm_variants, ADM_VARIANTS, headline)
         runs.extend(selective(s, s.k, "velocity-MSE", VELOCITY_MSE, train_seed=seed)
                     for seed in s.train_seeds)
         # The objectives again on the same fixed layers (mode linear, no gates), where the
@@ -307,11 +314,5 @@ def plan(s: Settings, sensitivity: Optional[Sequence[float]] = None) -> Plan:
         runs.append(fixed(s, first, f"fixed first {s.k} + velocity-MSE", VELOCITY_MSE))
         p.studies["c"] = runs
     if "d" in s.studies:
-        runs = []
-        for variant in s.alpha_variants:
-            if ALPHA_VARIANTS[variant] == ():
-                runs.extend(headline)
-            else:
-                runs.append(selective(s, s.k, variant, ALPHA_VARIANTS[variant]))
-        p.studies["d"] = runs
+        p.studies["d"] = variant_runs(s, s.alpha_variants, ALPHA_VARIANTS, headline)
     return p
