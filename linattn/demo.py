@@ -136,11 +136,10 @@ def run_toy_linvideo(steps: int, n_linear: int, grid: str,
 
 def toy_select_steps() -> Optional[int]:
     """train.select_steps of the toy config (linattn/train/configs/toy_wan_cpu.yaml)."""
-    import yaml
+    from linattn.toy.linvideo import TOY_CONFIG
+    from linattn.train.config import load_config
 
-    path = os.path.join(os.path.dirname(__file__), "train", "configs", "toy_wan_cpu.yaml")
-    with open(path) as f:
-        return (yaml.safe_load(f).get("train") or {}).get("select_steps")
+    return load_config(TOY_CONFIG).train.select_steps
 
 
 def main(argv=None) -> int:

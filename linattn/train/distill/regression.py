@@ -49,7 +49,6 @@ class RegressionPairs:
                              f"{spec.guidance_scale}, the real score uses "
                              f"distill.guidance_scale {guidance_scale}; the anchor must target "
                              f"the distribution DMD matches")
-        self.data_dir = data_dir
 
     def __len__(self) -> int:
         return self.dataset.spec.num_trajectories
