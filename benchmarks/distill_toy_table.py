@@ -69,7 +69,10 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
                     "gradient_checkpointing": False, "seed": args.seed,
                     "regression_data": args.regression_data,
-                    "regression_weight": args.regression_weight if args.regression_data else 0.0},
+                    "regression_weight": args.regression_weight if args.regression_data else 0.0,
+                    "dmd_weight": args.dmd_weight,
+                    "ema_decay": args.ema_decay,
+                    "ema_start_step": args.ema_start_step if args.ema_decay else 0},
         "output": {"dir": out_dir, "checkpoint_every": args.checkpoint_every,
                    "eval_every": args.eval_every, "eval_num_samples": 24,
                    "eval_num_steps": SAMPLER.num_steps},
@@ -171,6 +174,14 @@ def main(argv=None) -> int:
                         "data.dir=DIR); default: no anchor (the published DMD2 recipe)")
     p.add_argument("--regression-weight", type=float, default=1.0,
                    help="the anchor's weight (with --regression-data)")
+    p.add_argument("--dmd-weight", type=float, default=1.0,
+                   help="the distribution-matching term's weight (0 with --regression-data: "
+                        "the regression-only control)")
+    p.add_argument("--ema-decay", type=float, default=None,
+                   help="keep an EMA of the generator's weights with this decay (final/ is the "
+                        "average; the live weights get a row of their own from final_raw/)")
+    p.add_argument("--ema-start-step", type=int, default=0,
+                   help="updates before the average starts (with --ema-decay)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=50,
                    help="distillation steps between evaluations (0: none)")
@@ -214,8 +225,14 @@ def main(argv=None) -> int:
           lambda s: sample(linear, ref.labels, seed=s, sampler=few), ref, rows)
     for name in args.runs:
         model, spec = load_distilled(os.path.join(args.out, f"distill_{name}"))
-        score(f"{name} distilled, {spec.num_steps} steps ({steps[name]} DMD steps)",
+        averaged = " EMA" if args.ema_decay else ""
+        score(f"{name} distilled{averaged}, {spec.num_steps} steps ({steps[name]} DMD steps)",
               lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
+        if args.ema_decay:
+            model, spec = load_distilled(os.path.join(args.out, f"distill_{name}", "final_raw"))
+            score(f"{name} distilled live weights, {spec.num_steps} steps ({steps[name]} DMD "
+                  f"steps)", lambda s: few_step_samples(model, spec.times, ref.labels, s),
+                  ref, rows)
     for extra in args.extra:
         label, path = extra.split("=", 1)
         model, spec = load_distilled(path)
@@ -239,8 +256,12 @@ def main(argv=None) -> int:
                  f"{args.fake_score_lr:g} (fake score)"
                  + (f", regression anchor weight {args.regression_weight:g} on "
                     f"{args.regression_data}" if args.regression_data else "")
+                 + (f", DMD weight {args.dmd_weight:g}" if args.dmd_weight != 1.0 else "")
+                 + (f", generator EMA {args.ema_decay:g} from update {args.ema_start_step}"
+                    if args.ema_decay else "")
                  + f"; command: python {' '.join(sys.argv)}")
-    distilled = f"linear distilled, {args.num_steps} steps ({steps['linear']} DMD steps)"
+    distilled = (f"linear distilled{' EMA' if args.ema_decay else ''}, {args.num_steps} steps "
+                 f"({steps['linear']} DMD steps)")
     if distilled in rows:
         lines += ["", "Target (issue 13), distilled linear against the teacher:"]
         lines += verdict(rows, distilled, teacher_row)

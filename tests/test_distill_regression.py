@@ -139,3 +139,33 @@ def test_anchored_run_resumes_bit_exact(tmp_path, pairs_dir):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert without_timing(read_metrics(resumed.metrics_path)) == without_timing(records)
+
+
+def test_regression_only_control_ignores_the_fake_score(tmp_path, pairs_dir):
+    """distill.dmd_weight 0: the generator learns from the anchor alone, so how the fake score
+    trains cannot change it (two fake-score learning rates, the same generator bit for bit),
+    while with DMD on it does; the push is still logged."""
+    root = str(tmp_path)
+
+    def generator(name, **kw):
+        result = distill(config(root, name, pairs_dir, steps=2, fake_score_updates=2, **kw),
+                         progress=False)
+        return result.model.state_dict(), read_metrics(result.metrics_path)
+
+    slow, records = generator("slow", dmd_weight=0.0, fake_score_lr=1e-4)
+    fast, _ = generator("fast", dmd_weight=0.0, fake_score_lr=1e-1)
+    assert all(torch.equal(slow[k], fast[k]) for k in slow)
+    assert all(r["dmd_push"] > 0 and r["regression_loss"] > 0 for r in records[1:])
+    slow_dmd, _ = generator("slow_dmd", fake_score_lr=1e-4)
+    fast_dmd, _ = generator("fast_dmd", fake_score_lr=1e-1)
+    assert not all(torch.equal(slow_dmd[k], fast_dmd[k]) for k in slow_dmd)
+    moved = [k for k in slow if not torch.equal(slow[k], slow_dmd[k])]
+    assert moved
+
+
+def test_regression_only_needs_the_anchor(tmp_path, pairs_dir):
+    with pytest.raises(ValueError, match="distill.dmd_weight: 0 with no regression anchor"):
+        load_distill_config(config(str(tmp_path), "bad", pairs_dir, regression_data=None,
+                                   regression_weight=0.0, dmd_weight=0.0))
+    with pytest.raises(ValueError, match="distill.dmd_weight: must be"):
+        load_distill_config(config(str(tmp_path), "bad", pairs_dir, dmd_weight=-1.0))

@@ -169,6 +169,7 @@ def test_example_configs_load():
     assert (d.num_steps, d.fake_score_updates, d.lr, d.fake_score_lr, d.guidance_scale) == \
         (4, 5, 2e-6, 4e-7, 3.0)
     assert d.betas == [0.0, 0.999] and d.strategy == "fsdp"
+    assert (d.ema_decay, d.ema_start_step) == (0.99, 200)
     assert wan.generator_times == [1.0, 0.75, 0.5, 0.25]
 
 

@@ -2,8 +2,9 @@
 
 A checkpoint is a folder ``step-NNNNNNNN`` under output.dir/checkpoints holding:
 
-* ``state/``: model (gates included) and optimiser, and any further trained model with its
-  optimiser (ADM's trained fake score), written with torch.distributed.checkpoint from
+* ``state/``: model (gates included) and optimiser, any further trained model with its
+  optimiser (ADM's trained fake score) and any further named tensors (the distillation's
+  weight average), written with torch.distributed.checkpoint from
   get_state_dict, so each FSDP2 rank writes its own shards and a checkpoint loads under a
   different number of processes too;
 * ``rng/rank-R.pt``: every random generator of rank R (Python, NumPy, torch CPU, CUDA);
@@ -64,29 +65,37 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 Pairs = dict[str, tuple[nn.Module, torch.optim.Optimizer]]
+Tensors = dict[str, dict[str, torch.Tensor]]
 
 
 def _states(model: nn.Module, optimizer: torch.optim.Optimizer,
-            extra: Optional[Pairs]) -> dict:
+            extra: Optional[Pairs], tensors: Optional[Tensors] = None) -> dict:
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     for name, (m, o) in (extra or {}).items():
         state[f"{name}_model"], state[f"{name}_optim"] = get_state_dict(m, o)
+    for name, group in (tensors or {}).items():
+        if name in state:
+            raise ValueError(f"checkpoint: tensors {name!r} would overwrite the state's own "
+                             f"entry of that name")
+        # The group's own tensors: dcp.load fills them in place.
+        state[name] = group
     return state
 
 
 def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, ctx: DistContext, keep: int,
-                    extra: Optional[Pairs] = None) -> str:
+                    extra: Optional[Pairs] = None, tensors: Optional[Tensors] = None) -> str:
     """Write the checkpoint of ``step`` (every rank calls this); return its folder.
-    ``extra``: further (model, optimiser) pairs by name, saved beside the student's."""
+    ``extra``: further (model, optimiser) pairs by name, saved beside the student's;
+    ``tensors``: further groups of named tensors (plain or DTensor shards) by name."""
     final = checkpoint_dir(root, step)
     partial = final + ".partial"
     if ctx.is_main:
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     ctx.barrier()
-    dcp.save(_states(model, optimizer, extra), checkpoint_id=os.path.join(partial, "state"),
+    dcp.save(_states(model, optimizer, extra, tensors), checkpoint_id=os.path.join(partial, "state"),
              no_dist=not ctx.distributed)
     torch.save(rng_state(ctx.device), os.path.join(partial, "rng", f"rank-{ctx.rank}.pt"))
     ctx.barrier()
@@ -107,16 +116,23 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(checkpoint_dir(root, step), ignore_errors=True)
 
 
-def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    ctx: DistContext, extra: Optional[Pairs] = None) -> dict:
-    """Restore model, optimiser and this rank's RNG from ``path``; return the trainer state."""
+def read_trainer_state(path: str) -> dict:
+    """A checkpoint's trainer_state.json (its step and the settings it was written with)."""
     state_file = os.path.join(path, "trainer_state.json")
     if not os.path.isfile(state_file):
         raise FileNotFoundError(f"output.resume: {path!r} is not a complete checkpoint (no "
                                 f"trainer_state.json)")
     with open(state_file) as f:
-        trainer_state = json.load(f)
-    state = _states(model, optimizer, extra)
+        return json.load(f)
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    ctx: DistContext, extra: Optional[Pairs] = None,
+                    tensors: Optional[Tensors] = None) -> dict:
+    """Restore model, optimiser, ``tensors`` (in place) and this rank's RNG from ``path``;
+    return the trainer state."""
+    trainer_state = read_trainer_state(path)
+    state = _states(model, optimizer, extra, tensors)
     dcp.load(state, checkpoint_id=os.path.join(path, "state"), no_dist=not ctx.distributed)
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optim"])

@@ -81,6 +81,11 @@ class StageLoop(abc.ABC):
         """(module, optimiser, extra (name -> (module, optimiser)) or None) a checkpoint
         holds."""
 
+    def checkpoint_tensors(self) -> dict:
+        """Further named tensor groups a checkpoint holds (name -> {name: tensor}), restored
+        in place on resume."""
+        return {}
+
     def resume_keys(self) -> dict:
         """Settings a resumed run must share with the checkpoint (recorded in it)."""
         return {"global_batch_size": self.section.global_batch_size, "seed": self.section.seed,
@@ -145,13 +150,17 @@ class StageLoop(abc.ABC):
                              f"another output.dir or remove them")
         path = D.broadcast_object(path, self.ctx)
         if path is not None:
-            module, optimizer, extra = self.checkpoint_models()
-            state = ckpt.load_checkpoint(path, module, optimizer, self.ctx, extra=extra)
+            # Settings first: a checkpoint of another set-up may not even hold the same
+            # tensors, and its mismatch says more than a missing key would.
+            written = ckpt.read_trainer_state(path)
             for key, now in self.resume_keys().items():
-                if state.get(key) != now:
+                if written.get(key) != now:
                     raise ValueError(f"output.resume: checkpoint {path!r} was written with "
-                                     f"{key}={state.get(key)!r}, this run has {now!r}; the data "
-                                     f"order and schedules would not continue the same run")
+                                     f"{key}={written.get(key)!r}, this run has {now!r}; the "
+                                     f"data order and schedules would not continue the same run")
+            module, optimizer, extra = self.checkpoint_models()
+            state = ckpt.load_checkpoint(path, module, optimizer, self.ctx, extra=extra,
+                                         tensors=self.checkpoint_tensors())
             self.step = state["step"]
             if self.ctx.is_main:
                 self.metrics.truncate_after(self.step)
@@ -174,7 +183,8 @@ class StageLoop(abc.ABC):
         module, optimizer, extra = self.checkpoint_models()
         state = {"step": self.step, **self.checkpoint_state(), **self.resume_keys()}
         path = ckpt.save_checkpoint(self.ckpt_root, self.step, module, optimizer, state,
-                                    self.ctx, self.output.keep_checkpoints, extra=extra)
+                                    self.ctx, self.output.keep_checkpoints, extra=extra,
+                                    tensors=self.checkpoint_tensors())
         if self.ctx.is_main:
             self.plot()
         return path

@@ -102,6 +102,17 @@ class DistillSection:
     # null / 0: the published DMD2 recipe, no anchor.
     regression_data: Optional[str] = None
     regression_weight: float = 0.0
+    # The distribution-matching term's weight: L_G = dmd_weight · L_DMD + regression_weight ·
+    # L_reg. 1: DMD. 0: the regression-only control (needs the anchor; the push is still
+    # computed and logged, but no gradient flows from it).
+    dmd_weight: float = 1.0
+    # An exponential moving average of the generator's weights (linattn.train.distill.ema):
+    # ema ← decay · ema + (1 − decay) · weights after every update once ema_start_step updates
+    # are done (the live weights until then); the average is evaluated beside the live
+    # weights and saved as final/ (the live weights as final_raw/). null: no average, final/
+    # is the live weights. Self-Forcing's Wan DMD configs: 0.99 from step 200.
+    ema_decay: Optional[float] = None
+    ema_start_step: int = 0
     mixed_precision: str = "bf16"           # "bf16" autocast or "no"
     gradient_checkpointing: bool = True
     strategy: str = "auto"                  # "auto" (ddp when world > 1), "none", "ddp", "fsdp"
@@ -186,6 +197,23 @@ class DistillConfig:
             raise ValueError("distill.regression_weight: distill.regression_data is given but "
                              "its weight is 0, so the anchor would do nothing; set a weight "
                              "> 0 or drop the folder")
+        if d.ema_decay is not None and not (isinstance(d.ema_decay, (int, float))
+                                            and 0.0 < d.ema_decay < 1.0):
+            raise ValueError(f"distill.ema_decay: expected a number in (0, 1) or null (no "
+                             f"average), got {d.ema_decay!r}")
+        if not isinstance(d.ema_start_step, int) or d.ema_start_step < 0:
+            raise ValueError(f"distill.ema_start_step: expected an integer >= 0, got "
+                             f"{d.ema_start_step!r}")
+        if d.ema_decay is None and d.ema_start_step:
+            raise ValueError("distill.ema_start_step: set, but distill.ema_decay is null, so no "
+                             "average is kept; set a decay (for example 0.99) or drop the start")
+        if not isinstance(d.dmd_weight, (int, float)) or d.dmd_weight < 0:
+            raise ValueError(f"distill.dmd_weight: must be a number >= 0, got "
+                             f"{d.dmd_weight!r}")
+        if d.dmd_weight == 0 and d.regression_weight == 0:
+            raise ValueError("distill.dmd_weight: 0 with no regression anchor "
+                             "(distill.regression_weight 0) leaves the generator nothing to "
+                             "learn from")
         _one_of("distill.lr_schedule", d.lr_schedule, LR_SCHEDULES)
         _one_of("distill.teacher_sampler", d.teacher_sampler, SAMPLERS)
         _one_of("distill.mixed_precision", d.mixed_precision, PRECISIONS)

@@ -10,7 +10,9 @@ one generator update (the two time-scale rule):
   distribution-matching loss (real score with classifier-free guidance against the fake
   score, DMD's normaliser; linattn.train.distill.objectives), plus, with
   distill.regression_weight > 0, DMD's regression anchor on teacher (noise, sample) pairs at
-  the same exit step (linattn.train.distill.regression).
+  the same exit step (linattn.train.distill.regression);
+* with distill.ema_decay, the generator's weight average folds in the update
+  (linattn.train.distill.ema); it is evaluated beside the live weights and saved as final/.
 
 The loop, logging, checkpoints, bit-exact resume, DDP / FSDP2 and bf16 autocast are the first
 stage's (linattn.train.loop, linattn.train.distributed, linattn.train.checkpoint). Every random
@@ -37,6 +39,7 @@ from ..metrics import plot_series
 from ..models import DTYPES, freeze, load_transformer, set_trainable
 from . import conditioning as conditioning_store
 from .config import DistillConfig, load_distill_config
+from .ema import GeneratorEMA
 from .models import SamplerSpec, empty_generator, load_generator, make_fake_score
 from .objectives import dmd_generator_loss, flow_matching_loss, score_times
 from .regression import RegressionPairs, regression_input, regression_loss
@@ -54,8 +57,9 @@ class DistillResult:
     step: int                               # generator updates completed
     output_dir: str
     final_dir: Optional[str]                # the distilled generator (save_pretrained + sampler.json)
+    #                                         (the weight average, with distill.ema_decay)
     metrics_path: str
-    model: Optional[nn.Module]              # the distilled generator (rank 0), None if stopped
+    model: Optional[nn.Module]              # final_dir's model (rank 0), None if stopped
     sampler: Optional[SamplerSpec]          # the K-step sampler it was trained for
 
 
@@ -169,6 +173,9 @@ class DistillTrainer(StageLoop):
 
         self.generator_params = [p for p in generator.parameters() if p.requires_grad]
         self.fake_params = [p for p in fake.parameters() if p.requires_grad]
+        self.ema = (GeneratorEMA([(n, p) for n, p in generator.named_parameters()
+                                  if p.requires_grad], dc.ema_decay, dc.ema_start_step)
+                    if dc.ema_decay is not None else None)
         adam = dict(betas=tuple(dc.betas), eps=dc.adam_eps, weight_decay=dc.weight_decay)
         self.optimizer = torch.optim.AdamW(self.generator_params, lr=dc.lr, **adam)
         self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=dc.fake_score_lr, **adam)
@@ -271,13 +278,17 @@ class DistillTrainer(StageLoop):
             # (one forward per backward keeps DDP's and FSDP2's hooks simple); gradients are
             # synchronised on the micro-batch's last backward only.
             anchored = self.regression is not None
+            # dmd_weight 0 (the regression-only control): the push is still measured, on
+            # samples drawn without gradient, so the log shows what DMD would have done.
+            matching = dc.dmd_weight > 0
             with D.maybe_no_sync(self.generator_module, self.strategy, sync=last and not anchored):
                 with self.autocast():
-                    x = self._generate(draws, indices, cond, exit_step, grad=True)
+                    x = self._generate(draws, indices, cond, exit_step, grad=matching)
                     loss, info = dmd_generator_loss(
                         x, self.real, self.fake_eval, cond, t=t, noise=noise,
                         negative_cond=negative, guidance_scale=dc.guidance_scale)
-                (loss / self.accumulation).backward()
+                if matching:
+                    (dc.dmd_weight * loss / self.accumulation).backward()
             if anchored:
                 with D.maybe_no_sync(self.generator_module, self.strategy, sync=last):
                     with self.autocast():
@@ -290,6 +301,8 @@ class DistillTrainer(StageLoop):
             sums["generator_grad_norm"] = clip_grad(self.generator_params, dc.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.step + 1)
         sums["exit_step"] = float(exit_step)
         return sums
 
@@ -358,18 +371,28 @@ class DistillTrainer(StageLoop):
     @torch.no_grad()
     def evaluate(self) -> dict:
         """Every eval metric of the generator's K-step samples (seed EVAL_SEED: the noise the
-        teacher's reference samples start from); every rank runs it (FSDP2)."""
+        teacher's reference samples start from); every rank runs it (FSDP2). With a weight
+        average: eval_<name> is the average's (the model final/ saves), eval_<name>_raw the
+        live weights', once the two differ."""
         eval_set = self.eval_set()
         was_training = self.generator.training
         self.generator.eval()
         try:
-            with self.autocast():
-                samples = seeded_sample(self.generator_eval, eval_set.cond, self.sampler.times,
-                                        seed=EVAL_SEED, indices=eval_set.trajectories,
-                                        shape=self.cfg.distill.latent_shape)
-            return run_metrics(self.eval_metrics, samples, eval_set)
+            if self.ema is None or not self.ema.averaging(self.step):
+                return self._evaluate_weights(eval_set)
+            out = self._evaluate_weights(eval_set, suffix="_raw")
+            with self.ema.applied():
+                out.update(self._evaluate_weights(eval_set))
+            return out
         finally:
             self.generator.train(was_training)
+
+    def _evaluate_weights(self, eval_set: EvalSet, suffix: str = "") -> dict:
+        with self.autocast():
+            samples = seeded_sample(self.generator_eval, eval_set.cond, self.sampler.times,
+                                    seed=EVAL_SEED, indices=eval_set.trajectories,
+                                    shape=self.cfg.distill.latent_shape)
+        return run_metrics(self.eval_metrics, samples, eval_set, suffix=suffix)
 
     # ------------------------------------------------------------------ checkpoints, end
 
@@ -377,10 +400,14 @@ class DistillTrainer(StageLoop):
         return (self.generator_module, self.optimizer,
                 {"fake_score": (self.fake_module, self.fake_optimizer)})
 
+    def checkpoint_tensors(self) -> dict:
+        return {"generator_ema": self.ema.state_dict()} if self.ema is not None else {}
+
     def resume_keys(self) -> dict:
         dc = self.cfg.distill
         keys = {**super().resume_keys(), "fake_score_updates": dc.fake_score_updates,
-                "num_steps": dc.num_steps, "num_rows": self.order.num_rows}
+                "num_steps": dc.num_steps, "num_rows": self.order.num_rows,
+                "ema_decay": dc.ema_decay, "ema_start_step": dc.ema_start_step}
         if dc.lr_schedule == "constant":
             # Nothing a step does depends on the step count then (the draws are functions of
             # the step number, the learning rate is constant after warmup), so a run asked for
@@ -400,16 +427,29 @@ class DistillTrainer(StageLoop):
 
     def finish(self) -> DistillResult:
         """Save the generator (save_pretrained: load it with linattn.train.distill
-        .load_distilled or linattn.load_converted) and its sampler.json (rank 0)."""
+        .load_distilled or linattn.load_converted) and its sampler.json (rank 0): with a
+        weight average, the average as final/ and the live weights as final_raw/."""
         final_dir = os.path.join(self.out_dir, "final")
-        model = self._full_generator()
+        if self.ema is not None:
+            self._save_generator(os.path.join(self.out_dir, "final_raw"))
+            # Training is over: the live weights become the average, so that the returned
+            # model is the one final/ holds.
+            self.ema.copy_to_model()
+        model = self._save_generator(final_dir)
         if self.ctx.is_main:
-            save_model(model, final_dir)
-            self.sampler.save(final_dir)
             self.plot()
         self.ctx.barrier()
         return DistillResult(self.step, self.out_dir, final_dir, self.metrics.path,
                              model if self.ctx.is_main else None, self.sampler)
+
+    def _save_generator(self, directory: str) -> Optional[nn.Module]:
+        """The generator's current weights as one module, saved with its sampler.json
+        (rank 0; None elsewhere)."""
+        model = self._full_generator()
+        if self.ctx.is_main:
+            save_model(model, directory)
+            self.sampler.save(directory)
+        return model
 
     def _full_generator(self) -> Optional[nn.Module]:
         """The trained generator as one unsharded module on rank 0 (None elsewhere)."""
