@@ -1,6 +1,8 @@
 """The distillation stage on two gloo processes (CPU), in one torchrun: DDP and FSDP2 match one
 process on the same global batch, and an interrupted FSDP2 run resumed from its checkpoint ends
-bit-identical to an uninterrupted one (generator, fake score and both optimisers).
+bit-identical to an uninterrupted one (generator, fake score, both optimisers and the
+generator's weight average, which every run here keeps: under FSDP2 it is sharded as the
+weights are).
 
 "Matches one process": every tensor of the final checkpoint within 5e-3 · max |tensor| (the
 first stage's criterion, tests/test_train_distributed.py: the processes sum gradients in another
@@ -14,6 +16,7 @@ import os
 import textwrap
 
 import pytest
+from safetensors.torch import load_file
 
 from linattn.train.distill import distill
 from linattn.train.metrics import read_metrics
@@ -51,11 +54,14 @@ dist.destroy_process_group()
 def test_ddp_and_fsdp2_match_one_process_and_fsdp2_resumes_bit_exact(tmp_path):
     root = str(tmp_path)
     linear_generator(os.path.join(root, "stage1", "final"))
-    single = distill(config(root, "single"), progress=False)
+    # A weight average from update 1 on (distill.ema_decay): its shards are checkpointed,
+    # resumed and gathered for final/ like the weights.
+    ema = dict(ema_decay=0.5, ema_start_step=1)
+    single = distill(config(root, "single", **ema), progress=False)
     assert single.step == STEPS
     paths = []
     for name, strategy in (("ddp", "ddp"), ("fsdp_full", "fsdp"), ("fsdp_resumed", "fsdp")):
-        cfg = config(root, name, strategy=strategy)
+        cfg = config(root, name, strategy=strategy, **ema)
         paths.append(str(tmp_path / f"{name}.json"))
         with open(paths[-1], "w") as f:
             json.dump(cfg, f)
@@ -72,5 +78,16 @@ def test_ddp_and_fsdp2_match_one_process_and_fsdp2_resumes_bit_exact(tmp_path):
     records = read_metrics(os.path.join(root, "fsdp_full", "metrics.jsonl"))
     assert [r["world_size"] for r in records[1:]] == [2] * STEPS
     assert "eval_rel_mse" in records[-1]          # evaluation ran under FSDP2 too
-    # The generator was gathered and saved once, by rank 0, with its sampler.
-    assert os.path.isfile(os.path.join(root, "fsdp_full", "final", "sampler.json"))
+    assert "eval_rel_mse_raw" in records[-1]      # and of the live weights beside the average
+    assert "generator_ema" in full                # the average is in the states compared
+    # The generator was gathered and saved once, by rank 0, with its sampler: the average as
+    # final/, the live weights as final_raw/, both as the one process saved them.
+    for folder in ("final", "final_raw"):
+        assert os.path.isfile(os.path.join(root, "fsdp_full", folder, "sampler.json"))
+        name = "diffusion_pytorch_model.safetensors"
+        mine = load_file(os.path.join(root, "fsdp_full", folder, name))
+        theirs = load_file(os.path.join(root, "single", folder, name))
+        assert mine.keys() == theirs.keys()
+        for key in mine:
+            scale = float(theirs[key].abs().max()) or 1.0
+            assert float((mine[key] - theirs[key]).abs().max()) <= 5e-3 * scale, (folder, key)

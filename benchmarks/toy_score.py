@@ -1,0 +1,92 @@
+"""Score first-stage models on the toy teacher (linattn.toy.fidelity), beside the teacher.
+
+    PYTHONPATH=. python benchmarks/toy_score.py "select 20, 1000 steps=runs/toy_1000/final" \\
+        "select 20, 200 steps=runs/toy_linvideo/final" --num-samples 8 --out runs/score.md
+
+Every model samples with the teacher's own sampler (linattn.toy.SAMPLER: 20 guided Euler steps)
+from the same noise and labels as the teacher, on each sampling seed; each figure is the mean
+over seeds ± the std across them, and the teacher's row is the reference "teacher level" is
+judged against (within its spread). With --num-samples 8 and seeds 0 1 2 the figures are
+those of the toy study's tables (docs/toy_study*.md); 16 gives those of the distillation
+table (docs/distill.md). A model is a linattn.load_converted folder (a stage's final/, or its
+output.dir); a folder with a metrics.jsonl beside its final/ also prints that run's
+evaluations over steps (its learning curve), if it logged any. Writes markdown to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+from linattn.toy.fidelity import evaluate, teacher_reference
+from linattn.train.distill.models import generator_folder, load_model_folder
+
+SHOWN = ("rel_mse", "class_accuracy", "frechet_distance", "jitter")
+CURVE = ("eval_class_accuracy", "eval_frechet_distance", "eval_teacher_frechet_distance")
+
+
+def learning_curve(model_dir) -> list:
+    """The run's evaluation records (step and the CURVE figures) from its metrics.jsonl."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            if any(k in record for k in CURVE):
+                rows.append({"step": record["step"], **{k: record[k] for k in CURVE
+                                                        if k in record}})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("models", nargs="+", metavar="LABEL=DIR")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--num-samples", type=int, default=8)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", required=True, help="markdown file to write")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = []
+    for item in args.models:
+        if "=" not in item:
+            p.error(f"models: expected LABEL=DIR, got {item!r}")
+        label, path = item.split("=", 1)
+        models.append((label, generator_folder(path)))
+
+    print("sampling the teacher", flush=True)
+    ref = teacher_reference(seeds=args.seeds, num_samples=args.num_samples, progress=True)
+    lines = ["| model | " + " | ".join(SHOWN) + " |", "|" + "---|" * (len(SHOWN) + 1)]
+    teacher = ref.teacher_figures
+    lines.append("| teacher | " + " | ".join(str(teacher[m]) if m in teacher else "-"
+                                           for m in SHOWN) + " |")
+    curves = []
+    for label, folder in models:
+        print(f"sampling {label} ({folder})", flush=True)
+        report = evaluate(load_model_folder(folder).eval(), ref, progress=True)
+        lines.append(f"| {label} | " + " | ".join(str(report.model[m]) for m in SHOWN) + " |")
+        curve = learning_curve(folder)
+        if curve:
+            curves += ["", f"{label}: evaluations during training (24 held-out samples)", "",
+                       "| step | " + " | ".join(CURVE) + " |", "|" + "---|" * (len(CURVE) + 1)]
+            curves += [f"| {r['step']} | " + " | ".join(f"{r[k]:.4g}" if k in r else "-"
+                                                        for k in CURVE) + " |" for r in curve]
+    real = ref.real_figures
+    lines.append("| real videos | " + " | ".join(str(real[m]) if m in real else "-"
+                                               for m in SHOWN) + " |")
+    lines.append(f"\n{len(args.seeds)} sampling seeds x {args.num_samples} videos, mean ± std "
+                 f"across seeds; command: python {' '.join(sys.argv)}")
+    text = "\n".join(lines + curves) + "\n"
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
