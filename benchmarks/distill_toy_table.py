@@ -9,7 +9,10 @@ timed on the CPU (sampling wall time of one seed's videos, median over seeds):
 2. the linearised model (the first stage's final/) at the teacher's full step count;
 3. the linearised model at 4 Euler steps, guided, without distillation;
 4. the distilled linear 4-step model (this stage, generator = the linearised model);
-5. for reference, the distilled softmax 4-step model (generator = a copy of the teacher).
+5. for reference, the distilled softmax 4-step model (generator = a copy of the teacher);
+
+with --ema-decay each distilled model is the run's weight average (final/), followed by a row
+of its live weights (final_raw/), both from the same run.
 
     linattn train linattn/train/configs/toy_wan_cpu.yaml --set output.dir=runs/toy_linvideo \\
         --set data.dir=runs/toy_linvideo/teacher_data --set output.eval_every=0
