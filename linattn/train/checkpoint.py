@@ -95,8 +95,8 @@ def save_checkpoint(root: str, step: int, model: nn.Module, optimizer: torch.opt
         shutil.rmtree(partial, ignore_errors=True)
         os.makedirs(os.path.join(partial, "rng"), exist_ok=True)
     ctx.barrier()
-    dcp.save(_states(model, optimizer, extra, tensors), checkpoint_id=os.path.join(partial, "state"),
-             no_dist=not ctx.distributed)
+    dcp.save(_states(model, optimizer, extra, tensors),
+             checkpoint_id=os.path.join(partial, "state"), no_dist=not ctx.distributed)
     torch.save(rng_state(ctx.device), os.path.join(partial, "rng", f"rank-{ctx.rank}.pt"))
     ctx.barrier()
     if ctx.is_main:
