@@ -73,6 +73,7 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "gradient_checkpointing": False, "seed": args.seed,
                     "regression_data": args.regression_data,
                     "regression_weight": args.regression_weight if args.regression_data else 0.0,
+                    "regression_inputs": args.regression_inputs,
                     "dmd_weight": args.dmd_weight,
                     "ema_decay": args.ema_decay,
                     "ema_start_step": args.ema_start_step if args.ema_decay else 0},
@@ -177,6 +178,10 @@ def main(argv=None) -> int:
                         "data.dir=DIR); default: no anchor (the published DMD2 recipe)")
     p.add_argument("--regression-weight", type=float, default=1.0,
                    help="the anchor's weight (with --regression-data)")
+    p.add_argument("--regression-inputs", choices=["renoised", "trajectory"], default="renoised",
+                   help="the anchor's inputs at steps k >= 1: the teacher's sample noised again "
+                        "(renoised) or the teacher's own trajectory at t_k (trajectory: with "
+                        "--dmd-weight 0 --fake-score-updates 0, the ODE initialisation)")
     p.add_argument("--dmd-weight", type=float, default=1.0,
                    help="the distribution-matching term's weight (0 with --regression-data: "
                         "the regression-only control)")
@@ -258,7 +263,8 @@ def main(argv=None) -> int:
                  f"fake-score updates per step, lr {args.lr:g} (generator) and "
                  f"{args.fake_score_lr:g} (fake score)"
                  + (f", regression anchor weight {args.regression_weight:g} on "
-                    f"{args.regression_data}" if args.regression_data else "")
+                    f"{args.regression_data} ({args.regression_inputs} inputs)"
+                    if args.regression_data else "")
                  + (f", DMD weight {args.dmd_weight:g}" if args.dmd_weight != 1.0 else "")
                  + (f", generator EMA {args.ema_decay:g} from update {args.ema_start_step}"
                     if args.ema_decay else "")

@@ -1,7 +1,9 @@
 """DMD's regression anchor in the distillation stage (linattn.train.distill.regression): its
 pairs are the teacher data's (starting noise, guided sample), its inputs are what the
-generator's step sees at inference, it pulls the generator's samples onto the teacher's, a run
-with it resumes bit-exact, and its settings are checked."""
+generator's step sees at inference ("renoised") or the teacher's own trajectory at the
+generator's times ("trajectory", exact on the Euler path), it pulls the generator's samples
+onto the teacher's, a run with it resumes bit-exact, regression alone (the ODE
+initialisation) trains no fake score, and its settings are checked."""
 import os
 
 import pytest
@@ -81,6 +83,67 @@ def test_inputs_are_the_pair_noise_at_t1_and_the_renoised_sample_after():
                                0.25 * sample + 0.75 * fresh)
 
 
+def chord(ds, traj, tau):
+    """The teacher's Euler path at tau, from its stored states alone (no velocities): the
+    straight line between the two states around tau (the final sample after the last)."""
+    sigmas = ds.sigmas.tolist()
+    n = len(sigmas) - 1
+    for j in range(n):
+        if sigmas[j] >= tau >= sigmas[j + 1]:
+            start = ds.batch([traj * n + j])["x_t"][0]
+            end = (ds.batch([traj * n + j + 1])["x_t"][0] if j + 1 < n
+                   else ds.samples([traj])[0])
+            w = (sigmas[j] - tau) / (sigmas[j] - sigmas[j + 1])
+            return start + w * (end - start)
+    raise AssertionError(tau)
+
+
+def test_trajectory_inputs_lie_on_the_teachers_euler_path(pairs_dir):
+    """"trajectory" inputs are the teacher's sampler state at the generator's times: a stored
+    state at a stored time, and between two stored times the point of the straight Euler step
+    that joins them, checked against the stored states only."""
+    times = [1.0, 0.9, 0.75, 0.5]          # the default 4-step times after shift 3
+    pairs = RegressionPairs(pairs_dir, latent_shape=LATENT, guidance_scale=GUIDANCE,
+                            inputs="trajectory", times=times)
+    ds = TeacherDataset(pairs_dir)
+    stored = ds.sigmas.tolist()
+    assert not any(abs(t - s) < 1e-3 for t in times[1:] for s in stored)   # all in between
+    for tau in times[1:] + [stored[1], 0.5 * (stored[-2] + stored[-1])]:
+        got = pairs.trajectory_points([5, 0, 3], tau)
+        for row, traj in enumerate([5, 0, 3]):
+            torch.testing.assert_close(got[row], chord(ds, traj, tau), atol=2e-5, rtol=1e-5)
+    at_stored = pairs.trajectory_points([2], stored[2])
+    assert torch.equal(at_stored[0], ds.batch([2 * 4 + 2])["x_t"][0])
+    noise, sample, _ = pairs.batch([2], torch.device("cpu"))
+    fresh = torch.randn_like(noise)
+    assert torch.equal(pairs.inputs_at([2], noise, sample, 1.0, fresh), noise)
+    torch.testing.assert_close(pairs.inputs_at([2], noise, sample, 0.75, fresh),
+                               chord(ds, 2, 0.75)[None], atol=2e-5, rtol=1e-5)
+
+
+def test_trajectory_inputs_off_the_euler_path_are_refused(tmp_path):
+    """UniPC's states are exact only at its own times: a generator time between them is
+    refused, naming the setting, and a stored time is accepted."""
+    path = str(tmp_path / "unipc")
+    cond = Conditioning(torch.randn(2, 3, 32), torch.randn(1, 3, 32))
+    spec = DataSpec(num_trajectories=1, trajectories_per_shard=1, num_steps=3, shift=3.0,
+                    num_train_timesteps=1000, latent_shape=tuple(LATENT),
+                    guidance_scale=GUIDANCE, store_dtype="float32", seed=2,
+                    conditioning_id=conditioning_digest(cond), sampler="unipc")
+    generate_teacher_data(tiny_teacher(), path, spec, cond, progress=False)
+    stored = TeacherDataset(path).sigmas.tolist()
+    with pytest.raises(ValueError, match="distill.regression_inputs: 'trajectory' .*'unipc'"):
+        RegressionPairs(path, latent_shape=LATENT, guidance_scale=GUIDANCE,
+                        inputs="trajectory", times=[1.0, 0.5 * (stored[1] + stored[2])])
+    pairs = RegressionPairs(path, latent_shape=LATENT, guidance_scale=GUIDANCE,
+                            inputs="trajectory", times=[1.0, stored[1]])
+    assert torch.equal(pairs.trajectory_points([0], stored[1])[0],
+                       TeacherDataset(path).batch([1])["x_t"][0])
+    # renoised inputs need no stored points at the generator's times
+    RegressionPairs(path, latent_shape=LATENT, guidance_scale=GUIDANCE,
+                    times=[1.0, 0.5 * (stored[1] + stored[2])])
+
+
 @pytest.mark.parametrize("kw, message", [
     (dict(latent_shape=[4, 2, 4, 4]), "latents of shape"),
     (dict(guidance_scale=1.0), "sampled with guidance 3.0"),
@@ -95,6 +158,9 @@ def test_pairs_must_match_the_generators_shape_and_guidance(pairs_dir, kw, messa
     (["distill.regression_weight=-1"], "distill.regression_weight: must be a number >= 0"),
     (["distill.regression_data=null"], "distill.regression_data: .*needs a teacher-data"),
     (["distill.regression_weight=0"], "distill.regression_weight: .*would do nothing"),
+    (["distill.regression_inputs=noisy"], "distill.regression_inputs: expected one of"),
+    (["distill.fake_score_updates=0"], "distill.fake_score_updates: 0 leaves the fake score"),
+    (["distill.fake_score_updates=-1"], "distill.fake_score_updates: expected an integer"),
 ])
 def test_config_errors_name_the_regression_fields(tmp_path, pairs_dir, override, message):
     with pytest.raises(ValueError, match=message):
@@ -124,14 +190,18 @@ def test_anchor_pulls_a_one_step_generator_onto_the_teachers_samples(tmp_path, p
     assert len(losses) == 6 and losses[-1] < losses[0], losses
 
 
-def test_anchored_run_resumes_bit_exact(tmp_path, pairs_dir):
+ODE_INIT = dict(fake_score_updates=0, dmd_weight=0.0, regression_inputs="trajectory")
+
+
+@pytest.mark.parametrize("kw", [{}, ODE_INIT], ids=["dmd_anchored", "ode_initialisation"])
+def test_anchored_run_resumes_bit_exact(tmp_path, pairs_dir, kw):
     root = str(tmp_path)
-    full = distill(config(root, "full", pairs_dir), progress=False)
+    full = distill(config(root, "full", pairs_dir, **kw), progress=False)
     records = read_metrics(full.metrics_path)
     assert all(r["regression_loss"] > 0 for r in records[1:])
-    stopped = distill(config(root, "resumed", pairs_dir), stop_at_step=3, progress=False)
+    stopped = distill(config(root, "resumed", pairs_dir, **kw), stop_at_step=3, progress=False)
     assert stopped.step == 3
-    resumed = distill(config(root, "resumed", pairs_dir), progress=False)
+    resumed = distill(config(root, "resumed", pairs_dir, **kw), progress=False)
     assert resumed.step == 4
     a = flat(checkpoint_state(os.path.join(root, "full"), 4))
     b = flat(checkpoint_state(os.path.join(root, "resumed"), 4))
@@ -169,3 +239,46 @@ def test_regression_only_needs_the_anchor(tmp_path, pairs_dir):
                                    regression_weight=0.0, dmd_weight=0.0))
     with pytest.raises(ValueError, match="distill.dmd_weight: must be"):
         load_distill_config(config(str(tmp_path), "bad", pairs_dir, dmd_weight=-1.0))
+
+
+def flow_map_error(model, pairs_dir, times):
+    """mean over the generator's times of ‖G_k(teacher's state at t_k) − x(z)‖², every pair."""
+    pairs = RegressionPairs(pairs_dir, latent_shape=LATENT, guidance_scale=GUIDANCE,
+                            inputs="trajectory", times=times)
+    ids = list(range(len(pairs)))
+    noise, sample, cond = pairs.batch(ids, torch.device("cpu"))
+    fn = FlowModel(model, 1000, input_dtype=torch.float32)
+    errors = []
+    with torch.no_grad():
+        for t in times:
+            x = pairs.inputs_at(ids, noise, sample, t, torch.zeros_like(noise))
+            errors.append(float((clean_prediction(fn, x, t, cond) - sample).square().mean()))
+    return errors
+
+
+def test_ode_initialisation_learns_the_teachers_flow_map_and_trains_no_fake_score(
+        tmp_path, pairs_dir):
+    """Regression alone on the teacher's trajectory states (fake_score_updates 0, dmd_weight
+    0): the generator's prediction of the teacher's sample from its state at each of the K
+    times improves at every time, no push is computed or logged, and the fake score is
+    never trained (it stays the teacher's copy)."""
+    teacher = tiny_teacher()
+    times = [1.0, 0.9, 0.75, 0.5]
+    before = flow_map_error(teacher, pairs_dir, times)
+    result = distill(config(str(tmp_path), "ode", pairs_dir, steps=12, **ODE_INIT),
+                     progress=False)
+    after = flow_map_error(result.model, pairs_dir, times)
+    assert all(a < 0.7 * b for a, b in zip(after, before)), (before, after)
+    records = read_metrics(result.metrics_path)[1:]
+    assert len(records) == 12
+    assert not any("dmd_push" in r or "fake_score_loss" in r for r in records)
+    assert all(r["generator_loss"] == pytest.approx(r["regression_loss"]) for r in records)
+    state = flat(checkpoint_state(os.path.join(str(tmp_path), "ode"), 12))
+    fake = {k[len("fake_score_model."):]: v for k, v in state.items()
+            if k.startswith("fake_score_model.")}
+    reference = teacher.state_dict()
+    assert set(fake) == set(reference)
+    for name, value in fake.items():
+        assert torch.equal(value, reference[name].float()), name
+    moved = [k for k in reference if not torch.equal(state[f"model.{k}"], reference[k])]
+    assert moved      # while the generator did train

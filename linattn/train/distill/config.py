@@ -24,7 +24,8 @@ from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, Mo
                       OutputSection, _one_of, _positive, check_conditioning_source,
                       embeddings_file, load_sections, read_sections)
 
-STAGE_SECTION = "distill"   # a config with this section is a distillation config
+STAGE_SECTION = "distill"
+REGRESSION_INPUTS = ("renoised", "trajectory")   # linattn.train.distill.regression.INPUTS   # a config with this section is a distillation config
 
 
 @dataclass
@@ -102,9 +103,17 @@ class DistillSection:
     # null / 0: the published DMD2 recipe, no anchor.
     regression_data: Optional[str] = None
     regression_weight: float = 0.0
+    # The generator's input at its steps k >= 1 for a pair: "renoised" (the teacher's sample
+    # noised again with fresh noise, what inference sees) or "trajectory" (the teacher's own
+    # sampling trajectory at t_k, whose endpoint is then a function of the input: the ODE
+    # initialisation of CausVid / Self-Forcing). linattn.train.distill.regression.
+    regression_inputs: str = "renoised"
     # The distribution-matching term's weight: L_G = dmd_weight · L_DMD + regression_weight ·
     # L_reg. 1: DMD. 0: the regression-only control (needs the anchor; the push is still
-    # computed and logged, but no gradient flows from it).
+    # computed and logged, but no gradient flows from it). With dmd_weight 0,
+    # fake_score_updates may be 0: regression alone, no fake score trained and no push computed
+    # (with regression_inputs "trajectory": the ODE initialisation, a generator for DMD to
+    # start from).
     dmd_weight: float = 1.0
     # An exponential moving average of the generator's weights (linattn.train.distill.ema):
     # ema ← decay · ema + (1 − decay) · weights after every update once ema_start_step updates
@@ -168,8 +177,12 @@ class DistillConfig:
         if not 0.0 < d.score_t_min < d.score_t_max < 1.0:
             raise ValueError(f"distill.score_t_min, distill.score_t_max: need 0 < min < max < 1, "
                              f"got {d.score_t_min}, {d.score_t_max}")
-        for name in ("steps", "fake_score_updates", "global_batch_size"):
+        for name in ("steps", "global_batch_size"):
             _positive(f"distill.{name}", getattr(d, name))
+        if (not isinstance(d.fake_score_updates, int) or isinstance(d.fake_score_updates, bool)
+                or d.fake_score_updates < 0):
+            raise ValueError(f"distill.fake_score_updates: expected an integer >= 0, got "
+                             f"{d.fake_score_updates!r}")
         if d.micro_batch_size is not None:
             _positive("distill.micro_batch_size", d.micro_batch_size)
         for name in ("lr", "fake_score_lr", "adam_eps"):
@@ -214,6 +227,12 @@ class DistillConfig:
             raise ValueError("distill.dmd_weight: 0 with no regression anchor "
                              "(distill.regression_weight 0) leaves the generator nothing to "
                              "learn from")
+        if d.fake_score_updates == 0 and d.dmd_weight != 0:
+            raise ValueError(f"distill.fake_score_updates: 0 leaves the fake score untrained, so "
+                             f"the distribution-matching push (distill.dmd_weight "
+                             f"{d.dmd_weight}) would compare the teacher with itself; 0 is for "
+                             f"regression alone (distill.dmd_weight 0)")
+        _one_of("distill.regression_inputs", d.regression_inputs, REGRESSION_INPUTS)
         _one_of("distill.lr_schedule", d.lr_schedule, LR_SCHEDULES)
         _one_of("distill.teacher_sampler", d.teacher_sampler, SAMPLERS)
         _one_of("distill.mixed_precision", d.mixed_precision, PRECISIONS)

@@ -11,6 +11,9 @@ one generator update (the two time-scale rule):
   score, DMD's normaliser; linattn.train.distill.objectives), plus, with
   distill.regression_weight > 0, DMD's regression anchor on teacher (noise, sample) pairs at
   the same exit step (linattn.train.distill.regression);
+* with distill.fake_score_updates 0 (and dmd_weight 0) the step is the generator's anchor
+  alone: with distill.regression_inputs "trajectory", the ODE initialisation that DMD can
+  start from (linattn.train.distill.regression);
 * with distill.ema_decay, the generator's weight average folds in the update
   (linattn.train.distill.ema); it is evaluated beside the live weights and saved as final/.
 
@@ -42,7 +45,7 @@ from .config import DistillConfig, load_distill_config
 from .ema import GeneratorEMA
 from .models import SamplerSpec, empty_generator, load_generator, make_fake_score
 from .objectives import dmd_generator_loss, flow_matching_loss, score_times
-from .regression import RegressionPairs, regression_input, regression_loss
+from .regression import RegressionPairs, regression_loss
 from .sampler import backward_simulation, clean_prediction, generator_times, seeded_sample
 from .schedule import (GENERATOR_NOISE, REGRESSION_NOISE, REGRESSION_PAIR, SCORE_NOISE,
                        SCORE_TIME, ConditioningOrder, StepDraws)
@@ -189,7 +192,9 @@ class DistillTrainer(StageLoop):
                                        dc.fake_score_updates + 1, dc.seed)
         self._eval_cache: Optional[EvalSet] = None
         self.regression = (RegressionPairs(dc.regression_data, latent_shape=dc.latent_shape,
-                                           guidance_scale=dc.guidance_scale)
+                                           guidance_scale=dc.guidance_scale,
+                                           inputs=dc.regression_inputs,
+                                           times=self.sampler.times)
                            if dc.regression_weight > 0 else None)
 
     def _will_resume(self) -> bool:
@@ -239,7 +244,8 @@ class DistillTrainer(StageLoop):
         pairs = draws.integers(REGRESSION_PAIR, indices, len(self.regression))
         noise, sample, cond = self.regression.batch(pairs, self.ctx.device)
         t = float(self.sampler.times[exit_step])
-        x = regression_input(noise, sample, t, draws.normal(REGRESSION_NOISE, indices, shape))
+        x = self.regression.inputs_at(pairs, noise, sample, t,
+                                      draws.normal(REGRESSION_NOISE, indices, shape))
         return regression_loss(clean_prediction(self.generator_fn, x, t, cond), sample)
 
     def _fake_score_update(self, update: int) -> tuple[float, Optional[float]]:
@@ -266,10 +272,41 @@ class DistillTrainer(StageLoop):
         return total, norm
 
     def _generator_update(self, update: int) -> dict:
-        """One Adam step of the generator on the distribution-matching loss."""
+        """One Adam step of the generator on the distribution-matching loss (and the anchor),
+        or on the anchor alone (distill.fake_score_updates 0)."""
         dc = self.cfg.distill
         draws = StepDraws(dc.seed, self.step, update, self.ctx.device)
         exit_step = draws.exit_step(dc.num_steps)
+        if dc.fake_score_updates == 0:
+            sums = self._regression_only_update(draws, exit_step)
+        else:
+            sums = self._matching_update(draws, update, exit_step)
+        if dc.max_grad_norm is not None:
+            sums["generator_grad_norm"] = clip_grad(self.generator_params, dc.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.step + 1)
+        sums["exit_step"] = float(exit_step)
+        return sums
+
+    def _regression_only_update(self, draws: StepDraws, exit_step: int) -> dict:
+        """The generator's gradients from the anchor alone: no fake score to compare with
+        (it is never trained), so no push is computed (config: dmd_weight 0)."""
+        dc = self.cfg.distill
+        total = 0.0
+        for i, (indices, _, _) in enumerate(self._micro_batches(dc.fake_score_updates)):
+            last = i == self.accumulation - 1
+            with D.maybe_no_sync(self.generator_module, self.strategy, sync=last):
+                with self.autocast():
+                    reg = self._regression_loss(draws, indices, exit_step)
+                (dc.regression_weight * reg / self.accumulation).backward()
+            total += float(reg.detach()) / self.accumulation
+        return {"generator_loss": dc.regression_weight * total, "regression_loss": total}
+
+    def _matching_update(self, draws: StepDraws, update: int, exit_step: int) -> dict:
+        """The generator's gradients from the distribution-matching loss (and the anchor)."""
+        dc = self.cfg.distill
         sums: dict[str, float] = {}
         for i, (indices, cond, negative) in enumerate(self._micro_batches(update)):
             last = i == self.accumulation - 1
@@ -297,13 +334,6 @@ class DistillTrainer(StageLoop):
                 info["regression_loss"] = float(reg.detach())
             for key, value in {"generator_loss": float(loss.detach()), **info}.items():
                 sums[key] = sums.get(key, 0.0) + value / self.accumulation
-        if dc.max_grad_norm is not None:
-            sums["generator_grad_norm"] = clip_grad(self.generator_params, dc.max_grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.ema is not None:
-            self.ema.update(self.step + 1)
-        sums["exit_step"] = float(exit_step)
         return sums
 
     def train_step(self) -> dict:
@@ -321,8 +351,10 @@ class DistillTrainer(StageLoop):
                 fake_norms.append(norm)
         stats = self._generator_update(dc.fake_score_updates)
         # Logged values are the global batch's: the ranks' means, averaged (norms are global).
-        stats["fake_score_loss"] = sum(fake_losses) / len(fake_losses)
-        stats["fake_score_loss_first"], stats["fake_score_loss_last"] = fake_losses[0], fake_losses[-1]
+        if fake_losses:
+            stats["fake_score_loss"] = sum(fake_losses) / len(fake_losses)
+            stats["fake_score_loss_first"] = fake_losses[0]
+            stats["fake_score_loss_last"] = fake_losses[-1]
         local = [k for k in sorted(stats) if k not in ("generator_grad_norm", "exit_step")]
         if self.ctx.distributed:
             values = torch.tensor([stats[k] for k in local], device=self.ctx.device,
@@ -342,7 +374,11 @@ class DistillTrainer(StageLoop):
         return record
 
     def progress_postfix(self, record: dict) -> dict:
-        postfix = {"push": f"{record['dmd_push']:.3g}", "fake": f"{record['fake_score_loss']:.3g}"}
+        postfix = {}
+        if "dmd_push" in record:
+            postfix["push"] = f"{record['dmd_push']:.3g}"
+        if "fake_score_loss" in record:
+            postfix["fake"] = f"{record['fake_score_loss']:.3g}"
         if "regression_loss" in record:
             postfix["reg"] = f"{record['regression_loss']:.3g}"
         return postfix
