@@ -34,6 +34,7 @@ measure a worktree's linattn rather than the installed one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -74,6 +75,7 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "regression_data": args.regression_data,
                     "regression_weight": args.regression_weight if args.regression_data else 0.0,
                     "regression_inputs": args.regression_inputs,
+                    "renoise": args.renoise,
                     "dmd_weight": args.dmd_weight,
                     "ema_decay": args.ema_decay,
                     "ema_start_step": args.ema_start_step if args.ema_decay else 0},
@@ -98,13 +100,15 @@ def finished_step(out_dir: str):
         return json.load(f)["step"]
 
 
-def few_step_samples(model, times, labels, seed: int) -> torch.Tensor:
-    """The distilled model's samples from the toy's noise of (seed, i) (the teacher's)."""
+def few_step_samples(model, spec, labels, seed: int) -> torch.Tensor:
+    """The distilled model's samples from the toy's noise of (seed, i) (the teacher's), with
+    its sampler's times and step rule."""
     indices = list(range(labels.numel()))
     flow = FlowModel(model, input_dtype=torch.float32)
     noise = sample_noise(labels.numel(), seed)
-    return few_step_sample(flow, noise, embed_labels(labels), times,
-                           lambda k: sample_step_noise(seed, indices, k, VIDEO_SHAPE))
+    return few_step_sample(flow, noise, embed_labels(labels), spec.times,
+                           lambda k: sample_step_noise(seed, indices, k, VIDEO_SHAPE),
+                           step_rule=spec.renoise)
 
 
 def timed_reference(teacher, seeds, num_samples: int):
@@ -162,6 +166,9 @@ def verdict(rows: dict, distilled: str, teacher: str) -> list:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--linear", required=True, help="the first stage's final/ on the toy")
+    p.add_argument("--first-stage", metavar="DIR",
+                   help="the linearised model of rows 2 and 3 (default --linear; give the first "
+                        "stage's final/ when --linear is an ODE initialisation's final/)")
     p.add_argument("--out", default="runs/distill_toy")
     p.add_argument("--steps", type=int, default=500, help="distillation steps per run")
     p.add_argument("--softmax-steps", type=int,
@@ -182,6 +189,9 @@ def main(argv=None) -> int:
                    help="the anchor's inputs at steps k >= 1: the teacher's sample noised again "
                         "(renoised) or the teacher's own trajectory at t_k (trajectory: with "
                         "--dmd-weight 0 --fake-score-updates 0, the ODE initialisation)")
+    p.add_argument("--renoise", choices=["fresh", "implied"], default="fresh",
+                   help="the generator's step rule in training and sampling: fresh noise "
+                        "(DMD2) or the noise its input implies (a deterministic step)")
     p.add_argument("--dmd-weight", type=float, default=1.0,
                    help="the distribution-matching term's weight (0 with --regression-data: "
                         "the regression-only control)")
@@ -196,7 +206,9 @@ def main(argv=None) -> int:
     p.add_argument("--runs", nargs="+", choices=["linear", "softmax"],
                    default=["linear", "softmax"], help="which distillations to run and score")
     p.add_argument("--extra", nargs="*", default=[], metavar="LABEL=DIR",
-                   help="further distilled models (a distillation output.dir) to score as rows")
+                   help="further distilled models (a distillation output.dir) to score as rows; "
+                        "DIR::implied or DIR::fresh samples with that step rule instead of "
+                        "the one its sampler.json records")
     p.add_argument("--distill-only", action="store_true",
                    help="run the distillations (resuming) and stop, without the table")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -220,7 +232,7 @@ def main(argv=None) -> int:
     teacher = load_teacher()
     print("sampling the teacher (the reference and its row)", flush=True)
     ref, teacher_seconds = timed_reference(teacher, args.seeds, args.num_samples)
-    linear = load_model_folder(generator_folder(args.linear)).eval()
+    linear = load_model_folder(generator_folder(args.first_stage or args.linear)).eval()
 
     rows: dict = {}
     teacher_row = f"teacher, {SAMPLER.num_steps} steps"
@@ -235,16 +247,19 @@ def main(argv=None) -> int:
         model, spec = load_distilled(os.path.join(args.out, f"distill_{name}"))
         averaged = " EMA" if args.ema_decay else ""
         score(f"{name} distilled{averaged}, {spec.num_steps} steps ({steps[name]} DMD steps)",
-              lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
+              lambda s: few_step_samples(model, spec, ref.labels, s), ref, rows)
         if args.ema_decay:
             model, spec = load_distilled(os.path.join(args.out, f"distill_{name}", "final_raw"))
             score(f"{name} distilled live weights, {spec.num_steps} steps ({steps[name]} DMD "
-                  f"steps)", lambda s: few_step_samples(model, spec.times, ref.labels, s),
+                  f"steps)", lambda s: few_step_samples(model, spec, ref.labels, s),
                   ref, rows)
     for extra in args.extra:
         label, path = extra.split("=", 1)
+        path, _, rule = path.partition("::")
         model, spec = load_distilled(path)
-        score(label, lambda s: few_step_samples(model, spec.times, ref.labels, s), ref, rows)
+        if rule:      # score the model with the other step rule than it was trained with
+            spec = dataclasses.replace(spec, renoise=rule)
+        score(label, lambda s: few_step_samples(model, spec, ref.labels, s), ref, rows)
 
     grid = rows.pop("_grid")
     save_grid(torch.cat(grid), os.path.join(args.out, "grid.png"))
@@ -265,6 +280,7 @@ def main(argv=None) -> int:
                  + (f", regression anchor weight {args.regression_weight:g} on "
                     f"{args.regression_data} ({args.regression_inputs} inputs)"
                     if args.regression_data else "")
+                 + (f", step rule {args.renoise}" if args.renoise != "fresh" else "")
                  + (f", DMD weight {args.dmd_weight:g}" if args.dmd_weight != 1.0 else "")
                  + (f", generator EMA {args.ema_decay:g} from update {args.ema_start_step}"
                     if args.ema_decay else "")

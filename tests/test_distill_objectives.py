@@ -179,6 +179,38 @@ def test_few_step_sampler_predicts_and_renoises():
         backward_simulation(model, model, noise, torch.zeros(2, 1, 4), times, None, 3)
 
 
+def test_implied_step_rule_is_a_deterministic_euler_step():
+    """Step rule "implied": the next input is x̂_0 noised with the noise its own input implies,
+    (1 − t') x̂_0 + t' (x − (1 − t) x̂_0) / t, which is the Euler step x + (t' − t) u along
+    the model's velocity; no step noise is drawn, so the sample is a function of the
+    starting noise alone."""
+    class Affine(torch.nn.Module):
+        def forward(self, hidden_states, timestep, encoder_hidden_states, return_dict=False):
+            t = (timestep / 1000).reshape(-1, 1, 1, 1, 1)
+            return ((hidden_states - (0.3 * hidden_states + 0.1)) / t,)   # x̂_0 = 0.3 x + 0.1
+
+    model = FlowModel(Affine(), input_dtype=torch.float32)
+    times = [1.0, 0.6, 0.2]
+    noise = torch.randn(2, 1, 1, 2, 2)
+    cond = torch.zeros(2, 1, 4)
+
+    def no_draws(k):
+        raise AssertionError("the implied rule drew step noise")
+
+    out = few_step_sample(model, noise, cond, times, no_draws, step_rule="implied")
+    x = noise
+    for t, t_next in ((1.0, 0.6), (0.6, 0.2)):
+        x0 = 0.3 * x + 0.1
+        eps = (x - (1 - t) * x0) / t
+        by_noise = (1 - t_next) * x0 + t_next * eps
+        euler = x + (t_next - t) * (x - x0) / t
+        torch.testing.assert_close(by_noise, euler)
+        x = by_noise
+    torch.testing.assert_close(out, 0.3 * x + 0.1)
+    with pytest.raises(ValueError, match="step_rule: expected one of"):
+        few_step_sample(model, noise, cond, times, step_rule="ddim")
+
+
 def test_backward_simulation_gradient_only_through_the_exit_step():
     module = torch.nn.Module()
     module.scale = torch.nn.Parameter(torch.tensor(0.5))

@@ -3,6 +3,7 @@ interrupted run resumes bit-exact, the distilled model is saved with its sampler
 ``linattn sample`` generates with it at its step count; configuration errors name the field."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,7 +11,10 @@ from safetensors.torch import load_file
 
 import linattn.dit as dit
 from linattn.train.cli import main as cli_main
-from linattn.train.distill import distill, load_distill_config, load_distilled
+from linattn.train.distill import distill, load_distill_config, load_distilled, seeded_sample
+from linattn.train.distill.models import SamplerSpec
+from linattn.train.distill.sample import run_conditioning
+from linattn.train.flow import FlowModel
 from linattn.train.metrics import read_metrics
 
 TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4,
@@ -160,6 +164,38 @@ def test_sample_command_generates_at_the_distilled_step_count(root, full_run, tm
     torch.testing.assert_close(load_file(str(out))["samples"], first, rtol=1e-5, atol=1e-5)
 
 
+def test_implied_step_rule_is_trained_recorded_and_sampled(root, tmp_path, capsys):
+    """distill.renoise "implied": the run's sampler.json records the rule, load_distilled
+    returns it, and `linattn sample` samples with it: its samples are the deterministic
+    rule's (equal to sampling with it directly, unlike the fresh rule's from the same seed).
+    A sampler.json written before the rule was a setting reads as "fresh"."""
+    run = distill(config(root, "implied", steps=2, renoise="implied"), progress=False)
+    model, spec = load_distilled(run.final_dir, backend="reference")
+    assert spec.renoise == "implied"
+    path = tmp_path / "distill.json"
+    path.write_text(json.dumps(config(root, "implied", steps=2, renoise="implied")))
+    out = tmp_path / "samples.safetensors"
+    assert cli_main(["sample", str(path), "--num", "2", "--seed", "4", "--out", str(out),
+                     "--backend", "reference", "--no-progress"]) == 0
+    capsys.readouterr()
+    written = load_file(str(out))
+    conditioning = run_conditioning(load_distill_config(json.loads(path.read_text())))
+    cond = conditioning.rows(written["rows"].tolist())[0]
+    flow = FlowModel(model, input_dtype=torch.float32)
+    kw = dict(seed=4, shape=[4, 1, 4, 4])
+    implied = seeded_sample(flow, cond, spec.times, step_rule="implied", **kw)
+    fresh = seeded_sample(flow, cond, spec.times, **kw)
+    torch.testing.assert_close(written["samples"], implied, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(written["samples"], fresh, rtol=1e-3, atol=1e-3)
+
+    data = json.loads((Path(run.final_dir) / "sampler.json").read_text())
+    del data["renoise"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "sampler.json").write_text(json.dumps(data))
+    assert SamplerSpec.load(old).renoise == "fresh"
+
+
 def test_example_configs_load():
     tiny = load_distill_config(os.path.join(CONFIGS, "tiny_wan_distill_cpu.yaml"))
     assert tiny.distill.num_steps == 4
@@ -180,6 +216,7 @@ def test_example_configs_load():
     (["distill.guidance_scale=0.5"], "distill.guidance_scale"),
     (["distill.score_t_min=0.99"], "distill.score_t_min"),
     (["distill.stategy=ddp"], "stategy"),
+    (["distill.renoise=ddim"], "distill.renoise: expected one of"),
     (["conditioning.prompts=[a cat]"], "conditioning"),
 ])
 def test_config_errors_name_the_field(root, override, message):

@@ -25,7 +25,8 @@ from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, Mo
                       embeddings_file, load_sections, read_sections)
 
 STAGE_SECTION = "distill"
-REGRESSION_INPUTS = ("renoised", "trajectory")   # linattn.train.distill.regression.INPUTS   # a config with this section is a distillation config
+REGRESSION_INPUTS = ("renoised", "trajectory")   # linattn.train.distill.regression.INPUTS
+RENOISE = ("fresh", "implied")                     # linattn.train.distill.sampler.RENOISE   # a config with this section is a distillation config
 
 
 @dataclass
@@ -72,6 +73,10 @@ class DistillSection:
     # 0.5, 0.25), strictly decreasing in (0, 1], the first 1.
     times: Optional[list] = None
     shift: float = 3.0                      # the pipeline's shift: t -> s t / (1 + (s − 1) t)
+    # The generator's step rule, in training (backward simulation) and at inference: "fresh"
+    # (DMD2: the next input is x̂_0 noised again with new noise) or "implied" (a deterministic
+    # step: x̂_0 noised again with the noise its own input implies). sampler.json records it.
+    renoise: str = "fresh"
     num_train_timesteps: int = 1000         # model timestep = t * num_train_timesteps
     guidance_scale: float = 3.0             # the real score's classifier-free guidance
     # Times at which the real and fake scores are compared, and the fake score is trained:
@@ -233,6 +238,7 @@ class DistillConfig:
                              f"{d.dmd_weight}) would compare the teacher with itself; 0 is for "
                              f"regression alone (distill.dmd_weight 0)")
         _one_of("distill.regression_inputs", d.regression_inputs, REGRESSION_INPUTS)
+        _one_of("distill.renoise", d.renoise, RENOISE)
         _one_of("distill.lr_schedule", d.lr_schedule, LR_SCHEDULES)
         _one_of("distill.teacher_sampler", d.teacher_sampler, SAMPLERS)
         _one_of("distill.mixed_precision", d.mixed_precision, PRECISIONS)

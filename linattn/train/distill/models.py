@@ -102,12 +102,15 @@ def make_fake_score(teacher_float32: nn.Module) -> nn.Module:
 @dataclass(frozen=True)
 class SamplerSpec:
     """The K-step sampler a distilled model runs: its times after the shift (times[0] = 1),
-    the unshifted times and shift they came from, and the model's timestep scale."""
+    the unshifted times and shift they came from, the model's timestep scale, and the step
+    rule between steps (linattn.train.distill.sampler: "fresh" noise, DMD2's, or the
+    "implied" noise of a deterministic step)."""
 
     times: tuple
     unshifted_times: tuple
     shift: float
     num_train_timesteps: int = 1000
+    renoise: str = "fresh"
 
     @property
     def num_steps(self) -> int:
@@ -130,7 +133,9 @@ class SamplerSpec:
             raise ValueError(f"{path}: not a {SAMPLER_FORMAT} file")
         return cls(times=tuple(data["times"]), unshifted_times=tuple(data["unshifted_times"]),
                    shift=float(data["shift"]),
-                   num_train_timesteps=int(data["num_train_timesteps"]))
+                   num_train_timesteps=int(data["num_train_timesteps"]),
+                   # files written before the step rule was a setting used fresh noise
+                   renoise=str(data.get("renoise", "fresh")))
 
 
 def load_distilled(path: Union[str, os.PathLike], *, backend: str = "auto"

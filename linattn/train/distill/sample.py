@@ -67,7 +67,8 @@ def sample_from_config(config: Union[str, os.PathLike, dict, DistillConfig], *,
         indices = list(range(first, min(first + batch_size, num)))
         chunks.append(seeded_sample(flow, cond[indices[0]:indices[-1] + 1], spec.times,
                                     seed=seed, indices=indices,
-                                    shape=cfg.distill.latent_shape).cpu())
+                                    shape=cfg.distill.latent_shape,
+                                    step_rule=spec.renoise).cpu())
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - start
@@ -76,7 +77,8 @@ def sample_from_config(config: Union[str, os.PathLike, dict, DistillConfig], *,
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     save_file({"samples": samples.contiguous(), "rows": torch.tensor(rows)}, out,
               metadata={"seed": str(seed), "num_steps": str(spec.num_steps),
-                        "times": ",".join(f"{t:.6g}" for t in spec.times)})
+                        "times": ",".join(f"{t:.6g}" for t in spec.times),
+                        "renoise": spec.renoise})
     return {"out": out, "shape": list(samples.shape), "num_steps": spec.num_steps,
             "times": list(spec.times), "device": str(dev), "dtype": dtype,
             "wall_s": wall, "s_per_sample": wall / num}

@@ -186,7 +186,8 @@ class DistillTrainer(StageLoop):
         self.sampler = SamplerSpec(times=tuple(generator_times(config.generator_times,
                                                                dc.shift)),
                                    unshifted_times=tuple(config.generator_times),
-                                   shift=dc.shift, num_train_timesteps=num_t)
+                                   shift=dc.shift, num_train_timesteps=num_t,
+                                   renoise=dc.renoise)
         self.score_shift = dc.score_shift if dc.score_shift is not None else dc.shift
         self.order = ConditioningOrder(self.conditioning.embeds.shape[0], dc.global_batch_size,
                                        dc.fake_score_updates + 1, dc.seed)
@@ -228,7 +229,7 @@ class DistillTrainer(StageLoop):
         return backward_simulation(
             self.generator_eval, self.generator_fn if grad else self.generator_eval, noise, cond,
             self.sampler.times, lambda k: draws.normal(GENERATOR_NOISE + k, indices, shape),
-            exit_step, grad=grad)
+            exit_step, grad=grad, step_rule=self.sampler.renoise)
 
     def _score_draws(self, draws: StepDraws, indices: list) -> tuple[torch.Tensor, torch.Tensor]:
         dc = self.cfg.distill
@@ -427,7 +428,8 @@ class DistillTrainer(StageLoop):
         with self.autocast():
             samples = seeded_sample(self.generator_eval, eval_set.cond, self.sampler.times,
                                     seed=EVAL_SEED, indices=eval_set.trajectories,
-                                    shape=self.cfg.distill.latent_shape)
+                                    shape=self.cfg.distill.latent_shape,
+                                    step_rule=self.sampler.renoise)
         return run_metrics(self.eval_metrics, samples, eval_set, suffix=suffix)
 
     # ------------------------------------------------------------------ checkpoints, end
