@@ -207,6 +207,11 @@ def test_example_configs_load():
     assert d.betas == [0.0, 0.999] and d.strategy == "fsdp"
     assert (d.ema_decay, d.ema_start_step) == (0.99, 200)
     assert wan.generator_times == [1.0, 0.75, 0.5, 0.25]
+    ode = load_distill_config(os.path.join(CONFIGS, "wan2.1_t2v_1.3b_ode_init.yaml")).distill
+    assert (ode.fake_score_updates, ode.dmd_weight, ode.regression_inputs, ode.renoise) == \
+        (0, 0.0, "trajectory", "implied")
+    assert (ode.latent_shape, ode.guidance_scale, ode.times) == (d.latent_shape, d.guidance_scale,
+                                                                 d.times)
 
 
 @pytest.mark.parametrize("override, message", [
