@@ -116,8 +116,8 @@ def test_trajectory_inputs_lie_on_the_teachers_euler_path(pairs_dir):
     assert torch.equal(at_stored[0], ds.batch([2 * 4 + 2])["x_t"][0])
     noise, sample, _ = pairs.batch([2], torch.device("cpu"))
     fresh = torch.randn_like(noise)
-    assert torch.equal(pairs.inputs_at([2], noise, sample, 1.0, fresh), noise)
-    torch.testing.assert_close(pairs.inputs_at([2], noise, sample, 0.75, fresh),
+    assert torch.equal(pairs.inputs_at([2], noise, sample, 1.0, lambda: fresh), noise)
+    torch.testing.assert_close(pairs.inputs_at([2], noise, sample, 0.75, lambda: fresh),
                                chord(ds, 2, 0.75)[None], atol=2e-5, rtol=1e-5)
 
 
@@ -251,7 +251,7 @@ def flow_map_error(model, pairs_dir, times):
     errors = []
     with torch.no_grad():
         for t in times:
-            x = pairs.inputs_at(ids, noise, sample, t, torch.zeros_like(noise))
+            x = pairs.inputs_at(ids, noise, sample, t, lambda: torch.zeros_like(noise))
             errors.append(float((clean_prediction(fn, x, t, cond) - sample).square().mean()))
     return errors
 

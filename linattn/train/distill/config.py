@@ -24,9 +24,9 @@ from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, Mo
                       OutputSection, _one_of, _positive, check_conditioning_source,
                       embeddings_file, load_sections, read_sections)
 
-STAGE_SECTION = "distill"
-REGRESSION_INPUTS = ("renoised", "trajectory")   # linattn.train.distill.regression.INPUTS
-RENOISE = ("fresh", "implied")                     # linattn.train.distill.sampler.RENOISE   # a config with this section is a distillation config
+STAGE_SECTION = "distill"   # a config with this section is a distillation config
+REGRESSION_INPUTS = ("renoised", "trajectory")   # distill.regression_inputs (regression.py)
+RENOISE = ("fresh", "implied")                   # distill.renoise, the step rule (sampler.py)
 
 
 @dataclass

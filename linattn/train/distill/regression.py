@@ -19,8 +19,8 @@ carries that to the K-step generator of DMD2's backward simulation:
   sampler passes through there, and its target is x(z), a function of that input: the
   generator learns the teacher's flow map from each of its K times to the end (the "ODE
   initialisation" of a few-step generator in CausVid, Yin et al. 2025, which Self-Forcing's
-  DMD starts from). The stored trajectories are the teacher's discrete sampler: with the Euler sampler the path between
-  two stored points is the straight step x_t + (τ − t) u_step, so the point at any τ is exact;
+  DMD starts from). The stored trajectories are the teacher's discrete sampler: with the
+  Euler sampler the path between two stored points is the straight step x_t + (τ − t) u_step, so the point at any τ is exact;
   other samplers' points are exact only at their own times, and a generator time between them
   is refused. Run with distill.dmd_weight 0 and distill.fake_score_updates 0, this is the ODE
   initialisation itself (no fake score, no DMD); with DMD it is an anchor that does not blur.
@@ -35,7 +35,7 @@ distribution than DMD's; both are checked.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -132,11 +132,14 @@ class RegressionPairs:
         return points["x_t"] + (float(t) - t_j) * step
 
     def inputs_at(self, trajectories: Sequence[int], noise: Tensor, sample: Tensor, t: float,
-                  fresh: Tensor) -> Tensor:
+                  fresh: Callable[[], Tensor]) -> Tensor:
         """The generator's input at time t for these pairs (their noise, sample from
-        ``batch``): the noise at t = 1, else by ``self.inputs`` (module docstring)."""
-        if float(t) == 1.0 or self.inputs == "renoised":
-            return regression_input(noise, sample, t, fresh)
+        ``batch``): the noise at t = 1, else by ``self.inputs`` (module docstring);
+        ``fresh()`` gives the renoised input's noise and is called only for that input."""
+        if float(t) == 1.0:
+            return noise.float()
+        if self.inputs == "renoised":
+            return regression_input(noise, sample, t, fresh())
         return self.trajectory_points(trajectories, t).to(noise.device)
 
 

@@ -6,14 +6,13 @@ noise, so the clean-sample prediction at x_t is x̂_0 = x_t − t u(x_t, t). The
 step k at time t_k predicts x̂_0 from x_{t_k}; the next input is that prediction noised again
 to t_{k+1} with fresh noise, x_{t_{k+1}} = (1 − t_{k+1}) x̂_0 + t_{k+1} ε_{k+1}, and the last
 step's x̂_0 is the sample (DMD2's multi-step generator; ../docs/distill.md). With the step
-rule "implied" (distill.renoise; ``step_rule`` here) the next input takes instead the noise the step's own input
-implies, ε̂ = (x_t − (1 − t_k) x̂_0) / t_k: x_{t_{k+1}} = (1 − t_{k+1}) x̂_0 + t_{k+1} ε̂, a
-deterministic DDIM step, the same as an Euler step along the generator's velocity
-(x_t + (t_{k+1} − t_k) u). A generator that learned the teacher's flow map (the ODE
-initialisation, linattn.train.distill.regression) then follows a trajectory of the teacher's
-instead of drawing a new one at every step (measured on the toy teacher: docs/distill.md).
-The generator
-runs without classifier-free guidance: one forward per step, guidance having been distilled in
+rule "implied" (distill.renoise; ``step_rule`` here) the next input takes instead the noise
+the step's own input implies, ε̂ = (x_t − (1 − t_k) x̂_0) / t_k:
+x_{t_{k+1}} = (1 − t_{k+1}) x̂_0 + t_{k+1} ε̂, a deterministic DDIM step, the same as an
+Euler step along the generator's velocity (x_t + (t_{k+1} − t_k) u). A generator that learned
+the teacher's flow map (the ODE initialisation, linattn.train.distill.regression) then follows
+a trajectory of the teacher's instead of drawing a new one at every step (measured on the toy
+teacher: docs/distill.md). The generator runs without classifier-free guidance: one forward per step, guidance having been distilled in
 from the real score.
 
 Times: K unshifted times (1, 0.75, 0.5, 0.25 for K = 4) mapped through the pipeline's shift
@@ -29,8 +28,8 @@ import torch
 from torch import Tensor
 
 from ..flow import FlowModel
-from .config import RENOISE           # the step rules (module docstring)
 from ..teacher_data import trajectory_noise
+from .config import RENOISE           # the step rules (module docstring)
 
 StepNoise = Callable[[int], Tensor]   # k -> (B, ...) noise the generator's step k starts from
 
@@ -65,12 +64,10 @@ def implied_noise(x: Tensor, x0: Tensor, t: float) -> Tensor:
 def next_input(x: Tensor, x0: Tensor, t: float, t_next: float, rule: str,
                fresh: Callable[[], Tensor]) -> Tensor:
     """The generator's input at t_next after predicting x0 from x at t, by the step rule
-    (``fresh()`` is called only for "fresh", so the implied rule draws nothing)."""
-    if rule == "fresh":
-        return renoise(x0, t_next, fresh())
-    if rule == "implied":
-        return renoise(x0, t_next, implied_noise(x, x0, t))
-    raise ValueError(f"step_rule: expected one of {RENOISE}, got {rule!r}")
+    "fresh" or "implied" (``fresh()`` is called only for "fresh", so the implied rule draws
+    nothing)."""
+    noise = fresh() if rule == "fresh" else implied_noise(x, x0, t)
+    return renoise(x0, t_next, noise)
 
 
 def few_step_sample(model: FlowModel, noise: Tensor, cond: Tensor, times: Sequence[float],

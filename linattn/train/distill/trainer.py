@@ -245,8 +245,8 @@ class DistillTrainer(StageLoop):
         pairs = draws.integers(REGRESSION_PAIR, indices, len(self.regression))
         noise, sample, cond = self.regression.batch(pairs, self.ctx.device)
         t = float(self.sampler.times[exit_step])
-        x = self.regression.inputs_at(pairs, noise, sample, t,
-                                      draws.normal(REGRESSION_NOISE, indices, shape))
+        x = self.regression.inputs_at(
+            pairs, noise, sample, t, lambda: draws.normal(REGRESSION_NOISE, indices, shape))
         return regression_loss(clean_prediction(self.generator_fn, x, t, cond), sample)
 
     def _fake_score_update(self, update: int) -> tuple[float, Optional[float]]:
