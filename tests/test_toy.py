@@ -112,6 +112,10 @@ def test_identical_model_scores_zero_error_and_capped_psnr(teacher, one_torch_th
     assert len(report.model["jitter"].values) == 3
     assert "rel_mse" in report.table() and set(report.as_log()) >= {"eval_rel_mse",
                                                                     "eval_rel_mse_spread"}
+    gap = toy.paired_class_gap(report.samples, reference)
+    assert (gap.points, gap.standard_error, gap.num_videos) == (0.0, 0.0, 12)
+    with pytest.raises(ValueError, match=r"samples: .*missing \[2\]"):
+        toy.paired_class_gap({s: report.samples[s] for s in (0, 1)}, reference)
 
 
 def test_converted_model_moves_away_from_teacher(teacher, one_torch_thread):
@@ -221,6 +225,37 @@ def test_jitter_grows_with_wobble():
             dy, dx = torch.randint(-1, 2, (2,), generator=gen).tolist()
             shaken[i, 0, f] = torch.roll(shaken[i, 0, f], (dy, dx), (0, 1))
     assert fidelity.jitter(shaken).mean() > 5 * fidelity.jitter(v.videos).mean()
+
+
+def test_paired_gap_is_the_accuracy_difference_with_its_standard_error():
+    model = [torch.tensor([True, True, False, True]), torch.tensor([False, True, True, True])]
+    teacher = [torch.tensor([True, False, False, True]), torch.tensor([False, True, True, True])]
+    gap = fidelity.PairedGap.of(model, teacher)
+    # d = (0, 1, 0, 0, 0, 0, 0, 0): accuracy 6/8 against 5/8, std(d) = sqrt(1/8) over sqrt(8)
+    assert gap.points == pytest.approx(12.5) and gap.num_videos == 8
+    assert gap.standard_error == pytest.approx(100 * math.sqrt(1 / 8) / math.sqrt(8))
+    assert str(gap) == "+12.5 ± 12.5 points (8 videos)"
+
+
+def test_paired_gap_is_tighter_than_the_accuracies_when_models_agree():
+    # The same hard videos fail for both: pairing cancels them; only the 2 disagreements count.
+    gen = torch.Generator().manual_seed(0)
+    teacher = torch.rand(200, generator=gen) < 0.5
+    model = teacher.clone()
+    model[:2] = ~model[:2]
+    gap = fidelity.PairedGap.of([model], [teacher])
+    unpaired_se = 100 * math.sqrt(2 * 0.25 / 200)
+    assert gap.standard_error < unpaired_se / 4
+    assert gap.points == pytest.approx(100 * (model.float().mean() - teacher.float().mean()))
+
+
+def test_paired_gap_rejects_mismatched_flags():
+    with pytest.raises(ValueError, match="model_correct: expected one tensor per seed"):
+        fidelity.PairedGap.of([torch.ones(3, dtype=torch.bool)], [])
+    with pytest.raises(ValueError, match=r"model_correct: expected per-video flags of shape \(3,\)"):
+        fidelity.PairedGap.of([torch.ones(4, dtype=torch.bool)], [torch.ones(3, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="needs >= 2 videos"):
+        fidelity.PairedGap.of([torch.ones(1, dtype=torch.bool)], [torch.ones(1, dtype=torch.bool)])
 
 
 def test_figure_spread_is_std_across_seeds():

@@ -26,8 +26,9 @@ of ``python -m linattn.demo``), and the subpackage study (``python -m linattn.to
 Needs the ``train`` extra (diffusers).
 """
 from .classifier import VideoClassifier, load_classifier
-from .fidelity import (FidelityReport, Figure, TeacherReference, TrainerMetrics, evaluate,
-                       frechet_distance, jitter, psnr, teacher_reference, trajectory_jitter)
+from .fidelity import (FidelityReport, Figure, PairedGap, TeacherReference, TrainerMetrics,
+                       evaluate, frechet_distance, jitter, paired_class_gap, psnr,
+                       teacher_reference, trajectory_jitter)
 from .sampling import balanced_labels, sample, sample_noise
 from .teacher import (CLASS_EMBEDDINGS_FILE, NULL_CLASS, SAMPLER, TEACHER_CONFIG, TEACHER_DIR,
                       Sampler, build_teacher, class_conditioning, class_embedding_table,
@@ -41,4 +42,5 @@ __all__ = ["procedural_videos", "Videos", "class_name", "NUM_CLASSES", "NUM_FRAM
            "embed_labels", "null_embedding", "NULL_CLASS", "CLASS_EMBEDDINGS_FILE", "sample",
            "sample_noise", "balanced_labels", "VideoClassifier", "load_classifier",
            "teacher_reference", "evaluate", "TrainerMetrics", "TeacherReference", "FidelityReport", "Figure",
+           "PairedGap", "paired_class_gap",
            "psnr", "jitter", "trajectory_jitter", "frechet_distance"]
