@@ -10,7 +10,7 @@ from linattn.train.conditioning import Conditioning
 from linattn.train.data import BatchSchedule, TeacherDataset
 from linattn.train.flow import FlowModel, flow_sigmas
 from linattn.train.teacher_data import (DataSpec, conditioning_digest, generate_teacher_data,
-                                        shard_name, trajectory_noise)
+                                        sampling_noise, shard_name, trajectory_noise)
 
 TINY = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4,
             out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2,
@@ -113,6 +113,24 @@ class FailingTeacher(FlowModel):
             raise Interrupt
         self.left -= 1
         return super().__call__(x, t, cond)
+
+
+def test_sampling_noise_is_never_teacher_data_noise():
+    """Scored samples start from the sampling stream: sample i of sampling seed s is not
+    trajectory i of data.seed s (with one stream it was, and models were scored on the noise
+    they trained on), and every sampler of the package draws it."""
+    from linattn.toy.sampling import sample_noise
+    from linattn.toy.videos import VIDEO_SHAPE
+    from linattn.train.distill.sampler import sample_step_noise
+
+    for seed in (0, 1, 7):
+        data = torch.stack([trajectory_noise(seed, i, LATENT) for i in range(6)]).flatten(1)
+        drawn = torch.stack([sampling_noise(seed, i, LATENT) for i in range(6)]).flatten(1)
+        # Not one sample's noise is any trajectory's (independent draws: far apart).
+        assert torch.cdist(drawn, data).min() > 1.0
+        assert torch.equal(sampling_noise(seed, 3, LATENT), drawn[3].reshape(LATENT))
+    assert torch.equal(sample_noise(3, 5), sample_step_noise(5, [0, 1, 2], 0, VIDEO_SHAPE))
+    assert not torch.equal(sample_noise(1, 0)[0], trajectory_noise(0, 0, VIDEO_SHAPE))
 
 
 def test_generation_resumes_to_identical_data(tmp_path, teacher, conditioning):

@@ -1,8 +1,9 @@
 """Sampling the toy teacher (or any converted copy of it) from seeds, with guidance.
 
-Noise is a function of (seed, sample index) alone (linattn.train.teacher_data.trajectory_noise),
+Noise is a function of (seed, sample index) alone (linattn.train.teacher_data.sampling_noise),
 so two models asked for the same seed and labels start from the same noise: that is what
-teacher-relative metrics compare. Labels default to a balanced cycle 0, 1, ..., 7, 0, ...
+teacher-relative metrics compare. It is drawn from the sampling stream, never the teacher-data
+stream: no scored sample starts from a trajectory a model trained on. Labels default to a balanced cycle 0, 1, ..., 7, 0, ...
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..train.flow import FlowModel, euler_sample, flow_sigmas
-from ..train.teacher_data import trajectory_noise
+from ..train.teacher_data import sampling_noise
 from .teacher import SAMPLER, Sampler, embed_labels, null_embedding
 from .videos import NUM_CLASSES, VIDEO_SHAPE
 
@@ -25,7 +26,7 @@ def balanced_labels(num: int) -> Tensor:
 
 def sample_noise(num: int, seed: int) -> Tensor:
     """(num, 1, 16, 32, 32) float32 starting noise; sample i depends on (seed, i) only."""
-    return torch.stack([trajectory_noise(seed, i, VIDEO_SHAPE) for i in range(num)])
+    return torch.stack([sampling_noise(seed, i, VIDEO_SHAPE) for i in range(num)])
 
 
 @torch.no_grad()

@@ -31,6 +31,7 @@ from ..fidelity import Figure, evaluate, teacher_reference
 from ..linvideo import untrained_conversion
 from ..sampling import balanced_labels, sample
 from ...train.evaluate import relative_mse
+from ...train.teacher_data import SAMPLING_STREAM
 from .plan import NUM_LAYERS, Run, Settings
 from .training import load_trained, read_json, run_dir, write_json
 
@@ -49,9 +50,12 @@ class Scorer:
                  progress: bool = True):
         self.root, self.settings, self.teacher, self.progress = Path(root), settings, teacher, progress
         self._reference = None
+        # The noise stream is part of the tag: scores from before sampling noise had a stream
+        # of its own (seed 0 was the teacher data's noise) are not reused.
         self.score_tag = _digest({"seeds": list(settings.seeds),
                                   "num_samples": settings.num_samples,
-                                  "sampler": asdict(settings.sampler)})
+                                  "sampler": asdict(settings.sampler),
+                                  "noise_stream": list(SAMPLING_STREAM)})
 
     # ------------------------------------------------------------------ scores
 
@@ -112,7 +116,7 @@ class Scorer:
     def _sensitivity_path(self) -> Path:
         s = self.settings
         tag = _digest({"seed": s.sensitivity_seed, "num": s.sensitivity_samples,
-                       "sampler": asdict(s.sampler)})
+                       "sampler": asdict(s.sampler), "noise_stream": list(SAMPLING_STREAM)})
         return self.root / f"sensitivity-{tag}.json"
 
     def sensitivity_cached(self) -> Optional[dict]:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..flow import FlowModel
-from ..teacher_data import trajectory_noise
+from ..teacher_data import sampling_noise
 from .config import RENOISE           # the step rules (module docstring)
 
 StepNoise = Callable[[int], Tensor]   # k -> (B, ...) noise the generator's step k starts from
@@ -114,11 +114,11 @@ def backward_simulation(model_no_grad: FlowModel, model: FlowModel, noise: Tenso
 def sample_step_noise(seed: int, indices: Sequence[int], step: int, shape,
                       device: Optional[torch.device] = None) -> Tensor:
     """Inference noise: (len(indices), *shape) float32. Step 0 is
-    linattn.train.teacher_data.trajectory_noise(seed, i), the noise the teacher's trajectory i
-    and linattn.toy's sample i start from (so a distilled and a many-step model compare on the
-    same starting noise); step k >= 1 is drawn from (seed, i, k)."""
+    linattn.train.teacher_data.sampling_noise(seed, i), the noise linattn.toy's sample i
+    starts from (so a distilled and a many-step model compare on the same starting noise), never
+    a teacher-data trajectory's; step k >= 1 is drawn from (seed, i, k)."""
     if step == 0:
-        rows = [trajectory_noise(seed, i, shape) for i in indices]
+        rows = [sampling_noise(seed, i, shape) for i in indices]
     else:
         rows = []
         for i in indices:
