@@ -44,8 +44,8 @@ import time
 import torch
 
 from linattn.toy.classifier import load_classifier
-from linattn.toy.fidelity import (METRICS, REAL_SAMPLE_SEED, Figure, PairedGap,
-                                  TeacherReference, class_correct, real_features, sample_figures)
+from linattn.toy.fidelity import (METRICS, REAL_SAMPLE_SEED, Figure, TeacherReference,
+                                  paired_class_gap, real_features, sample_figures)
 from linattn.toy.grid import save_grid
 from linattn.toy.sampling import balanced_labels, sample, sample_noise
 from linattn.toy.teacher import SAMPLER, Sampler, embed_labels, load_teacher
@@ -134,19 +134,17 @@ def timed_reference(teacher, seeds, num_samples: int):
 def score(name, sampler_fn, ref, rows, seconds=None):
     """Sample every seed (timed) and score it; append the row. ``seconds``: the per-seed
     times of samples already taken (sampler_fn then returns them)."""
-    per_seed, times, correct, teacher_correct = [], [], [], []
+    per_seed, times, samples = [], [], {}
     for s in ref.seeds:
         start = time.perf_counter()
-        videos = sampler_fn(s)
+        videos = samples[s] = sampler_fn(s)
         times.append(seconds[s] if seconds is not None else time.perf_counter() - start)
         per_seed.append(sample_figures(videos, ref.labels, ref.classifier, ref.real_features,
                                        ref.samples[s]))
-        correct.append(class_correct(videos, ref.labels, ref.classifier))
-        teacher_correct.append(class_correct(ref.samples[s], ref.labels, ref.classifier))
         if s == ref.seeds[0]:
             rows.setdefault("_grid", []).append(videos[:4])
     figures = {m: Figure.of([f[m] for f in per_seed]) for m in METRICS if m in per_seed[0]}
-    gap = PairedGap.of(correct, teacher_correct)
+    gap = paired_class_gap(samples, ref)
     rows[name] = (figures, statistics.median(times), gap)
     print(f"{name}: " + ", ".join(f"{m} {figures[m]}" for m in SHOWN)
           + f", class accuracy - teacher's {gap}"
@@ -290,8 +288,9 @@ def main(argv=None) -> int:
     lines.append(f"\n{len(args.seeds)} sampling seeds x {args.num_samples} videos, mean ± std "
                  f"across seeds; the paired class-accuracy gap over all "
                  f"{len(args.seeds) * args.num_samples} videos (each from the teacher's noise "
-                 f"and label), ± its standard error; sampling time the median over seeds; {args.threads} CPU "
-                 f"threads; distillation: batch {args.batch_size}, {args.fake_score_updates} "
+                 f"and label), ± its standard error; sampling time the median over seeds; "
+                 f"{args.threads} CPU threads; distillation: batch {args.batch_size}, "
+                 f"{args.fake_score_updates} "
                  f"fake-score updates per step, lr {args.lr:g} (generator) and "
                  f"{args.fake_score_lr:g} (fake score)"
                  + (f", regression anchor weight {args.regression_weight:g} on "

@@ -3,7 +3,8 @@
 Noise is a function of (seed, sample index) alone (linattn.train.teacher_data.sampling_noise),
 so two models asked for the same seed and labels start from the same noise: that is what
 teacher-relative metrics compare. It is drawn from the sampling stream, never the teacher-data
-stream: no scored sample starts from a trajectory a model trained on. Labels default to a balanced cycle 0, 1, ..., 7, 0, ...
+stream: no scored sample starts from a trajectory a model trained on. Labels default to a
+balanced cycle 0, 1, ..., 7, 0, ...
 """
 from __future__ import annotations
 
