@@ -62,3 +62,20 @@ def test_train_runs_from_a_pretrained_folder(saved, tmp_path):
     assert result.step == 1 and os.path.isdir(result.final_dir)
     # The student is a float32 copy of the (bf16) teacher's weights.
     assert result.model.blocks[0].attn1.to_k.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_built_from_its_config_gets_the_dtypes_a_loaded_one_gets(saved, dtype):
+    # model.config (random weights) must run in the dtypes from_pretrained(torch_dtype=...)
+    # gives: float32 norms, time embedder and modulation table, the rest in `dtype`; a plain
+    # .to(dtype) would cast those too (and diffusers warns about it).
+    root, _ = saved
+    loaded = load_transformer(ModelConfig(pretrained=str(root / "bare")), dtype)
+    built = load_transformer(ModelConfig(config=TINY, class_name="WanTransformer3DModel"), dtype)
+    loaded_dtypes = {name: t.dtype for name, t in
+                     [*loaded.named_parameters(), *loaded.named_buffers()]}
+    built_dtypes = {name: t.dtype for name, t in
+                    [*built.named_parameters(), *built.named_buffers()]}
+    assert built_dtypes == loaded_dtypes
+    assert built.scale_shift_table.dtype == torch.float32
+    assert built.blocks[0].attn1.to_q.weight.dtype == dtype

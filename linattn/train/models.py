@@ -40,7 +40,7 @@ def load_transformer(model_config, dtype: torch.dtype) -> nn.Module:
     if model_config.pretrained == TOY_SOURCE:
         from ..toy import load_teacher
 
-        return load_teacher().to(dtype)
+        return cast_like_from_pretrained(load_teacher(), dtype)
     cls = diffusers_class(model_config.class_name)
     if model_config.pretrained is not None:
         kwargs = {"torch_dtype": dtype}
@@ -57,7 +57,22 @@ def load_transformer(model_config, dtype: torch.dtype) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(model_config.init_seed)
         model = cls(**model_config.config)
-    return model.to(dtype)
+    return cast_like_from_pretrained(model, dtype)
+
+
+def cast_like_from_pretrained(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` with its floating parameters and buffers in ``dtype``, except those of the
+    modules its class keeps in float32 (``_keep_in_fp32_modules``): the dtypes diffusers'
+    from_pretrained(torch_dtype=dtype) gives, so that a model built from a config or the toy
+    teacher runs like a loaded one. (ModelMixin.to(dtype) casts everything and warns.)"""
+    from .sharded_load import keeps_float32
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            target = torch.float32 if keeps_float32(model, name) else dtype
+            if tensor.dtype != target:
+                tensor.data = tensor.data.to(target)
+    return model
 
 
 def freeze(model: nn.Module) -> nn.Module:
