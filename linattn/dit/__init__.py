@@ -5,6 +5,7 @@
     transformer.save_pretrained(path); linattn.load_converted(path)
     linattn.transfer.gates / constraint_loss / binarization_loss / alpha_at / clamp_gates_ / finalize
     linattn.summary(transformer)
+    linattn.dit.widen_feature_maps(transformer, feature_dim)   # wider Hedgehog maps, same output
     model.enable_parallelism(config=..., cp_plan=linattn.dit.context_parallel_plan(model))
 
 Model families have selectors in families/ (selectors.py describes the interface, and how to
@@ -17,7 +18,8 @@ from .processor import LinAttnProcessor, set_fuse_pre_attention
 from .selectors import Projection, Selector
 from .serialization import load_converted
 from .summary import LayerReport, layer_report, summary
+from .widen import widen_feature_maps
 
 __all__ = ["convert", "revert", "load_converted", "summary", "layer_report", "LayerReport",
            "transfer", "Selector", "Projection", "LinAttnProcessor", "set_fuse_pre_attention",
-           "context_parallel_plan", "enable_context_parallel"]
+           "context_parallel_plan", "enable_context_parallel", "widen_feature_maps"]

@@ -1,10 +1,12 @@
-"""The command line: ``linattn train CONFIG``, ``linattn generate-data CONFIG`` and
-``linattn sample CONFIG``.
+"""The command line: ``linattn train CONFIG``, ``linattn generate-data CONFIG``,
+``linattn sample CONFIG`` and ``linattn widen SRC OUT --feature-dim F``.
 
 Each reads a YAML/TOML config and accepts ``--set section.key=value`` overrides. ``train`` runs
 the stage the config describes: linearisation (linattn.train.config) or, for a config with a
 ``distill`` section, few-step distillation (linattn.train.distill). ``sample`` generates with
-a distilled model at its step count. Under torchrun every process runs the same command:
+a distilled model at its step count. ``widen`` rewrites a converted model with wider Hedgehog
+maps and the same output (linattn/dit/widen.py), e.g. to give the distillation stage's
+generator more capacity (generator.path then names the widened folder). Under torchrun every process runs the same command:
 
     torchrun --nproc_per_node 8 -m linattn.train train wan.yaml
 """
@@ -47,11 +49,48 @@ def _parser() -> argparse.ArgumentParser:
                            help="model dtype (default bfloat16 on CUDA, float32 on the CPU)")
             p.add_argument("--backend", default="auto",
                            help="linattn.linear_attention backend of the linear layers")
+    text = ("write a converted model (a first stage's final/) with its Hedgehog maps widened to "
+            "--feature-dim: same output, more feature rank to train (linattn/dit/widen.py)")
+    p = sub.add_parser("widen", help=text, description=text)
+    p.add_argument("source", help="a linattn.load_converted folder (save_pretrained of a "
+                                  "converted model, e.g. a first stage's output.dir/final)")
+    p.add_argument("out", help="the folder to write (save_pretrained)")
+    p.add_argument("--feature-dim", type=int, required=True,
+                   help="the new Hedgehog width F, a multiple of the current one")
+    p.add_argument("--noise", type=float, default=0.5,
+                   help="perturbation of the copies, relative to each W's std, so that training "
+                        "can tell them apart (default 0.5; 0 keeps the output exact)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the perturbation (default 0)")
     return parser
+
+
+def _widen(args) -> int:
+    import os
+
+    from ..dit import load_converted
+    from ..dit.widen import widen_feature_maps
+
+    if os.path.exists(args.out) and os.listdir(args.out):
+        print(f"linattn widen: out {args.out!r} exists and is not empty; give a new folder",
+              file=sys.stderr)
+        return 2
+    try:
+        model = load_converted(args.source)
+        layers = widen_feature_maps(model, args.feature_dim, noise=args.noise, seed=args.seed)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        print(f"linattn widen: {e}", file=sys.stderr)
+        return 2
+    model.save_pretrained(args.out)
+    print(json.dumps({"source": args.source, "out": args.out, "layers": layers,
+                      "feature_dim": args.feature_dim, "noise": args.noise,
+                      "seed": args.seed}, indent=1))
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "widen":
+        return _widen(args)
     from .config import load_config
     from .distill.config import is_distill_config, load_distill_config
 
