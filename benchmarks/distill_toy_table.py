@@ -71,6 +71,8 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "steps": steps, "fake_score_updates": args.fake_score_updates,
                     "global_batch_size": args.batch_size, "lr": args.lr,
                     "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
+                    # the softmax generator has no feature maps to give a rate of their own
+                    "feature_map_lr": args.feature_map_lr if generator_path else None,
                     "gradient_checkpointing": False, "seed": args.seed,
                     "regression_data": args.regression_data,
                     "regression_weight": args.regression_weight if args.regression_data else 0.0,
@@ -189,6 +191,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--fake-score-lr", type=float, default=1e-4)
+    p.add_argument("--feature-map-lr", type=float,
+                   help="the linear generator's Hedgehog maps' own learning rate "
+                        "(distill.feature_map_lr; default: --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--regression-data", metavar="DIR",
                    help="DMD's regression anchor: a teacher-data folder of the toy teacher "
@@ -293,6 +298,8 @@ def main(argv=None) -> int:
                  f"{args.fake_score_updates} "
                  f"fake-score updates per step, lr {args.lr:g} (generator) and "
                  f"{args.fake_score_lr:g} (fake score)"
+                 + (f", {args.feature_map_lr:g} (the linear generator's feature maps)"
+                    if args.feature_map_lr else "")
                  + (f", regression anchor weight {args.regression_weight:g} on "
                     f"{args.regression_data} ({args.regression_inputs} inputs)"
                     if args.regression_data else "")

@@ -180,7 +180,7 @@ class DistillTrainer(StageLoop):
                                   if p.requires_grad], dc.ema_decay, dc.ema_start_step)
                     if dc.ema_decay is not None else None)
         adam = dict(betas=tuple(dc.betas), eps=dc.adam_eps, weight_decay=dc.weight_decay)
-        self.optimizer = torch.optim.AdamW(self.generator_params, lr=dc.lr, **adam)
+        self.optimizer = torch.optim.AdamW(self._generator_groups(generator), lr=dc.lr, **adam)
         self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=dc.fake_score_lr, **adam)
 
         self.sampler = SamplerSpec(times=tuple(generator_times(config.generator_times,
@@ -341,9 +341,10 @@ class DistillTrainer(StageLoop):
         dc = self.cfg.distill
         start = time.perf_counter()
         scale = self.lr_scale(self.step)
-        for optimizer, base in ((self.optimizer, dc.lr), (self.fake_optimizer, dc.fake_score_lr)):
-            for group in optimizer.param_groups:
-                group["lr"] = base * scale
+        for group, base in zip(self.optimizer.param_groups, self._generator_lrs()):
+            group["lr"] = base * scale
+        for group in self.fake_optimizer.param_groups:
+            group["lr"] = dc.fake_score_lr * scale
         fake_losses, fake_norms = [], []
         for update in range(dc.fake_score_updates):
             loss, norm = self._fake_score_update(update)
@@ -368,6 +369,8 @@ class DistillTrainer(StageLoop):
         elapsed = time.perf_counter() - start
         record = {"step": self.step + 1, "loss": stats["generator_loss"], **stats,
                   "lr": dc.lr * scale, "fake_score_lr": dc.fake_score_lr * scale}
+        if dc.feature_map_lr is not None:
+            record["feature_map_lr"] = dc.feature_map_lr * scale
         if fake_norms:
             record["fake_score_grad_norm"] = sum(fake_norms) / len(fake_norms)
         record.update(step_time_s=elapsed, samples_per_s=dc.global_batch_size / elapsed,
@@ -488,6 +491,27 @@ class DistillTrainer(StageLoop):
             save_model(model, directory)
             self.sampler.save(directory)
         return model
+
+    def _generator_groups(self, generator: nn.Module) -> list:
+        """The generator optimiser's parameter groups: one at distill.lr, or with
+        distill.feature_map_lr a second one for the feature maps of its linear layers (one group
+        without it, so checkpoints written before the setting existed still resume)."""
+        dc = self.cfg.distill
+        named = [(n, p) for n, p in generator.named_parameters() if p.requires_grad]
+        if dc.feature_map_lr is None:
+            return [{"params": [p for _, p in named]}]
+        maps = [p for n, p in named if ".processor." in n]
+        if not maps:
+            raise ValueError("distill.feature_map_lr: the generator has no trainable "
+                             "feature-map parameters (no converted layer with a learnable map, "
+                             "or distill.trainable leaves them out); set it to null")
+        rest = [p for n, p in named if ".processor." not in n]
+        return [{"params": rest}, {"params": maps, "lr": dc.feature_map_lr}]
+
+    def _generator_lrs(self) -> list:
+        """The base learning rate of each of _generator_groups' groups, in order."""
+        dc = self.cfg.distill
+        return [dc.lr] if dc.feature_map_lr is None else [dc.lr, dc.feature_map_lr]
 
     def _full_generator(self) -> Optional[nn.Module]:
         """The trained generator as one unsharded module on rank 0 (None elsewhere)."""
