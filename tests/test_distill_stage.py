@@ -316,6 +316,11 @@ def test_feature_map_lr_moves_the_maps_at_their_own_rate_and_resumes(root):
     a = flat(checkpoint_state(os.path.join(root, "maps_lr"), 2))
     b = flat(checkpoint_state(resumed.output_dir, 2))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a run of the other kind (one optimiser group) does not resume from these checkpoints
+    with pytest.raises(ValueError, match="feature_map_lr=0.01, this run has None"):
+        distill({**run("maps_lr"), "distill": {**run("maps_lr")["distill"],
+                                               "feature_map_lr": None, "steps": 3}},
+                progress=False)
 
     softmax = run("maps_lr_softmax")
     softmax["generator"]["path"] = None

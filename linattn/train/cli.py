@@ -6,7 +6,8 @@ the stage the config describes: linearisation (linattn.train.config) or, for a c
 ``distill`` section, few-step distillation (linattn.train.distill). ``sample`` generates with
 a distilled model at its step count. ``widen`` rewrites a converted model with wider Hedgehog
 maps and the same output (linattn/dit/widen.py), e.g. to give the distillation stage's
-generator more capacity (generator.path then names the widened folder). Under torchrun every process runs the same command:
+generator more capacity (generator.path then names the widened folder). Under torchrun every
+process runs the same command:
 
     torchrun --nproc_per_node 8 -m linattn.train train wan.yaml
 """

@@ -90,8 +90,8 @@ class DistillSection:
     micro_batch_size: Optional[int] = None  # per process per forward; default global/world
     lr: float = 2.0e-6                      # the generator's learning rate
     fake_score_lr: float = 4.0e-7
-    # The generator's linear-attention feature maps (Hedgehog W, parameters under a converted
-    # layer's ".processor."): null = lr. Set higher when they should move: at lr 1e-4 a toy
+    # The generator's linear-attention feature maps (a converted layer's processor.q_map and
+    # processor.k_map, e.g. Hedgehog W): null = lr. Set higher when they should move: at lr 1e-4 a toy
     # generator's Hedgehog weights moved by 0.008 (4 % of their std) in 3000 updates.
     feature_map_lr: Optional[float] = None
     betas: list = field(default_factory=lambda: [0.0, 0.999])

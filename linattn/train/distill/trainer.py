@@ -448,7 +448,10 @@ class DistillTrainer(StageLoop):
         dc = self.cfg.distill
         keys = {**super().resume_keys(), "fake_score_updates": dc.fake_score_updates,
                 "num_steps": dc.num_steps, "num_rows": self.order.num_rows,
-                "ema_decay": dc.ema_decay, "ema_start_step": dc.ema_start_step}
+                "ema_decay": dc.ema_decay, "ema_start_step": dc.ema_start_step,
+                # one optimiser group or two: a checkpoint of the other kind cannot load
+                # (None for checkpoints written before the setting, which had one group)
+                "feature_map_lr": dc.feature_map_lr}
         if dc.lr_schedule == "constant":
             # Nothing a step does depends on the step count then (the draws are functions of
             # the step number, the learning rate is constant after warmup), so a run asked for
@@ -500,12 +503,12 @@ class DistillTrainer(StageLoop):
         named = [(n, p) for n, p in generator.named_parameters() if p.requires_grad]
         if dc.feature_map_lr is None:
             return [{"params": [p for _, p in named]}]
-        maps = [p for n, p in named if ".processor." in n]
+        maps = [p for n, p in named if _is_feature_map(n)]
         if not maps:
             raise ValueError("distill.feature_map_lr: the generator has no trainable "
                              "feature-map parameters (no converted layer with a learnable map, "
                              "or distill.trainable leaves them out); set it to null")
-        rest = [p for n, p in named if ".processor." not in n]
+        rest = [p for n, p in named if not _is_feature_map(n)]
         return [{"params": rest}, {"params": maps, "lr": dc.feature_map_lr}]
 
     def _generator_lrs(self) -> list:
@@ -534,6 +537,12 @@ class DistillTrainer(StageLoop):
         model = load_generator(self.cfg.generator, source)
         model.load_state_dict(full, strict=True)
         return model.to(self.ctx.device)
+
+
+def _is_feature_map(name: str) -> bool:
+    """Whether a generator parameter belongs to a converted layer's q or k feature map
+    (linattn.dit.processor registers them as processor.q_map / processor.k_map)."""
+    return ".processor.q_map." in name or ".processor.k_map." in name
 
 
 def seeded_noise(indices: list, shape, device: torch.device) -> torch.Tensor:
