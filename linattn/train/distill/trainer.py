@@ -180,7 +180,10 @@ class DistillTrainer(StageLoop):
                                   if p.requires_grad], dc.ema_decay, dc.ema_start_step)
                     if dc.ema_decay is not None else None)
         adam = dict(betas=tuple(dc.betas), eps=dc.adam_eps, weight_decay=dc.weight_decay)
-        self.optimizer = torch.optim.AdamW(self._generator_groups(generator), lr=dc.lr, **adam)
+        groups = self._generator_groups(generator)
+        # Each group's rate before the schedule's factor (train_step scales it every step).
+        self.generator_base_lrs = [group["lr"] for group in groups]
+        self.optimizer = torch.optim.AdamW(groups, lr=dc.lr, **adam)
         self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=dc.fake_score_lr, **adam)
 
         self.sampler = SamplerSpec(times=tuple(generator_times(config.generator_times,
@@ -341,7 +344,7 @@ class DistillTrainer(StageLoop):
         dc = self.cfg.distill
         start = time.perf_counter()
         scale = self.lr_scale(self.step)
-        for group, base in zip(self.optimizer.param_groups, self._generator_lrs()):
+        for group, base in zip(self.optimizer.param_groups, self.generator_base_lrs):
             group["lr"] = base * scale
         for group in self.fake_optimizer.param_groups:
             group["lr"] = dc.fake_score_lr * scale
@@ -502,19 +505,14 @@ class DistillTrainer(StageLoop):
         dc = self.cfg.distill
         named = [(n, p) for n, p in generator.named_parameters() if p.requires_grad]
         if dc.feature_map_lr is None:
-            return [{"params": [p for _, p in named]}]
+            return [{"params": [p for _, p in named], "lr": dc.lr}]
         maps = [p for n, p in named if _is_feature_map(n)]
         if not maps:
             raise ValueError("distill.feature_map_lr: the generator has no trainable "
                              "feature-map parameters (no converted layer with a learnable map, "
                              "or distill.trainable leaves them out); set it to null")
         rest = [p for n, p in named if not _is_feature_map(n)]
-        return [{"params": rest}, {"params": maps, "lr": dc.feature_map_lr}]
-
-    def _generator_lrs(self) -> list:
-        """The base learning rate of each of _generator_groups' groups, in order."""
-        dc = self.cfg.distill
-        return [dc.lr] if dc.feature_map_lr is None else [dc.lr, dc.feature_map_lr]
+        return [{"params": rest, "lr": dc.lr}, {"params": maps, "lr": dc.feature_map_lr}]
 
     def _full_generator(self) -> Optional[nn.Module]:
         """The trained generator as one unsharded module on rank 0 (None elsewhere)."""
