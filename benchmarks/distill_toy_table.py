@@ -73,6 +73,8 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
                     # the softmax generator has no feature maps to give a rate of their own
                     "feature_map_lr": args.feature_map_lr if generator_path else None,
+                    # the linear generator's trained parameters; the softmax one trains all
+                    "trainable": args.trainable if generator_path else "all",
                     "gradient_checkpointing": False, "seed": args.seed,
                     "regression_data": args.regression_data,
                     "regression_weight": args.regression_weight if args.regression_data else 0.0,
@@ -194,6 +196,10 @@ def main(argv=None) -> int:
     p.add_argument("--feature-map-lr", type=float,
                    help="the linear generator's Hedgehog maps' own learning rate "
                         "(distill.feature_map_lr; default: --lr)")
+    p.add_argument("--trainable", nargs="+", default="all", metavar="SUBSTRING",
+                   help="the linear generator's trained parameters, by name substring "
+                        "(distill.trainable; default: all; e.g. attn1. for its self-attention "
+                        "layers only, as the first stage trains)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--regression-data", metavar="DIR",
                    help="DMD's regression anchor: a teacher-data folder of the toy teacher "
@@ -231,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
+    if args.trainable == ["all"]:
+        args.trainable = "all"
     torch.set_num_threads(args.threads)
     os.makedirs(args.out, exist_ok=True)
 
@@ -300,6 +308,8 @@ def main(argv=None) -> int:
                  f"{args.fake_score_lr:g} (fake score)"
                  + (f", {args.feature_map_lr:g} (the linear generator's feature maps)"
                     if args.feature_map_lr else "")
+                 + (f", the linear generator trains {' '.join(args.trainable)} only"
+                    if args.trainable != "all" else "")
                  + (f", regression anchor weight {args.regression_weight:g} on "
                     f"{args.regression_data} ({args.regression_inputs} inputs)"
                     if args.regression_data else "")

@@ -328,3 +328,24 @@ def test_feature_map_lr_moves_the_maps_at_their_own_rate_and_resumes(root):
         distill(softmax, progress=False)
     with pytest.raises(ValueError, match="distill.feature_map_lr: must be > 0"):
         load_distill_config(config(root, "bad"), ["distill.feature_map_lr=0"])
+
+
+def test_trainable_narrows_the_generator_to_the_named_parameters(root):
+    """distill.trainable trains only the generator parameters whose names contain one of its
+    substrings (here its self-attention, as the first stage trains): those move, every other
+    parameter of the distilled model is bit-identical to the first stage's; a substring that
+    matches nothing is refused naming the field."""
+    cfg = config(root, "attn_only", steps=2, lr=1e-2, trainable=["attn1."])
+    cfg["output"].update(eval_every=0)
+    result = distill(cfg, progress=False)
+    start = dit.load_converted(os.path.join(root, "stage1", "final"), backend="reference")
+    trained, _ = load_distilled(result.final_dir, backend="reference")
+    before, after = start.state_dict(), trained.state_dict()
+    moved = {name for name in after if not torch.equal(after[name], before[name])}
+    assert moved and all("attn1." in name for name in moved), sorted(moved)
+    assert any("attn1.processor." in name for name in moved)    # the feature maps train too
+    assert all(torch.equal(after[n], before[n]) for n in after if "attn1." not in n)
+
+    bad = config(root, "attn_none", steps=1, trainable=["no_such_parameter"])
+    with pytest.raises(ValueError, match="distill.trainable: .*matches no model parameter"):
+        distill(bad, progress=False)

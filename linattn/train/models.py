@@ -102,9 +102,11 @@ def student_gates(student: nn.Module, mode: str) -> list[nn.Parameter]:
     return gates
 
 
-def set_trainable(student: nn.Module, trainable, gates: list[nn.Parameter]) -> list[str]:
+def set_trainable(student: nn.Module, trainable, gates: list[nn.Parameter],
+                  field: str = "train.trainable") -> list[str]:
     """requires_grad per train.trainable ("all", or name substrings); gates always train.
-    Returns the names of the trainable parameters."""
+    Returns the names of the trainable parameters; `field` is the config field an error names
+    (the distillation stage's are distill.trainable and distill.fake_score_trainable)."""
     gate_ids = {id(g) for g in gates}
     names = []
     for name, p in student.named_parameters():
@@ -114,7 +116,7 @@ def set_trainable(student: nn.Module, trainable, gates: list[nn.Parameter]) -> l
         if on:
             names.append(name)
     if len(names) == len(gates):
-        raise ValueError(f"train.trainable: {trainable!r} matches no model parameter")
+        raise ValueError(f"{field}: {trainable!r} matches no model parameter")
     return names
 
 

@@ -146,8 +146,8 @@ class DistillTrainer(StageLoop):
             generator = load_generator(config.generator, source).to(self.ctx.device)
             fake = make_fake_score(source).to(self.ctx.device)
         del source
-        set_trainable(generator, dc.trainable, [])
-        set_trainable(fake, dc.fake_score_trainable, [])
+        set_trainable(generator, dc.trainable, [], field="distill.trainable")
+        set_trainable(fake, dc.fake_score_trainable, [], field="distill.fake_score_trainable")
         if dc.gradient_checkpointing:
             for name, model in (("generator", generator), ("fake score", fake)):
                 if not hasattr(model, "enable_gradient_checkpointing"):
