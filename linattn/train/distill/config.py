@@ -91,8 +91,8 @@ class DistillSection:
     lr: float = 2.0e-6                      # the generator's learning rate
     fake_score_lr: float = 4.0e-7
     # The generator's linear-attention feature maps (a converted layer's processor.q_map and
-    # processor.k_map, e.g. Hedgehog W): null = lr. Set higher when they should move: at lr 1e-4 a toy
-    # generator's Hedgehog weights moved by 0.008 (4 % of their std) in 3000 updates.
+    # processor.k_map, e.g. Hedgehog W): null = lr. Set higher when they should move: at lr
+    # 1e-4 a toy generator's Hedgehog weights moved by 0.008 (4 % of their std) in 3000 updates.
     feature_map_lr: Optional[float] = None
     betas: list = field(default_factory=lambda: [0.0, 0.999])
     weight_decay: float = 0.01
