@@ -82,3 +82,18 @@ def test_a_stopped_test_stage_still_reports_what_ran(tmp_path):
         "tests": dict(status="timeout", seconds=150, limit_s=150, result=result)}))
     assert "1 failed, 1 passed (stopped at the limit: partial)" in summary
     assert "FAILED `tests/a.py::bad`: E assert 1 == 2" in summary
+
+
+def test_split_sweep_times_the_plan_and_its_neighbours(tmp_path):
+    """benchmarks/split_sweep.py (the split model's calibration on the GPU), its dry run: the
+    planned count is among the forced ones, every count gives the same state (the script
+    checks it), and the times are written."""
+    script = ROOT / "benchmarks" / "split_sweep.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads((tmp_path / "split_sweep.json").read_text())["rows"]
+    forced = [r for r in rows if "note" not in r]
+    assert len(forced) >= 2 and sum(r["planned"] for r in forced) == 1
+    assert len({r["splits"] for r in forced}) == len(forced)
+    assert all(r["seconds"] > 0 for r in rows)
