@@ -82,6 +82,10 @@ QUICK_TESTS = ("tests/test_backends.py", "tests/test_triton_specific.py",
 #: Tests of --dry-run: one shape through both kernel backends and one Hedgehog case.
 DRY_RUN_TESTS = ("tests/test_backends.py::test_backend_matches_reference",
                  "-k", "B2-Nq77-Nk77-H2-D32-Dv32-float32-relu-bnhd")
+#: Test files the GPU run leaves out: they check the CPU dry run of this script and the packaging
+#: (a wheel built and installed), CPU work only that CI runs; on the GPU they held a worker for
+#: 100 s of a 150 s stage (2026-12-04).
+CPU_ONLY_TESTS = ("tests/test_gpu_check.py", "tests/test_packaging.py")
 #: Classes --tune sweeps: the video DiTs' head dims in bf16.
 TUNE_CLASSES = "128x128:2,64x64:2"
 
@@ -367,13 +371,17 @@ def summarize_tests(rows: list[dict]) -> dict:
     counts: dict[str, int] = {}
     for row in rows:
         counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
+    by_file: dict[str, dict[str, int]] = {}
+    for row in rows:  # what ran of each file: a stage stopped at its limit says what it covered
+        file = by_file.setdefault(row["test"].split("::")[0], {})
+        file[row["outcome"]] = file.get(row["outcome"], 0) + 1
     problems = [r for r in rows if r["outcome"] in ("failed", "error")]
     slowest = sorted((r for r in rows if r["outcome"] == "passed"),
                      key=lambda r: -r.get("seconds", 0))[:5]
     return dict(counts=counts, failures=problems[:50],
                 skipped=sorted({r.get("message", "")[:200] for r in rows
                                 if r["outcome"] == "skipped"})[:20],
-                slowest=[(r["test"], r["seconds"]) for r in slowest])
+                slowest=[(r["test"], r["seconds"]) for r in slowest], by_file=by_file)
 
 
 def stage_tests(options) -> tuple[dict, bool]:
@@ -386,8 +394,10 @@ def stage_tests(options) -> tuple[dict, bool]:
     else:
         targets = ["tests/"]
     args = [*targets, "-q", "-rfEs", "-p", "no:cacheprovider", "-o", "addopts="]
+    if not options.dry_run:
+        args += [f"--ignore={path}" for path in CPU_ONLY_TESTS]
     if not options.dry_run and importlib.util.find_spec("xdist") is not None:
-        args += ["-n", "8"]  # 16 cores: the CPU-side tests and Triton's compilations overlap
+        args += ["-n", "12"]  # 16 cores: the CPU-side tests and Triton's compilations overlap
     if importlib.util.find_spec("pytest_timeout") is not None:
         args += ["--timeout", "120"]
     # Import the working tree's linattn and tests, not this folder's conftest.
@@ -637,6 +647,11 @@ def render_summary(results: dict) -> str:
         lines += ["", "## Tests", "", ", ".join(f"{v} {k}" for k, v in
                                                  sorted(tests["counts"].items()))
                   + (" (stopped at the limit: partial)" if tests.get("partial") else "")]
+        if tests.get("by_file"):
+            lines.append("")
+            lines.append("Per file: " + "; ".join(
+                f"{Path(f).name} " + "/".join(f"{n} {o}" for o, n in sorted(c.items()))
+                for f, c in sorted(tests["by_file"].items())))
         for failure in tests.get("failures", []):
             message = failure.get("message", "").replace("\n", " / ")[:400]
             lines.append(f"- {failure['outcome'].upper()} `{failure['test']}`: {message}")

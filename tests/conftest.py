@@ -28,7 +28,11 @@ NEEDS_DIFFUSERS = frozenset({
     "test_train_trainer.py", "test_train_distributed.py", "test_train_models.py",
     "test_train_stability.py", "test_distill_stage.py", "test_distill_objectives.py",
     "test_distill_distributed.py", "test_toy.py", "test_dit_context_parallel.py",
-    "test_train_families.py"})
+    "test_train_families.py", "test_dit_fused.py", "test_dit_widen.py",
+    "test_distill_regression.py",
+    # These two import no diffusers themselves; their tests build models with it
+    # (test_distill_stage.linear_generator).
+    "test_distill_ema.py", "test_train_sharded_load.py"})
 
 
 @functools.lru_cache(maxsize=1)
@@ -78,6 +82,15 @@ def _fresh_backend_choices():
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def backend_device(backend: str) -> torch.device:
+    """Where a test puts the inputs of `backend`: the triton backend runs CUDA tensors, and CPU
+    tensors only under TRITON_INTERPRET=1 (set above when there is no GPU); "cpu" and the
+    float64 "reference" run on CPU. Import it with `from conftest import backend_device`."""
+    if backend == "triton" and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ from linattn import pre_attention
 from linattn.ops.custom_op import forward_op
 from linattn.pre_attention import NO_PRE_ATTENTION
 
+from conftest import backend_device
 from numerics import assert_close_to_reference
 
 
@@ -85,7 +86,9 @@ def test_dynamic_shapes_compile_once_with_fullgraph(backend):
     gradients match eager, with a mask, a learnable map and the (B, H, N, D) layout."""
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    fmap = linattn.feature_maps.Hedgehog(2, 16, feature_dim=8, init="random")
+    # On the backend's device: on a GPU machine triton refuses CPU tensors (and parameters).
+    device = backend_device(backend)
+    fmap = linattn.feature_maps.Hedgehog(2, 16, feature_dim=8, init="random").to(device)
 
     def attention(q, k, v, mask, eps):
         return linattn.linear_attention(q, k, v, feature_map=fmap, eps=eps, layout="bhnd",
@@ -98,8 +101,8 @@ def test_dynamic_shapes_compile_once_with_fullgraph(backend):
     # B never equals H = 2 here: dynamo gives equal sizes one symbol ("duck shaping"), and the
     # Hedgehog map's check of H, which must specialise, would then specialise B with it.
     for B, N in ((3, 37), (4, 50), (3, 91)):
-        q, k, v = (torch.randn(B, 2, N, 16, requires_grad=True) for _ in range(3))
-        mask = torch.rand(B, N) < 0.8
+        q, k, v = (torch.randn(B, 2, N, 16).to(device).requires_grad_() for _ in range(3))
+        mask = (torch.rand(B, N) < 0.8).to(device)
         got = compiled(q, k, v, mask, 1e-5)
         got.square().sum().backward()
         got_grads = [t.grad.clone() for t in (q, k, v, fmap.weight)]

@@ -7,6 +7,8 @@ import torch
 import linattn
 from linattn.backends.base import Availability
 
+from conftest import backend_device
+
 # linattn.backends is the public function backends(); the registry module lives beside it.
 registry = importlib.import_module("linattn.backends")
 
@@ -64,7 +66,8 @@ def test_explicit_unavailable_backend_raises_with_reason(monkeypatch):
 
 
 def test_backend_rejects_inputs_it_has_no_kernel_for():
-    q = torch.randn(1, 4, 1, 16, dtype=torch.float64)
+    # On triton's own device (cuda where there is one), so that the dtype is what it refuses.
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float64, device=backend_device("triton"))
     with pytest.raises(linattn.BackendUnavailableError, match="dtype float64 is not supported"):
         linattn.linear_attention(q, q, q, backend="triton")
 

@@ -11,7 +11,9 @@ norms' weight and bias gradients too, with the specs in the whole sequence's pos
 caller, as diffusers' context parallelism does).
 
 The processes are spawned once per process count (a module fixture) and run every case; the
-test functions check what they wrote.
+test functions check what they wrote. Each case runs on its backend's device (conftest.py's
+backend_device): the triton cases on the GPU where there is one (the gloo all-reduce takes CUDA
+tensors), on CPU tensors in the interpreter elsewhere; results are compared on the CPU.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from linattn.ops import alloc
 from linattn.ops.linear_attention import _resolve_maps
 from linattn.ops.reference import linear_attention_reference
 
+from conftest import backend_device
 from numerics import assert_close_to_reference
 
 
@@ -104,8 +107,14 @@ CASES = [
 ]
 
 
-def make_maps(case: Case):
-    """(map for q, map for k) as fresh modules, the same on every process."""
+def make_maps(case: Case, device: torch.device = torch.device("cpu")):
+    """(map for q, map for k) as fresh modules on `device`, the same on every process."""
+    q_map, k_map = _make_maps(case)
+    # Drawn on the CPU (the same values on every device), then moved in place.
+    return tuple(m.to(device) if isinstance(m, torch.nn.Module) else m for m in (q_map, k_map))
+
+
+def _make_maps(case: Case):
     torch.manual_seed(1000 + CASES.index(case))
     if case.feature_map == "hedgehog":
         q_map = feature_maps.Hedgehog(case.heads, case.head_dim, feature_dim=8)
@@ -145,7 +154,7 @@ def make_inputs(case: Case) -> dict:
 ROPE_START = 2  # the tables rotate tokens [2, N - 1): text-like tokens before and after stay
 
 
-def make_pre(case: Case) -> dict:
+def make_pre(case: Case, device: torch.device = torch.device("cpu")) -> dict:
     """The norms' parameters and the RoPE tables of the whole sequence (the same on every
     process). Even cases: RMSNorm over all heads with a weight (Wan), tables of one angle per
     pair, interleaved; odd: LayerNorm per head with weight and bias (CogVideoX), full-width
@@ -156,7 +165,8 @@ def make_pre(case: Case) -> dict:
     wdtype = torch.float64 if case.dtype == torch.float64 else torch.float32
 
     def param(*shape):
-        return torch.nn.Parameter((1 + 0.3 * torch.randn(*shape, generator=gen)).to(wdtype))
+        weight = 1 + 0.3 * torch.randn(*shape, generator=gen)
+        return torch.nn.Parameter(weight.to(device, wdtype))
     rows = N - 1 - ROPE_START
     if index % 2 == 0:
         kind, over, shape, bias, style, width = "rms", "heads", (H * D,), False, "interleaved", D // 2
@@ -166,7 +176,7 @@ def make_pre(case: Case) -> dict:
     return {"kind": kind, "over": over, "style": style,
             "q_weight": param(*shape), "k_weight": param(*shape),
             "q_bias": param(*shape) if bias else None, "k_bias": param(*shape) if bias else None,
-            "cos": angles.cos().to(wdtype), "sin": angles.sin().to(wdtype)}
+            "cos": angles.cos().to(device, wdtype), "sin": angles.sin().to(device, wdtype)}
 
 
 def pre_kwargs(case: Case, pre: dict, q_range=None, k_range=None) -> dict:
@@ -223,8 +233,10 @@ def in_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def run_case(case: Case, rank: int, world: int) -> dict:
-    data = make_inputs(case)
-    q_map, k_map = make_maps(case)
+    """This process's outputs and gradients, on the CPU (for the test process to compare)."""
+    device = backend_device(case.backend)
+    data = {n: None if t is None else t.to(device) for n, t in make_inputs(case).items()}
+    q_map, k_map = make_maps(case, device)
     qc, kc = bounds(case.q_len, world), key_bounds(case, world)
     q, do = (data[n][:, qc[rank]:qc[rank + 1]] for n in ("q", "do"))
     k, v = (data[n][:, kc[rank]:kc[rank + 1]] for n in ("k", "v"))
@@ -233,7 +245,7 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     do = in_layout(do, case.layout)
     pre, kwargs = None, {}
     if case.pre:
-        pre = make_pre(case)
+        pre = make_pre(case, device)
         kwargs = pre_kwargs(case, pre, (qc[rank], qc[rank + 1]), (kc[rank], kc[rank + 1]))
     o = distributed.linear_attention(q, k, v, feature_map=(q_map, k_map), layout=case.layout,
                                      key_padding_mask=mask, backend=case.backend,
@@ -245,8 +257,8 @@ def run_case(case: Case, rank: int, world: int) -> dict:
     for side, fmap in (("q", q_map), ("k", k_map)):
         if isinstance(fmap, torch.nn.Module):
             out[f"dw_{side}"] = next(iter(fmap.parameters())).grad
-    return {name: t.detach() if name.startswith("dw") else in_layout(t.detach(), case.layout)
-            for name, t in out.items()}
+    return {name: (t.detach() if name.startswith("dw") else in_layout(t.detach(), case.layout))
+            .cpu() for name, t in out.items()}
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -281,16 +293,18 @@ def four(tmp_path_factory):
 
 
 def unsharded(case: Case) -> tuple[dict, dict]:
-    """(float64 reference, the single-process op) on the whole sequence: o and gradients."""
-    data = make_inputs(case)
+    """(float64 reference, the single-process op) on the whole sequence: o and gradients, on
+    the CPU. The float64 reference runs on the CPU; the op on its backend's device."""
     answers = []
     for backend in ("reference64", case.backend):
-        q_map, k_map = make_maps(case)
+        device = backend_device("reference" if backend == "reference64" else backend)
+        data = {n: None if t is None else t.to(device) for n, t in make_inputs(case).items()}
+        q_map, k_map = make_maps(case, device)
         dtype = torch.float64 if backend == "reference64" else case.dtype
         q, k, v = (data[n].to(dtype, copy=True).requires_grad_() for n in ("q", "k", "v"))
         pre, kwargs = None, {}
         if case.pre:
-            pre = make_pre(case)
+            pre = make_pre(case, device)
             kwargs = pre_kwargs(case, pre)
         if backend == "reference64" and not case.pre:
             o = linear_attention_reference(q, k, v, *_resolve_maps((q_map, k_map)), 1e-6,
@@ -309,7 +323,7 @@ def unsharded(case: Case) -> tuple[dict, dict]:
         for side, fmap in (("q", q_map), ("k", k_map)):
             if isinstance(fmap, torch.nn.Module):
                 out[f"dw_{side}"] = next(iter(fmap.parameters())).grad
-        answers.append(out)
+        answers.append({name: t.cpu() for name, t in out.items()})
     return answers[0], answers[1]
 
 

@@ -23,6 +23,8 @@ from linattn.kernels.triton import plan
 from linattn.kernels.triton.common import capture_launches
 from linattn.ops import autograd as op_autograd
 
+from conftest import backend_device
+
 # Calls that copy a tensor's values to the host (a device synchronisation on a GPU), or whose
 # output size depends on them.
 VALUE_READS = frozenset({
@@ -48,13 +50,13 @@ def test_the_guard_catches_a_value_read():
             torch.ones(2).sum().item()
 
 
-def _inputs(dtype=torch.float32, layout="bnhd"):
+def _inputs(dtype=torch.float32, layout="bnhd", device=torch.device("cpu")):
     B, N, H, D = 2, 37, 2, 16
     shape = (B, N, H, D) if layout == "bnhd" else (B, H, N, D)
-    q, k, v = (torch.randn(*shape).to(dtype).requires_grad_() for _ in range(3))
+    q, k, v = (torch.randn(*shape).to(device, dtype).requires_grad_() for _ in range(3))
     mask = torch.rand(B, N) < 0.7
     mask[-1] = False
-    return q, k, v, mask
+    return q, k, v, mask.to(device)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
@@ -73,8 +75,11 @@ def test_forward_and_backward_read_no_values(backend, feature_map):
 def test_triton_host_path_reads_no_values(feature_map):
     """The Triton backend's whole host path (validation, planning, scratch, launch arguments)
     with its launches captured instead of run (they would read values in the interpreter)."""
-    q, k, v, mask = _inputs(dtype=torch.bfloat16)
-    fmap = Hedgehog(2, 16) if feature_map == "hedgehog" else feature_map
+    # On triton's device (cuda on a GPU machine, where it refuses CPU tensors), moved there
+    # before the guard is on.
+    device = backend_device("triton")
+    q, k, v, mask = _inputs(dtype=torch.bfloat16, device=device)
+    fmap = Hedgehog(2, 16).to(device) if feature_map == "hedgehog" else feature_map
     with capture_launches() as launches, RefuseValueReads():
         out = linattn.linear_attention(q, k, v, feature_map=fmap, key_padding_mask=mask,
                                        backend="triton")

@@ -17,6 +17,8 @@ import linattn
 from linattn import feature_maps
 from linattn.feature_maps import Hedgehog
 
+from conftest import backend_device
+
 BACKENDS = ["reference", "cpu", "triton"]
 
 
@@ -68,15 +70,18 @@ def run(backend, fmap, q, k, v, mask, grad_out, layout):
 ])
 def test_masked_keys_contribute_nothing(backend, map_name, layout, dtype):
     torch.manual_seed(0)
+    # Drawn on CPU (the same numbers everywhere), then moved where the backend runs: on a GPU
+    # machine triton refuses CPU tensors.
+    device = backend_device(backend)
     B, Nq, Nk, H, D = 2, 9, 13, 2, 16
     seq_first = layout == "bnhd"
 
     def randn(n):
         shape = (B, n, H, D) if seq_first else (B, H, n, D)
-        return torch.randn(*shape).to(dtype)
+        return torch.randn(*shape).to(device, dtype)
 
     q, k, v = randn(Nq), randn(Nk), randn(Nk)
-    mask = torch.rand(B, Nk) < 0.6
+    mask = (torch.rand(B, Nk) < 0.6).to(device)
     mask[0, 0] = True
     mask[1] = False  # a batch row whose keys are all masked
     dropped = ~mask if seq_first else (~mask)[:, None, :].expand(B, H, Nk)
@@ -86,6 +91,8 @@ def test_masked_keys_contribute_nothing(backend, map_name, layout, dtype):
     poisoned_v[..., 0][dropped] = float("-inf")
     grad_out = randn(Nq)
     fmap = make_map(map_name)
+    if isinstance(fmap, torch.nn.Module):
+        fmap = fmap.to(device)  # the map's parameters go where the inputs are
 
     clean = run(backend, fmap, q, k, v, mask, grad_out, layout)
     poisoned = run(backend, fmap, q, poisoned_k, poisoned_v, mask, grad_out, layout)

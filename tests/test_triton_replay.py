@@ -23,6 +23,8 @@ from linattn import QKNorm, RoPE, linear_attention
 from linattn.backends import MapCall, get_kernel_backend
 from linattn.feature_maps import Hedgehog
 
+from conftest import backend_device
+
 triton = pytest.importorskip("triton")
 from linattn.kernels.triton import plan, replay  # noqa: E402
 from linattn.kernels.triton.common import capture_launches  # noqa: E402
@@ -32,6 +34,9 @@ if not {b.name: b for b in linattn.backends()}["triton"].available:
 
 H200 = SimpleNamespace(major=9, minor=0, multi_processor_count=132)
 META = torch.device("meta")
+#: Where the numeric tests run: cuda on a GPU machine (triton refuses CPU tensors there), else
+#: CPU tensors in the interpreter. Values are drawn by a CPU generator, then moved.
+DEVICE = backend_device("triton")
 
 
 @pytest.fixture(autouse=True)
@@ -157,27 +162,28 @@ def _inputs(case: dict, seed: int):
     g = torch.Generator().manual_seed(seed)
     B, N, H, D = 2, 19, 2, 16
     Dv = case.get("dv", D)
-    q = torch.randn(B, N, H, D, generator=g)
+    q = torch.randn(B, N, H, D, generator=g).to(DEVICE)
     if case.get("bhnd"):
         q = q.transpose(1, 2).contiguous().transpose(1, 2)
-    k = torch.randn(B, N, H, D, generator=g)
-    v = torch.randn(B, N, H, Dv, generator=g)
-    do = torch.randn(B, N, H, Dv, generator=g)
+    k = torch.randn(B, N, H, D, generator=g).to(DEVICE)
+    v = torch.randn(B, N, H, Dv, generator=g).to(DEVICE)
+    do = torch.randn(B, N, H, Dv, generator=g).to(DEVICE)
     kwargs = {}
     if case.get("mask"):
         mask = torch.rand(B, N, generator=g) > 0.3
         mask[:, 0] = True
-        kwargs["key_padding_mask"] = mask
+        kwargs["key_padding_mask"] = mask.to(DEVICE)
     if case["map"] == "hedgehog":
         kwargs["feature_map"] = Hedgehog(H, D, dtype=torch.float32)
         with torch.no_grad():
             kwargs["feature_map"].weight.add_(0.1 * torch.randn(
                 kwargs["feature_map"].weight.shape, generator=g))
+        kwargs["feature_map"].to(DEVICE)  # in place: the weight stays the module's parameter
     else:
         kwargs["feature_map"] = case["map"]
     if case.get("pre"):
-        weight = (1 + 0.1 * torch.randn(H * D, generator=g)).requires_grad_()
-        angles = torch.randn(N, D // 2, generator=g)
+        weight = (1 + 0.1 * torch.randn(H * D, generator=g)).to(DEVICE).requires_grad_()
+        angles = torch.randn(N, D // 2, generator=g).to(DEVICE)
         kwargs["q_norm"] = QKNorm("rms", weight, over="heads")
         kwargs["rope"] = RoPE(angles.cos(), angles.sin())
     return q, k, v, do, kwargs
@@ -218,8 +224,8 @@ def test_phases_replay_for_context_parallelism():
 
     def state_of(seed):
         g = torch.Generator().manual_seed(seed)
-        k, v = torch.randn(B, N, H, D, generator=g), torch.randn(B, N, H, D, generator=g)
-        s, z = torch.empty(B, H, D, D), torch.empty(B, H, D)
+        k, v = (torch.randn(B, N, H, D, generator=g).to(DEVICE) for _ in range(2))
+        s, z = torch.empty(B, H, D, D, device=DEVICE), torch.empty(B, H, D, device=DEVICE)
         backend.forward_state(k, v, None, relu, s, z)
         return s, z
 

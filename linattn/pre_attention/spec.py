@@ -255,8 +255,9 @@ def _resolve_norm(argument: str, norm, heads: int, head_dim: int, seq_len: int,
         raise ValueError(f"{argument}.over: expected 'head' (each head's D values) or 'heads' (all "
                          f"H·D values of a token), got {norm.over!r}")
     eps = torch.finfo(dtype).eps if norm.eps is None else norm.eps
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) \
-            or eps <= 0:
+    # A chained comparison rather than math.isfinite, which dynamo (torch 2.11) cannot trace on
+    # the float torch.finfo returns; NaN and inf fail it as they should.
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"{argument}.eps: expected a finite number > 0 (or None), "
                          f"got {norm.eps!r}")
     if norm.over == "heads":
