@@ -83,3 +83,18 @@ def test_auto_skips_a_backend_that_refuses_the_inputs(monkeypatch):
     with pytest.warns(RuntimeWarning, match="dtype float64 is not supported"):
         out = linattn.linear_attention(q, q, q)
     assert out.dtype == torch.float64
+
+
+def test_triton_refuses_the_combination_measured_wrong_on_sm90():
+    """float32 + key mask + fused norms/RoPE gave wrong results compiled on the H200: the
+    backend refuses exactly that combination on CUDA, naming it, and lets every neighbour pass
+    (bf16, no mask, no pre, or the interpreter's CPU tensors)."""
+    from linattn.backends.triton import refuse_measured_fault
+    cuda, cpu, mask, pre = torch.device("cuda"), torch.device("cpu"), object(), object()
+    with pytest.raises(linattn.BackendUnavailableError,
+                       match="float32 q/k/v with a key_padding_mask and fused q_norm"):
+        refuse_measured_fault(torch.float32, cuda, mask, pre)
+    for args in ((torch.bfloat16, cuda, mask, pre), (torch.float16, cuda, mask, pre),
+                 (torch.float32, cuda, None, pre), (torch.float32, cuda, mask, None),
+                 (torch.float32, cpu, mask, pre)):
+        refuse_measured_fault(*args)  # no error

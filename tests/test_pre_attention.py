@@ -188,6 +188,13 @@ def reference_run(case: Case, inputs, fmap, grad_out, leaves, dtype):
     return [out.detach()] + [copies[id(t)].grad for t in leaves]
 
 
+def refused_on_this_device(backend: str, case: Case, device) -> bool:
+    """float32 + key mask + fused norms/RoPE: measured wrong compiled on the H200, so the triton
+    backend refuses it on CUDA (linattn/backends/triton.py, refuse_measured_fault)."""
+    return (backend == "triton" and device.type == "cuda" and case.dtype == torch.float32
+            and case.masked and (case.norm != "none" or case.rope != "none"))
+
+
 def check_case(backend: str, case: Case, device, fmap=None) -> None:
     inputs = make_inputs(case, device)
     q, k, v, _, _, _, params, mask = inputs
@@ -196,6 +203,10 @@ def check_case(backend: str, case: Case, device, fmap=None) -> None:
     if isinstance(fmap, tuple):
         leaves += [m.weight for m in fmap]
     grad_out = torch.randn(q.shape, device=device).to(case.dtype)
+    if refused_on_this_device(backend, case, device):
+        with pytest.raises(linattn.BackendUnavailableError, match="a known fault"):
+            run(case, backend, inputs, fmap, grad_out, leaves)
+        return
     got = run(case, backend, inputs, fmap, grad_out, leaves)
     want = reference_run(case, inputs, fmap, grad_out, leaves, torch.float64)
     peer = reference_run(case, inputs, fmap, grad_out, leaves, case.dtype)

@@ -119,12 +119,14 @@ class TritonBackend(KernelBackend):
 
     def forward(self, q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser,
                 pre=None) -> None:
+        refuse_measured_fault(k.dtype, k.device, key_mask, pre)
         with _on_device(q.device):
             _replay().call("forward", self._plan_forward,
                            (q, k, v, key_mask, q_map, k_map, eps, o, state, normaliser, pre))
 
     def backward(self, do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
                  d_q_params, d_k_params, pre=None, d_pre=(None, None, None, None)) -> None:
+        refuse_measured_fault(k.dtype, k.device, key_mask, pre)
         with _on_device(q.device):
             _replay().call("backward", self._plan_backward,
                            (do, q, k, v, key_mask, q_map, k_map, eps, state, normaliser, dq, dk, dv,
@@ -159,6 +161,7 @@ class TritonBackend(KernelBackend):
     # applies its own side of `pre`; the forward phases write that side's norm statistics.
 
     def forward_state(self, k, v, key_mask, k_map, state, normaliser, pre=None) -> None:
+        refuse_measured_fault(k.dtype, k.device, key_mask, pre)
         with _on_device(k.device):
             _replay().call("forward_state", self._plan_forward_state,
                            (k, v, key_mask, k_map, state, normaliser, pre))
@@ -178,6 +181,7 @@ class TritonBackend(KernelBackend):
 
     def backward_keys(self, k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
                       d_k_params, pre=None, d_pre=(None, None)) -> None:
+        refuse_measured_fault(k.dtype, k.device, key_mask, pre)
         with _on_device(k.device):
             _replay().call("backward_keys", self._plan_backward_keys,
                            (k, v, key_mask, k_map, d_state, d_normaliser, centre, dk, dv,
@@ -243,6 +247,24 @@ class TritonBackend(KernelBackend):
         if reason is not None:
             raise BackendUnavailableError(f"backend='triton' cannot run these inputs: {reason}")
         return module
+
+
+def refuse_measured_fault(dtype: torch.dtype, device: torch.device, key_mask, pre) -> None:
+    """Raises for the one input combination the compiled kernels were measured to get wrong.
+
+    On the H200 (sm_90, triton 3.6, 2026-12-04; benchmarks/RESULTS.md, issue 11) every test
+    case with float32 inputs, a key_padding_mask and fused q/k norms or RoPE failed against the
+    float64 reference (outputs 150 % off; for Hedgehog, dW_k), while the same cases passed under
+    the interpreter, unmasked or in bf16, and masked float32 without norms or RoPE passed too.
+    The cause is not found yet (no GPU time was left to localise it), so the combination is
+    refused, not computed wrong. Under the interpreter (CPU tensors) the kernels are right."""
+    if (pre is not None and key_mask is not None and dtype == torch.float32
+            and device.type == "cuda"):
+        raise BackendUnavailableError(
+            "backend='triton' cannot run these inputs: float32 q/k/v with a key_padding_mask "
+            "and fused q_norm/k_norm/rope gave wrong results on sm_90 (a known fault, see "
+            "benchmarks/RESULTS.md); use bfloat16 or float16 inputs, backend='cpu' or "
+            "'reference', or apply the norms and RoPE before the call")
 
 
 def _pre_launch(pre, side: str):
