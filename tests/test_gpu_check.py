@@ -97,3 +97,16 @@ def test_split_sweep_times_the_plan_and_its_neighbours(tmp_path):
     assert len(forced) >= 2 and sum(r["planned"] for r in forced) == 1
     assert len({r["splits"] for r in forced}) == len(forced)
     assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_gpu_faults_dry_run_reaches_every_diagnosis():
+    """benchmarks/gpu_faults.py (the H200 faults, localised in the next GPU call) runs its tiny
+    cases on the CPU: the lifted refusal reaches the kernels, both diagnoses print."""
+    script = ROOT / "benchmarks" / "gpu_faults.py"
+    done = subprocess.run([sys.executable, str(script), "--dry-run"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("pre ") for line in lines) == 2
+    assert sum(line.startswith("fp16 ") for line in lines) == 2
+    assert "NaN False" in done.stdout
