@@ -369,10 +369,9 @@ def _short_message(report) -> str:
 
 def summarize_tests(rows: list[dict]) -> dict:
     counts: dict[str, int] = {}
+    by_file: dict[str, dict[str, int]] = {}  # a stage stopped at its limit says what it covered
     for row in rows:
         counts[row["outcome"]] = counts.get(row["outcome"], 0) + 1
-    by_file: dict[str, dict[str, int]] = {}
-    for row in rows:  # what ran of each file: a stage stopped at its limit says what it covered
         file = by_file.setdefault(row["test"].split("::")[0], {})
         file[row["outcome"]] = file.get(row["outcome"], 0) + 1
     problems = [r for r in rows if r["outcome"] in ("failed", "error")]

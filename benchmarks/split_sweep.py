@@ -48,9 +48,10 @@ def neighbour_counts(planned: int, programs_per_split: int, slots: int, blocks: 
 
 
 def time_seconds(fn, device) -> float:
+    """Median seconds: CUDA events on the GPU (measure.py), one wall-clock call for a dry run."""
     if device.type == "cuda":
-        import triton.testing
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median") / 1e3
+        from measure import cuda_median_seconds
+        return cuda_median_seconds(fn)
     fn()
     start = time.perf_counter()
     fn()

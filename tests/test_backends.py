@@ -18,6 +18,7 @@ from linattn.ops.reference import linear_attention_reference
 from linattn.ops.validation import to_bnhd
 from linattn import feature_maps
 
+from conftest import backend_device
 from numerics import assert_close_to_reference
 
 # The backends CI must exercise: native CPU and Triton (interpreted on a CPU-only machine).
@@ -27,7 +28,7 @@ EXPECTED_KERNEL_BACKENDS = ["cpu", "triton"]
 # Each backend on the device it runs: cpu on CPU tensors; triton on the GPU where there is one
 # (compiled kernels: the hardware bf16, fp16 and 3xTF32 fp32 paths), else on CPU tensors under
 # the interpreter (conftest.py sets TRITON_INTERPRET=1 only when torch sees no GPU).
-TRITON_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TRITON_DEVICE = backend_device("triton")
 BACKEND_DEVICES = [pytest.param("cpu", torch.device("cpu"), id="cpu"),
                    pytest.param("triton", TRITON_DEVICE, id=f"triton-{TRITON_DEVICE.type}")]
 

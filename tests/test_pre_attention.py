@@ -21,12 +21,12 @@ from linattn.ops.reference import linear_attention_reference
 from linattn.ops.validation import to_bnhd
 from linattn.pre_attention import resolve
 
+from conftest import backend_device
 from numerics import assert_close_to_reference
 
-# Each backend on the device it runs (as tests/test_backends.py): triton on the GPU where there is
+# Each backend on the device it runs (conftest.backend_device): triton on the GPU where there is
 # one, else on CPU tensors under the interpreter.
-DEVICES = {"cpu": torch.device("cpu"),
-           "triton": torch.device("cuda" if torch.cuda.is_available() else "cpu")}
+DEVICES = {name: backend_device(name) for name in ("cpu", "triton")}
 
 
 @dataclass(frozen=True)
