@@ -207,10 +207,12 @@ def main(argv=None) -> int:
                         "data.dir=DIR); default: no anchor (the published DMD2 recipe)")
     p.add_argument("--regression-weight", type=float, default=1.0,
                    help="the anchor's weight (with --regression-data)")
-    p.add_argument("--regression-inputs", choices=["renoised", "trajectory"], default="renoised",
+    p.add_argument("--regression-inputs", choices=["renoised", "trajectory", "generated"],
+                   default="renoised",
                    help="the anchor's inputs at steps k >= 1: the teacher's sample noised again "
-                        "(renoised) or the teacher's own trajectory at t_k (trajectory: with "
-                        "--dmd-weight 0 --fake-score-updates 0, the ODE initialisation)")
+                        "(renoised), the teacher's own trajectory at t_k (trajectory: with "
+                        "--dmd-weight 0 --fake-score-updates 0, the ODE initialisation) or the "
+                        "generator's own earlier steps from the pair's noise (generated)")
     p.add_argument("--renoise", choices=["fresh", "implied"], default="fresh",
                    help="the generator's step rule in training and sampling: fresh noise "
                         "(DMD2) or the noise its input implies (a deterministic step)")

@@ -1,7 +1,8 @@
 """DMD's regression anchor in the distillation stage (linattn.train.distill.regression): its
 pairs are the teacher data's (starting noise, guided sample), its inputs are what the
-generator's step sees at inference ("renoised") or the teacher's own trajectory at the
-generator's times ("trajectory", exact on the Euler path), it pulls the generator's samples
+generator's step sees at inference ("renoised"), the teacher's own trajectory at the
+generator's times ("trajectory", exact on the Euler path) or the generator's own earlier steps
+("generated"), it pulls the generator's samples
 onto the teacher's, a run with it resumes bit-exact, regression alone (the ODE
 initialisation) trains no fake score, and its settings are checked."""
 import os
@@ -14,7 +15,8 @@ from linattn.train.conditioning import Conditioning
 from linattn.train.data import TeacherDataset
 from linattn.train.distill import distill, load_distill_config
 from linattn.train.distill.regression import RegressionPairs, regression_input
-from linattn.train.distill.sampler import clean_prediction
+from linattn.train.distill.sampler import (backward_simulation, clean_prediction, few_step_sample,
+                                           generator_input)
 from linattn.train.flow import FlowModel
 from linattn.train.metrics import read_metrics
 from linattn.train.teacher_data import DataSpec, conditioning_digest, generate_teacher_data
@@ -193,7 +195,12 @@ def test_anchor_pulls_a_one_step_generator_onto_the_teachers_samples(tmp_path, p
 ODE_INIT = dict(fake_score_updates=0, dmd_weight=0.0, regression_inputs="trajectory")
 
 
-@pytest.mark.parametrize("kw", [{}, ODE_INIT], ids=["dmd_anchored", "ode_initialisation"])
+GENERATED = dict(fake_score_updates=0, dmd_weight=0.0, regression_inputs="generated",
+                 renoise="implied")
+
+
+@pytest.mark.parametrize("kw", [{}, ODE_INIT, GENERATED],
+                         ids=["dmd_anchored", "ode_initialisation", "generated_inputs"])
 def test_anchored_run_resumes_bit_exact(tmp_path, pairs_dir, kw):
     root = str(tmp_path)
     full = distill(config(root, "full", pairs_dir, **kw), progress=False)
@@ -282,3 +289,60 @@ def test_ode_initialisation_learns_the_teachers_flow_map_and_trains_no_fake_scor
         assert torch.equal(value, reference[name].float()), name
     moved = [k for k in reference if not torch.equal(state[f"model.{k}"], reference[k])]
     assert moved      # while the generator did train
+
+
+def test_generated_inputs_are_the_generators_own_earlier_steps(pairs_dir):
+    """"generated" inputs: the pair's noise at t = 1, else exactly what the generator's own
+    steps hand the step at inference (a hand-written chain of clean predictions joined by each
+    step rule), the input backward simulation's exit step predicts from; without the
+    generator's steps to call, refused."""
+    times = [1.0, 0.9, 0.75, 0.5]
+    pairs = RegressionPairs(pairs_dir, latent_shape=LATENT, guidance_scale=GUIDANCE,
+                            inputs="generated", times=times)
+    ids = [4, 0, 2]
+    noise, sample, cond = pairs.batch(ids, torch.device("cpu"))
+    fn = FlowModel(tiny_teacher(), 1000, input_dtype=torch.float32)
+    step_noise = {k: torch.randn_like(noise) for k in range(1, len(times))}
+    for rule in ("implied", "fresh"):
+        x, chain = noise.clone(), {0: noise}
+        with torch.no_grad():
+            for k in range(len(times) - 1):
+                x0 = clean_prediction(fn, x, times[k], cond)
+                eps = (step_noise[k + 1] if rule == "fresh"
+                       else (x - (1 - times[k]) * x0) / times[k])
+                x = (1 - times[k + 1]) * x0 + times[k + 1] * eps
+                chain[k + 1] = x
+        for k, t in enumerate(times):
+            got = pairs.inputs_at(ids, noise, sample, t, lambda: pytest.fail("drew fresh noise"),
+                                  generated=lambda: generator_input(
+                                      fn, noise, cond, times, step_noise.__getitem__, k,
+                                      step_rule=rule))
+            torch.testing.assert_close(got, chain[k], atol=1e-5, rtol=1e-5)
+            with torch.no_grad():
+                exit_prediction = backward_simulation(fn, fn, noise, cond, times,
+                                                      step_noise.__getitem__, k, grad=False,
+                                                      step_rule=rule)
+                torch.testing.assert_close(exit_prediction,
+                                           clean_prediction(fn, got, t, cond))
+    with pytest.raises(ValueError, match="'generated' inputs need the generator's own steps"):
+        pairs.inputs_at(ids, noise, sample, 0.75, lambda: torch.zeros_like(noise))
+
+
+def sample_error(model, pairs_dir, times):
+    """mean ‖K-step sample from z − x(z)‖² over every pair, the deterministic step rule."""
+    pairs = RegressionPairs(pairs_dir, latent_shape=LATENT, guidance_scale=GUIDANCE)
+    noise, sample, cond = pairs.batch(range(len(pairs)), torch.device("cpu"))
+    fn = FlowModel(model, 1000, input_dtype=torch.float32)
+    x = few_step_sample(fn, noise, cond, times, step_rule="implied")
+    return float((x - sample).square().mean())
+
+
+def test_generated_inputs_pull_the_k_step_sample_onto_the_teachers(tmp_path, pairs_dir):
+    """Regression on the generator's own inputs trains what the sampler computes: the 4-step
+    sample's error against the teacher's sample from the same noise falls."""
+    times = [1.0, 0.9, 0.75, 0.5]
+    before = sample_error(tiny_teacher(), pairs_dir, times)
+    result = distill(config(str(tmp_path), "generated", pairs_dir, steps=12, **GENERATED),
+                     progress=False)
+    after = sample_error(result.model, pairs_dir, times)
+    assert after < 0.7 * before, (before, after)

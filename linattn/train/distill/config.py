@@ -25,7 +25,7 @@ from ..config import (DTYPES, LR_SCHEDULES, PRECISIONS, SAMPLERS, STRATEGIES, Mo
                       embeddings_file, load_sections, read_sections)
 
 STAGE_SECTION = "distill"   # a config with this section is a distillation config
-REGRESSION_INPUTS = ("renoised", "trajectory")   # distill.regression_inputs (regression.py)
+REGRESSION_INPUTS = ("renoised", "trajectory", "generated")   # distill.regression_inputs (regression.py)
 RENOISE = ("fresh", "implied")                   # distill.renoise, the step rule (sampler.py)
 
 
@@ -115,7 +115,9 @@ class DistillSection:
     # The generator's input at its steps k >= 1 for a pair: "renoised" (the teacher's sample
     # noised again with fresh noise, what inference sees) or "trajectory" (the teacher's own
     # sampling trajectory at t_k, whose endpoint is then a function of the input: the ODE
-    # initialisation of CausVid / Self-Forcing). linattn.train.distill.regression.
+    # initialisation of CausVid / Self-Forcing) or "generated" (the generator's own steps from
+    # the pair's noise, as at inference: its K-step sample is regressed onto the teacher's).
+    # linattn.train.distill.regression.
     regression_inputs: str = "renoised"
     # The distribution-matching term's weight: L_G = dmd_weight · L_DMD + regression_weight ·
     # L_reg. 1: DMD. 0: the regression-only control (needs the anchor; the push is still

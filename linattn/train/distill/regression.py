@@ -24,6 +24,14 @@ carries that to the K-step generator of DMD2's backward simulation:
   other samplers' points are exact only at their own times, and a generator time between them
   is refused. Run with distill.dmd_weight 0 and distill.fake_score_updates 0, this is the ODE
   initialisation itself (no fake score, no DMD); with DMD it is an anchor that does not blur.
+* with "generated", step k takes what the generator itself hands it at inference: its own
+  steps 0..k−1 from z, without gradient and joined by its step rule (distill.renoise), and
+  the target is x(z). "trajectory" trains each step on the teacher's states, which the
+  generator never sees once its earlier steps err (exposure bias); here every step learns to
+  finish from where the generator's own earlier steps left it, so the loss is the K-step
+  sample's error against the teacher's (with the "implied" rule a function of z alone, the
+  deterministic map the sampler computes). Started from the ODE initialisation, it is the
+  regression form of DMD2's backward simulation. Costs up to K − 1 forwards more per sample.
 
     L_reg = mean ‖G_k(input_k) − x(z)‖²,  L_G = L_DMD + distill.regression_weight · L_reg
 
@@ -35,7 +43,7 @@ distribution than DMD's; both are checked.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -132,14 +140,22 @@ class RegressionPairs:
         return points["x_t"] + (float(t) - t_j) * step
 
     def inputs_at(self, trajectories: Sequence[int], noise: Tensor, sample: Tensor, t: float,
-                  fresh: Callable[[], Tensor]) -> Tensor:
+                  fresh: Callable[[], Tensor],
+                  generated: Optional[Callable[[], Tensor]] = None) -> Tensor:
         """The generator's input at time t for these pairs (their noise, sample from
         ``batch``): the noise at t = 1, else by ``self.inputs`` (module docstring);
-        ``fresh()`` gives the renoised input's noise and is called only for that input."""
+        ``fresh()`` gives the renoised input's noise and is called only for that input,
+        ``generated()`` the generator's own input at t from the pairs' noise (linattn.train.
+        distill.sampler.generator_input) and is called only for "generated" inputs."""
         if float(t) == 1.0:
             return noise.float()
         if self.inputs == "renoised":
             return regression_input(noise, sample, t, fresh())
+        if self.inputs == "generated":
+            if generated is None:
+                raise ValueError("distill.regression_inputs: 'generated' inputs need the "
+                                 "generator's own steps (the generated= callable)")
+            return generated().float()
         return self.trajectory_points(trajectories, t).to(noise.device)
 
 

@@ -93,6 +93,18 @@ def backward_simulation(model_no_grad: FlowModel, model: FlowModel, noise: Tenso
     ``step_rule`` is the rule between steps ("fresh" or "implied", module docstring), as at
     inference.
     """
+    x = generator_input(model_no_grad, noise, cond, times, step_noise, exit_step,
+                        step_rule=step_rule)
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        return clean_prediction(model, x, float(times[exit_step]), cond)
+
+
+def generator_input(model: FlowModel, noise: Tensor, cond: Tensor, times: Sequence[float],
+                    step_noise: Optional[StepNoise], exit_step: int, *,
+                    step_rule: str = "fresh") -> Tensor:
+    """The input (B, ...) float32 the generator's step ``exit_step`` receives when it runs
+    from ``noise`` at times[0] = 1 (the noise itself for step 0): the steps before run
+    ``model`` without gradient and are joined by ``step_rule``, as at inference."""
     if step_rule not in RENOISE:
         raise ValueError(f"step_rule: expected one of {RENOISE}, got {step_rule!r}")
     if not 0 <= exit_step < len(times):
@@ -103,12 +115,11 @@ def backward_simulation(model_no_grad: FlowModel, model: FlowModel, noise: Tenso
     x = noise.float()
     with torch.no_grad():
         for k in range(exit_step):
-            x0 = clean_prediction(model_no_grad, x, float(times[k]), cond)
+            x0 = clean_prediction(model, x, float(times[k]), cond)
             draw = ((lambda k=k: step_noise(k + 1)) if step_noise is not None
                     else (lambda: torch.randn_like(x0)))
             x = next_input(x, x0, float(times[k]), float(times[k + 1]), step_rule, draw)
-    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-        return clean_prediction(model, x, float(times[exit_step]), cond)
+    return x
 
 
 def sample_step_noise(seed: int, indices: Sequence[int], step: int, shape,

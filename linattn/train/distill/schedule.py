@@ -30,6 +30,7 @@ SCORE_NOISE = 2
 REGRESSION_PAIR = 3    # which teacher pair a sample's regression term uses
 REGRESSION_NOISE = 4   # the fresh noise a pair's sample is carried to t_k with
 GENERATOR_NOISE = 16   # + k: the noise the generator's step k starts from (k = 0: pure noise)
+REGRESSION_STEP_NOISE = 48   # + k: step k's fresh noise in a "generated" regression input
 
 
 def _generator(*entries: int) -> torch.Generator:

@@ -46,9 +46,10 @@ from .ema import GeneratorEMA
 from .models import SamplerSpec, empty_generator, load_generator, make_fake_score
 from .objectives import dmd_generator_loss, flow_matching_loss, score_times
 from .regression import RegressionPairs, regression_loss
-from .sampler import backward_simulation, clean_prediction, generator_times, seeded_sample
-from .schedule import (GENERATOR_NOISE, REGRESSION_NOISE, REGRESSION_PAIR, SCORE_NOISE,
-                       SCORE_TIME, ConditioningOrder, StepDraws)
+from .sampler import (backward_simulation, clean_prediction, generator_input, generator_times,
+                      seeded_sample)
+from .schedule import (GENERATOR_NOISE, REGRESSION_NOISE, REGRESSION_PAIR, REGRESSION_STEP_NOISE,
+                       SCORE_NOISE, SCORE_TIME, ConditioningOrder, StepDraws)
 
 EVAL_SEED = 1_000_003           # sampling seed of the evaluation's held-out noise
 DEFAULT_TEACHER_STEPS = 50      # the reference teacher sampler's steps (output.eval_num_steps)
@@ -249,7 +250,11 @@ class DistillTrainer(StageLoop):
         noise, sample, cond = self.regression.batch(pairs, self.ctx.device)
         t = float(self.sampler.times[exit_step])
         x = self.regression.inputs_at(
-            pairs, noise, sample, t, lambda: draws.normal(REGRESSION_NOISE, indices, shape))
+            pairs, noise, sample, t, lambda: draws.normal(REGRESSION_NOISE, indices, shape),
+            generated=lambda: generator_input(
+                self.generator_eval, noise, cond, self.sampler.times,
+                lambda k: draws.normal(REGRESSION_STEP_NOISE + k, indices, shape), exit_step,
+                step_rule=self.sampler.renoise))
         return regression_loss(clean_prediction(self.generator_fn, x, t, cond), sample)
 
     def _fake_score_update(self, update: int) -> tuple[float, Optional[float]]:
