@@ -61,10 +61,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
-from split_sweep import SHAPES  # noqa: E402  (the shape table, shared)
+from split_sweep import SHAPES, device_and_shapes  # noqa: E402  (shapes and their choice, shared)
 
 DEFAULT_SHAPES = ("Wan 1.3B", "Wan 14B")
-DRY_RUN_SHAPE = ("tiny", (1, 512, 2, 32))
 #: Split counts the dry run forces beside the planned one (None: the planner's own).
 DRY_RUN_SPLITS = (None, 2)
 EPS = 1e-6
@@ -393,17 +392,9 @@ def main(argv=None) -> int:
         # launch run twice adds twice: neither timing it alone nor composing it holds.
         parser.error(f"{plan.ATOMIC_ENV}=1: the breakdown covers the ordered reduction only")
     maps = ("relu", "hedgehog") if options.feature_map == "both" else (options.feature_map,)
-    if options.dry_run:
-        device = torch.device("cpu")
-        cases = [(*DRY_RUN_SHAPE, s) for s in DRY_RUN_SPLITS]
-    else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA GPU (or --dry-run)")
-        device = torch.device("cuda")
-        unknown = [s for s in options.shapes.split(",") if s not in SHAPES]
-        if unknown:
-            parser.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-        cases = [(s, SHAPES[s], None) for s in options.shapes.split(",")]
+    device, shapes = device_and_shapes(parser, options)
+    cases = [(name, shape, splits) for name, shape in shapes
+             for splits in (DRY_RUN_SPLITS if options.dry_run else (None,))]
     if options.bandwidth_gbs is not None:
         bandwidth, source = options.bandwidth_gbs * 1e9, "--bandwidth-gbs"
     else:

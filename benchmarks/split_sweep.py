@@ -119,6 +119,21 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def device_and_shapes(parser, options) -> tuple:
+    """(device, [(name, (B, N, H, D))]) of a GPU script's run: the CPU and the tiny shape for
+    --dry-run, else the CUDA device and the --shapes named (parser.error on an unknown name or
+    no GPU). kernel_breakdown.py chooses the same way."""
+    import torch
+    if options.dry_run:
+        return torch.device("cpu"), [DRY_RUN_SHAPE]
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --dry-run)")
+    unknown = [s for s in options.shapes.split(",") if s not in SHAPES]
+    if unknown:
+        parser.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
+    return torch.device("cuda"), [(s, SHAPES[s]) for s in options.shapes.split(",")]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -133,16 +148,7 @@ def main(argv=None) -> int:
     import torch
     from measure import copy_bandwidth
 
-    if options.dry_run:
-        device, shapes = torch.device("cpu"), [DRY_RUN_SHAPE]
-    else:
-        if not torch.cuda.is_available():
-            parser.error("needs a CUDA GPU (or --dry-run)")
-        device = torch.device("cuda")
-        unknown = [s for s in options.shapes.split(",") if s not in SHAPES]
-        if unknown:
-            parser.error(f"--shapes: unknown {unknown}; choose from {list(SHAPES)}")
-        shapes = [(s, SHAPES[s]) for s in options.shapes.split(",")]
+    device, shapes = device_and_shapes(parser, options)
     bandwidth = copy_bandwidth(device)
     rows = []
     for name, shape in shapes:
