@@ -102,7 +102,7 @@ def _stripped_state_kernel(k_ptr, v_ptr, s_ptr, z_ptr, H, N, chunk, s_kn, s_vn,
         keep = (rows < end - n0)[:, None]
         x = tl.load(k_base + (n0 + rows)[:, None] * s_kn + d[None, :], mask=keep, other=0.0)
         vals = tl.load(v_base + (n0 + rows)[:, None] * s_vn + d[None, :], mask=keep, other=0.0)
-        phi = tl.maximum(x, 0.0)
+        phi = tl.maximum(x, 0.0).to(x.dtype)  # the 0.0 would make it fp32
         acc = tl.dot(tl.trans(phi), vals, acc)
         if VARIANT == 0:
             z += tl.sum(phi.to(tl.float32), axis=0)

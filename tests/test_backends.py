@@ -85,6 +85,9 @@ CASES = [
     replace(BASE, dtype=torch.bfloat16, q_len=1000, kv_len=1000, head_dim=64, value_dim=64),
     replace(BASE, dtype=torch.bfloat16, layout="bhnd", masked=True, feature_map="softmax"),
     replace(BASE, dtype=torch.bfloat16, feature_map="elu", head_dim=128, value_dim=64, batch=1),
+    # the video DiTs' class (D = Dv = 128, 16-bit): on a GPU, the timed configs of the tuned table
+    replace(BASE, dtype=torch.bfloat16, head_dim=128, value_dim=128, batch=1, q_len=1000,
+            kv_len=1000),
     replace(BASE, dtype=torch.float16, strided=True, feature_map="relu"),
 ]
 
