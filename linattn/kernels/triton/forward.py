@@ -72,7 +72,14 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
                               NORM_B, ROPE)
 
     acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
-    z_acc = tl.zeros((D_PAD,), dtype=tl.float32)
+    # z = φᵀ e₀ on the tensor cores beside S (column 0 of a (D, 16) product with the unit
+    # vector e₀): a cross-thread sum over the block's tokens each step held the kernel at ~40%
+    # of its floor on the H200 (benchmarks/state_probe.py). Exact: the products are φ·1 and
+    # φ·0, summed in fp32 as before.
+    unit = to_operand(tl.where(tl.arange(0, BLOCK_N)[:, None] >= 0,
+                               (tl.arange(0, 16) == 0)[None, :].to(tl.float32), 0.0),
+                      dtype, EMULATE_BF16)
+    z_cols = tl.zeros((D_PAD, 16), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         keep = rows < end - n0
         if HAS_MASK:
@@ -92,7 +99,8 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
         # rounding that S sees and z does not doubled its bf16 error (common.state_centre).
         phi = to_operand(phi, dtype, EMULATE_BF16)
         acc = mma(tl.trans(phi), to_operand(vals, dtype, EMULATE_BF16), acc, FP32)
-        z_acc += tl.sum(phi.to(tl.float32), axis=0)
+        z_cols = mma(tl.trans(phi), unit, z_cols, FP32)
+    z_acc = tl.sum(z_cols, axis=1)
 
     d = tl.arange(0, D_PAD)
     col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
