@@ -5,6 +5,8 @@ In-kernel (``@triton.jit``):
   * ``mma``: ``tl.dot`` with fp32 accumulation, fp32-accurate (3xTF32) for fp32 inputs.
   * ``split_range``: the tokens of one sequence split; ``block_offsets``: the in-block offsets
     and column mask of a block of tokens of a (B, N, H, D) view.
+  * ``unit_columns``: the B operand that turns a sum over a block's tokens (z = Σ φ) into a
+    tensor-core product beside the state's own.
   * ``state_centre`` and ``state_scale``: the vector m and the scale c with which the dq pass
     rounds (S − z mᵀ) / c, and the output pass S / c, not S, to a 16-bit operand.
 
@@ -177,6 +179,20 @@ def block_offsets(s_n, s_d, COLS, BLOCK: tl.constexpr, COLS_PAD: tl.constexpr):
     rows = tl.arange(0, BLOCK)
     cols = tl.arange(0, COLS_PAD)
     return rows[:, None] * s_n + cols[None, :] * s_d, cols < COLS
+
+
+@triton.jit
+def unit_columns(BLOCK_N: tl.constexpr):
+    """(BLOCK_N, 16) fp32, column 0 ones and the rest zeros: φᵀ · this = [Σ_rows φ, 0, ...], the
+    sum over a block's tokens on the tensor cores (16: the narrowest dot Triton accepts).
+
+    Why. A sum over the rows of a (BLOCK_N, D) block crosses warps (rows are spread over them):
+    a shared-memory round trip and a barrier every step. In the forward's state kernel that sum
+    (z += Σ φ) held the kernel at ~40% of its byte floor on the H200, and as a product it ran at
+    79-96% (benchmarks/state_probe.py, RESULTS.md 2026-12-04). Exact: products by 1 and 0,
+    summed in fp32."""
+    cols = tl.arange(0, 16)[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32)
+    return tl.where(cols == 0, 1.0, 0.0)
 
 
 @triton.jit

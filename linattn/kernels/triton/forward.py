@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import plan
 from .common import (block_offsets, bnhd_strides, check_state, emulate_bf16, launch, mask_args,
-                     mma, split_range, state_scale, to_operand, to_storage)
+                     mma, split_range, state_scale, to_operand, to_storage, unit_columns)
 from .feature_maps import feature_map, map_id
 from .pre_attention import PreLaunch, head_offsets, norm_statistics, pre_forward, pre_params
 from .reduce import split_targets
@@ -72,13 +72,9 @@ def _state_kernel(k_ptr, v_ptr, mask_ptr, s_ptr, z_ptr,
                               NORM_B, ROPE)
 
     acc = tl.zeros((D_PAD, BLOCK_DV), dtype=tl.float32)
-    # z = φᵀ e₀ on the tensor cores beside S (column 0 of a (D, 16) product with the unit
-    # vector e₀): a cross-thread sum over the block's tokens each step held the kernel at ~40%
-    # of its floor on the H200 (benchmarks/state_probe.py). Exact: the products are φ·1 and
-    # φ·0, summed in fp32 as before.
-    unit = to_operand(tl.where(tl.arange(0, BLOCK_N)[:, None] >= 0,
-                               (tl.arange(0, 16) == 0)[None, :].to(tl.float32), 0.0),
-                      dtype, EMULATE_BF16)
+    # z on the tensor cores beside S (common.unit_columns: a sum over the block's tokens each
+    # step held this kernel at ~40% of its floor on the H200).
+    unit = to_operand(unit_columns(BLOCK_N), dtype, EMULATE_BF16)
     z_cols = tl.zeros((D_PAD, 16), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         keep = rows < end - n0
