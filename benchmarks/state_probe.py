@@ -30,6 +30,11 @@ Reading it: if `read` is near the floor and `mma+z` (not serialised) is far abov
 the serialisation (or another of the library kernel's extras) costs the gap; if `mma+z` is as
 slow as `library`, the structure itself (φ(k) transposed through shared memory into the
 register operand, one barrier-bound step per block) is the limit, not C7515.
+
+Measured on the H200 (2026-12-04, benchmarks/RESULTS.md): neither. Serialised or not, the
+variants that sum z per step ran at 35-56% of the floor and those that do not at 58-97%: the
+per-step sum over the block's tokens (a cross-warp reduction) was the cost. The library kernel
+now computes z on the tensor cores (common.unit_columns), and its `library` row is that kernel.
 """
 from __future__ import annotations
 
