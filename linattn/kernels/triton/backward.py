@@ -59,6 +59,20 @@ from .reduce import split_targets
 
 
 @triton.jit
+def fp16_row_balance(inv_den):
+    """(σ, 1/σ) per row, σ = 2^⌊log2(den)/2⌋ from den = 1/inv_den's fp32 exponent bits, clamped
+    to [1, 2^14]: powers of two (so scaling by them is exact), built with integer operations
+    (exact on a GPU and in the interpreter alike). Scaling φ by 1/σ and do/den by σ leaves
+    their product unchanged and puts both near 1/√den, inside fp16's normal range up to den =
+    2^28. σ ≥ 1: φ is never scaled up (no overflow), and a den below 1 keeps today's operands."""
+    den_exponent = (((1.0 / inv_den).to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    half = tl.minimum(tl.maximum(den_exponent >> 1, 0), 14)
+    up = ((half + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - half) << 23).to(tl.float32, bitcast=True)
+    return up, down
+
+
+@triton.jit
 def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
                H, N, D, DV, chunk, eps, ds_split_stride, dz_split_stride, dz_offset,
                first_tile,
@@ -153,8 +167,18 @@ def _dq_kernel(q_ptr, do_ptr, s_ptr, z_ptr, dq_ptr, ds_ptr, dz_ptr, m_ptr,
         else:
             grad_tile = tl.load(do_base + n0 * s_gn + dot_offs,
                                 mask=row_ok[:, None] & t_ok[None, :], other=0.0)
-        dnum = grad_tile.to(tl.float32) * inv_den[:, None]
-        ds_acc = mma(tl.trans(to_operand(phi, dtype, EMULATE_BF16)),
+        if dtype == tl.float16:
+            # do/den shrinks like 1/N (den grows with the keys): rounded to an fp16 operand it
+            # fell below fp16's normal range (6.1e-5) and lost bits, dk and dv 9e-3 off at
+            # N = 100003. φ_i/σ_i ⊗ do_i σ_i/den_i with σ_i ≈ √den_i a power of two is the same
+            # product, exact, with both operands ~1/√den_i (fp16_row_balance).
+            up, down = fp16_row_balance(inv_den)
+            dnum = grad_tile.to(tl.float32) * (inv_den * up)[:, None]
+            phi_ds = phi * down[:, None]
+        else:
+            dnum = grad_tile.to(tl.float32) * inv_den[:, None]
+            phi_ds = phi
+        ds_acc = mma(tl.trans(to_operand(phi_ds, dtype, EMULATE_BF16)),
                      to_operand(dnum, dtype, EMULATE_BF16), ds_acc, FP32)
 
     col = tile * BLOCK_DV + tl.arange(0, BLOCK_DV)
