@@ -189,8 +189,9 @@ def unit_columns(BLOCK_N: tl.constexpr):
     Why. A sum over the rows of a (BLOCK_N, D) block crosses warps (rows are spread over them):
     a shared-memory round trip and a barrier every step. In the forward's state kernel that sum
     (z += Σ φ) held the kernel at ~40% of its byte floor on the H200, and as a product it ran at
-    79-96% (benchmarks/state_probe.py, RESULTS.md 2026-12-04). Exact: products by 1 and 0,
-    summed in fp32."""
+    79-96% (benchmarks/state_probe.py, RESULTS.md 2026-12-04). Exact for 16-bit operands
+    (products by 1 and 0, summed in fp32); for fp32 inputs the 3xTF32 product keeps each term to
+    ~2^-21 (measured on the H200: the fp32 output's error against the peer 8.1e-7 -> 7.9e-7)."""
     cols = tl.arange(0, 16)[None, :] + tl.zeros((BLOCK_N, 1), dtype=tl.int32)
     return tl.where(cols == 0, 1.0, 0.0)
 

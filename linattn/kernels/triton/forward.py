@@ -3,9 +3,9 @@
 Two kernels, plus the split reduction between them when the sequence is split:
 
 * state kernel, grid (B·H, splits, Dv tiles): streams its chunk of k and v, applies φ to k as it
-  loads it, accumulates an fp32 partial S (D × Dv tile) on tensor cores and z beside it (as φᵀe₀, a
-  second tensor-core product: common.unit_columns), and
-  writes the partial (or S and z themselves when there is one split; or atomically adds them, with
+  loads it, accumulates an fp32 partial S (D × Dv tile) on tensor cores and z beside it (φᵀe₀,
+  a second tensor-core product: common.unit_columns), and writes the partial (or S and z
+  themselves when there is one split; or atomically adds them, with
   LINATTN_TRITON_ATOMIC_REDUCE=1).
 * output kernel, grid (B·H, splits, Dv tiles): loads the S tile and z of its head once (as the
   operand S/c: common.state_scale), then streams its chunk of q: φ(q),
