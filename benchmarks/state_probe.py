@@ -54,11 +54,19 @@ sys.path.insert(0, str(BENCH_DIR.parent))
 sys.path.insert(0, str(BENCH_DIR))
 
 from split_sweep import SHAPES, device_and_shapes  # noqa: E402
+from linattn.kernels.triton.common import split_range  # noqa: E402
 
 #: (variant, block_n, num_warps, num_stages) of the stripped kernels timed.
 VARIANTS = {"mma+z": 0, "mma+z-tile": 1, "mma": 2}
 CONFIGS = ((32, 4, 3), (64, 8, 3), (64, 4, 2))
 DRY_RUN_CONFIGS = ((32, 4, 1),)
+
+
+@triton.jit
+def _head_bases(k_ptr, v_ptr, bh, H, N, D: tl.constexpr):
+    """k and v at the first token of head bh of a contiguous (B, N, H, D) pair."""
+    offset = ((bh // H).to(tl.int64) * N * H + bh % H) * D
+    return k_ptr + offset, v_ptr + offset
 
 
 @triton.jit
@@ -68,14 +76,10 @@ def _read_kernel(k_ptr, v_ptr, out_ptr, H, N, chunk, s_kn, s_vn,
     kernel's reads with no arithmetic."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    k_base = k_ptr + (b.to(tl.int64) * N * H + h) * D
-    v_base = v_ptr + (b.to(tl.int64) * N * H + h) * D
+    k_base, v_base = _head_bases(k_ptr, v_ptr, bh, H, N, D)
     rows = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    start = split.to(tl.int64) * chunk
-    end = tl.minimum(start + chunk, N)
+    start, end = split_range(split, chunk, N)
     total = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
         keep = (rows < end - n0)[:, None]
@@ -92,14 +96,10 @@ def _stripped_state_kernel(k_ptr, v_ptr, s_ptr, z_ptr, H, N, chunk, s_kn, s_vn,
     VARIANT 0 sums z per step, 1 keeps a z tile and reduces it at the end, 2 skips z."""
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    k_base = k_ptr + (b.to(tl.int64) * N * H + h) * D
-    v_base = v_ptr + (b.to(tl.int64) * N * H + h) * D
+    k_base, v_base = _head_bases(k_ptr, v_ptr, bh, H, N, D)
     rows = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
-    start = split.to(tl.int64) * chunk
-    end = tl.minimum(start + chunk, N)
+    start, end = split_range(split, chunk, N)
     acc = tl.zeros((D, D), dtype=tl.float32)
     z = tl.zeros((D,), dtype=tl.float32)
     z_tile = tl.zeros((BLOCK_N, D), dtype=tl.float32)
