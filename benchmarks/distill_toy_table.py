@@ -82,7 +82,14 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "renoise": args.renoise,
                     "dmd_weight": args.dmd_weight,
                     "ema_decay": args.ema_decay,
-                    "ema_start_step": args.ema_start_step if args.ema_decay else 0},
+                    "ema_start_step": args.ema_start_step if args.ema_decay else 0,
+                    # DMD2's GAN head on the fake score, its real data the anchor's folder
+                    "gan_weight": args.gan_weight,
+                    "gan_discriminator_weight": args.gan_discriminator_weight,
+                    "gan_data": (args.gan_data or args.regression_data) if args.gan_weight
+                    else None,
+                    "gan_block": args.gan_block if args.gan_weight else None,
+                    "gan_head_lr": args.gan_head_lr if args.gan_weight else None},
         "output": {"dir": out_dir, "checkpoint_every": args.checkpoint_every,
                    "eval_every": args.eval_every, "eval_num_samples": 24,
                    "eval_num_steps": SAMPLER.num_steps},
@@ -224,6 +231,20 @@ def main(argv=None) -> int:
                         "average; the live weights get a row of their own from final_raw/)")
     p.add_argument("--ema-start-step", type=int, default=0,
                    help="updates before the average starts (with --ema-decay)")
+    p.add_argument("--gan-weight", type=float, default=0.0,
+                   help="DMD2's GAN head on the fake score (distill.gan_weight; DMD2: 3e-3); "
+                        "its real data are the teacher's samples of --gan-data (default "
+                        "--regression-data); 0: no head")
+    p.add_argument("--gan-discriminator-weight", type=float, default=1e-2,
+                   help="the head's loss weight in the fake score's update "
+                        "(distill.gan_discriminator_weight)")
+    p.add_argument("--gan-data", metavar="DIR", default=None,
+                   help="teacher-data folder of the head's real samples")
+    p.add_argument("--gan-head-lr", type=float, default=None,
+                   help="the head's own learning rate (distill.gan_head_lr; default "
+                        "--fake-score-lr)")
+    p.add_argument("--gan-block", type=int, default=None,
+                   help="the block whose hidden states the head reads (default: the middle)")
     p.add_argument("--checkpoint-every", type=int, default=50)
     p.add_argument("--eval-every", type=int, default=50,
                    help="distillation steps between evaluations (0: none)")
@@ -319,6 +340,11 @@ def main(argv=None) -> int:
                  + (f", DMD weight {args.dmd_weight:g}" if args.dmd_weight != 1.0 else "")
                  + (f", generator EMA {args.ema_decay:g} from update {args.ema_start_step}"
                     if args.ema_decay else "")
+                 + (f", GAN head weight {args.gan_weight:g} (discriminator "
+                    f"{args.gan_discriminator_weight:g}, head lr "
+                    f"{args.gan_head_lr if args.gan_head_lr else args.fake_score_lr:g}, block "
+                    f"{'middle' if args.gan_block is None else args.gan_block})"
+                    if args.gan_weight else "")
                  + f"; command: python {' '.join(sys.argv)}")
     distilled = (f"linear distilled{' EMA' if args.ema_decay else ''}, {args.num_steps} steps "
                  f"({steps['linear']} DMD steps)")

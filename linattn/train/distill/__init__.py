@@ -13,8 +13,8 @@ From Python: ``linattn.train.distill.distill(config)``. Three networks: the gene
 linearised student, its linear layers kept linear, run as a K-step sampler), the real score
 (the frozen original with classifier-free guidance), the fake score (a trainable copy of the
 original, fitted to the generator's samples with the flow-matching loss). Data-free: the
-conditioning is all the data. DMD2's optional GAN head on the fake score's features is not
-implemented (the distribution-matching loss alone is trained).
+conditioning is all the data. Optional: DMD2's GAN head on the fake score's features
+(distill.gan_weight; its "real" samples are the teacher's own, from a teacher-data folder).
 
 Modules, one job each:
 
@@ -28,6 +28,7 @@ Modules, one job each:
   order of the conditioning rows
 * conditioning: the run's conditioning rows, stored in output.dir
 * models: generator, fake score, and reading a distilled model (save_pretrained + sampler.json)
+* gan: DMD2's GAN head on the fake score's hidden states, and its two logistic losses
 * trainer: the loop (linattn.train.loop's, shared with the first stage)
 * sample: ``linattn sample``
 """

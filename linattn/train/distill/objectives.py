@@ -112,5 +112,9 @@ def flow_matching_loss(model: Velocity, x: Tensor, cond: Tensor, *, t: Tensor,
     """mean ‖u(x_t, t) − (ε − x)‖² on samples x (detached): the fake score's loss."""
     x = x.detach()
     x_t = noised(x, t, noise)
-    u = _wide(model(x_t, _wide(t).float(), cond))
-    return (u - (_wide(noise) - _wide(x))).square().mean()
+    return flow_matching_error(model(x_t, _wide(t).float(), cond), x, noise)
+
+
+def flow_matching_error(u: Tensor, x: Tensor, noise: Tensor) -> Tensor:
+    """mean ‖u − (ε − x)‖² for a velocity u predicted at x noised with ε."""
+    return (_wide(u) - (_wide(noise) - _wide(x.detach()))).square().mean()

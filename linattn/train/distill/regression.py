@@ -63,7 +63,8 @@ class RegressionPairs:
     input for a pair at each of its times (``inputs``: module docstring)."""
 
     def __init__(self, data_dir: str, *, latent_shape: Sequence[int], guidance_scale: float,
-                 inputs: str = "renoised", times: Sequence[float] = ()):
+                 inputs: str = "renoised", times: Sequence[float] = (),
+                 field: str = "distill.regression_data"):
         if inputs not in INPUTS:
             raise ValueError(f"distill.regression_inputs: expected one of {INPUTS}, got "
                              f"{inputs!r}")
@@ -71,11 +72,11 @@ class RegressionPairs:
         self.dataset = TeacherDataset(data_dir)
         spec = self.dataset.spec
         if tuple(spec.latent_shape) != tuple(latent_shape):
-            raise ValueError(f"distill.regression_data: {data_dir!r} holds latents of shape "
+            raise ValueError(f"{field}: {data_dir!r} holds latents of shape "
                              f"{tuple(spec.latent_shape)}, distill.latent_shape is "
                              f"{tuple(latent_shape)}")
         if float(spec.guidance_scale) != float(guidance_scale):
-            raise ValueError(f"distill.regression_data: {data_dir!r} was sampled with guidance "
+            raise ValueError(f"{field}: {data_dir!r} was sampled with guidance "
                              f"{spec.guidance_scale}, the real score uses "
                              f"distill.guidance_scale {guidance_scale}; the anchor must target "
                              f"the distribution DMD matches")

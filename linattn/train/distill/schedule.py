@@ -29,6 +29,9 @@ SCORE_TIME = 1
 SCORE_NOISE = 2
 REGRESSION_PAIR = 3    # which teacher pair a sample's regression term uses
 REGRESSION_NOISE = 4   # the fresh noise a pair's sample is carried to t_k with
+GAN_REAL_PAIR = 5      # which teacher sample a discriminator update's real row is
+GAN_REAL_TIME = 6      # the time it is noised to
+GAN_REAL_NOISE = 7     # and the noise
 GENERATOR_NOISE = 16   # + k: the noise the generator's step k starts from (k = 0: pure noise)
 REGRESSION_STEP_NOISE = 48   # + k: step k's fresh noise in a "generated" regression input
 

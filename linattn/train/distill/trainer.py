@@ -14,6 +14,9 @@ one generator update (the two time-scale rule):
 * with distill.fake_score_updates 0 (and dmd_weight 0) the step is the generator's anchor
   alone: with distill.regression_inputs "trajectory", the ODE initialisation that DMD can
   start from (linattn.train.distill.regression);
+* with distill.gan_weight, DMD2's GAN head (linattn.train.distill.gan) is trained in every
+  fake-score update on the teacher's samples against the generator's, and the generator update
+  adds its non-saturating loss, whose gradient reaches the generator through its samples;
 * with distill.ema_decay, the generator's weight average folds in the update
   (linattn.train.distill.ema); it is evaluated beside the live weights and saved as final/.
 
@@ -43,17 +46,21 @@ from ..models import DTYPES, freeze, load_transformer, set_trainable
 from . import conditioning as conditioning_store
 from .config import DistillConfig, load_distill_config
 from .ema import GeneratorEMA
+from .gan import FeatureDiscriminator, discriminator_loss, generator_gan_loss
 from .models import SamplerSpec, empty_generator, load_generator, make_fake_score
-from .objectives import dmd_generator_loss, flow_matching_loss, score_times
+from .objectives import (dmd_generator_loss, flow_matching_error, flow_matching_loss, noised,
+                         score_times)
 from .regression import RegressionPairs, regression_loss
 from .sampler import (backward_simulation, clean_prediction, generator_input, generator_times,
                       seeded_sample)
-from .schedule import (GENERATOR_NOISE, REGRESSION_NOISE, REGRESSION_PAIR, REGRESSION_STEP_NOISE,
-                       SCORE_NOISE, SCORE_TIME, ConditioningOrder, StepDraws)
+from .schedule import (GAN_REAL_NOISE, GAN_REAL_PAIR, GAN_REAL_TIME, GENERATOR_NOISE,
+                       REGRESSION_NOISE, REGRESSION_PAIR, REGRESSION_STEP_NOISE, SCORE_NOISE,
+                       SCORE_TIME, ConditioningOrder, StepDraws)
 
 EVAL_SEED = 1_000_003           # sampling seed of the evaluation's held-out noise
 DEFAULT_TEACHER_STEPS = 50      # the reference teacher sampler's steps (output.eval_num_steps)
-PLOTTED = ("dmd_push", "fake_score_loss", "score_gap", "generator_grad_norm", "regression_loss")
+PLOTTED = ("dmd_push", "fake_score_loss", "score_gap", "generator_grad_norm", "regression_loss",
+           "gan_discriminator_loss", "gan_generator_loss")
 
 
 @dataclass
@@ -156,6 +163,15 @@ class DistillTrainer(StageLoop):
                                      f"({type(model).__name__}) has no "
                                      f"enable_gradient_checkpointing(); set it to false")
                 model.enable_gradient_checkpointing()
+        # DMD2's GAN head: a submodule of the fake score, so that it is wrapped, checkpointed
+        # and optimised with it (linattn.train.distill.gan).
+        self.discriminator = None
+        if dc.gan_weight > 0:
+            if self.sharded_load:
+                raise ValueError("distill.gan_weight: the GAN head is not built under "
+                                 "model.load 'sharded' (its weights are in no checkpoint); "
+                                 "use model.load 'full' or gan_weight 0")
+            self.discriminator = FeatureDiscriminator(fake, dc.gan_block, seed=dc.seed)
         self.generator, self.fake = generator, fake
         self.generator_module = D.wrap(generator, self.strategy, self.ctx)
         self.fake_module = D.wrap(fake, self.strategy, self.ctx)
@@ -185,7 +201,9 @@ class DistillTrainer(StageLoop):
         # Each group's rate before the schedule's factor (train_step scales it every step).
         self.generator_base_lrs = [group["lr"] for group in groups]
         self.optimizer = torch.optim.AdamW(groups, lr=dc.lr, **adam)
-        self.fake_optimizer = torch.optim.AdamW(self.fake_params, lr=dc.fake_score_lr, **adam)
+        fake_groups = self._fake_score_groups(fake)
+        self.fake_base_lrs = [group["lr"] for group in fake_groups]
+        self.fake_optimizer = torch.optim.AdamW(fake_groups, lr=dc.fake_score_lr, **adam)
 
         self.sampler = SamplerSpec(times=tuple(generator_times(config.generator_times,
                                                                dc.shift)),
@@ -201,6 +219,13 @@ class DistillTrainer(StageLoop):
                                            inputs=dc.regression_inputs,
                                            times=self.sampler.times)
                            if dc.regression_weight > 0 else None)
+        # The discriminator's real data: the teacher's final samples and their conditioning.
+        self.gan_real = (RegressionPairs(dc.gan_data or dc.regression_data,
+                                         latent_shape=dc.latent_shape,
+                                         guidance_scale=dc.guidance_scale,
+                                         field="distill.gan_data" if dc.gan_data
+                                         else "distill.regression_data")
+                         if self.discriminator is not None else None)
 
     def _will_resume(self) -> bool:
         resume = self.output.resume
@@ -257,13 +282,14 @@ class DistillTrainer(StageLoop):
                 step_rule=self.sampler.renoise))
         return regression_loss(clean_prediction(self.generator_fn, x, t, cond), sample)
 
-    def _fake_score_update(self, update: int) -> tuple[float, Optional[float]]:
-        """One Adam step of the fake score on the generator's current samples; returns (loss,
-        gradient norm before clipping)."""
+    def _fake_score_update(self, update: int) -> tuple[float, Optional[float], dict]:
+        """One Adam step of the fake score (and its GAN head) on the generator's current
+        samples; returns (flow-matching loss, gradient norm before clipping, the GAN head's
+        figures)."""
         dc = self.cfg.distill
         draws = StepDraws(dc.seed, self.step, update, self.ctx.device)
         exit_step = draws.exit_step(dc.num_steps)
-        total = 0.0
+        total, extras = 0.0, {}
         for i, (indices, cond, _) in enumerate(self._micro_batches(update)):
             last = i == self.accumulation - 1
             with torch.no_grad(), self.autocast():
@@ -271,14 +297,71 @@ class DistillTrainer(StageLoop):
             t, noise = self._score_draws(draws, indices)
             with D.maybe_no_sync(self.fake_module, self.strategy, sync=last):
                 with self.autocast():
-                    loss = flow_matching_loss(self.fake_fn, x, cond, t=t, noise=noise)
-                (loss / self.accumulation).backward()
+                    if self.discriminator is None:
+                        loss = flow_matching_loss(self.fake_fn, x, cond, t=t, noise=noise)
+                        objective = loss
+                    else:
+                        loss, d_loss, info = self._fake_score_gan_losses(
+                            draws, indices, x, cond, t, noise)
+                        objective = loss + dc.gan_discriminator_weight * d_loss
+                (objective / self.accumulation).backward()
             total += float(loss.detach()) / self.accumulation
+            if self.discriminator is not None:
+                for key, value in {"gan_discriminator_loss": float(d_loss.detach()),
+                                   **info}.items():
+                    extras[key] = extras.get(key, 0.0) + value / self.accumulation
         norm = (clip_grad(self.fake_params, dc.max_grad_norm)
                 if dc.max_grad_norm is not None else None)
         self.fake_optimizer.step()
         self.fake_optimizer.zero_grad(set_to_none=True)
-        return total, norm
+        return total, norm, extras
+
+    def _fake_score_gan_losses(self, draws: StepDraws, indices: list, x: torch.Tensor,
+                               cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
+        """The fake score's flow-matching loss on the generator's samples and its GAN head's
+        loss on them against the teacher's samples, from one forward of both halves (one
+        forward per backward keeps DDP's and FSDP2's hooks simple): (flow loss, L_D, logged
+        mean logits)."""
+        dc = self.cfg.distill
+        pairs = draws.integers(GAN_REAL_PAIR, indices, len(self.gan_real))
+        _, real, real_cond = self.gan_real.batch(pairs, self.ctx.device)
+        if not isinstance(cond, torch.Tensor):
+            raise ValueError(f"distill.gan_weight: the GAN head batches the stage's "
+                             f"conditioning with the teacher data's, which needs embedding "
+                             f"tensors; this model's conditioning is a {type(cond).__name__}")
+        if tuple(real_cond.shape[1:]) != tuple(cond.shape[1:]):
+            raise ValueError(f"distill.gan_data: its conditioning rows have shape "
+                             f"{tuple(real_cond.shape[1:])}, the stage's conditioning "
+                             f"{tuple(cond.shape[1:])}; the discriminator sees both in one "
+                             f"batch")
+        real_t = score_times(draws.uniform(GAN_REAL_TIME, indices), t_min=dc.score_t_min,
+                             t_max=dc.score_t_max, shift=self.score_shift)
+        real_noise = draws.normal(GAN_REAL_NOISE, indices, dc.latent_shape)
+        x = x.detach()
+        inputs = torch.cat([noised(x, t, noise), noised(real, real_t, real_noise)])
+        times = torch.cat([t, real_t]).float()
+        with self.discriminator.capture() as logits:
+            u = self.fake_fn(inputs, times, torch.cat([cond, real_cond.to(cond.dtype)]))
+        n = x.shape[0]
+        fake_logits, real_logits = logits[0][:n], logits[0][n:]
+        flow = flow_matching_error(u[:n], x, noise)
+        info = {"gan_real_logit": float(real_logits.detach().float().mean()),
+                "gan_fake_logit": float(fake_logits.detach().float().mean())}
+        return flow, discriminator_loss(real_logits, fake_logits), info
+
+    def _generator_gan_gradient(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                                cond: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """(L_G_gan, its gradient with respect to the generator's samples x): the fake score and
+        its head run with gradient to their input only (torch.autograd.grad accumulates
+        nothing into their parameters), so the generator's backward takes the gradient as it
+        takes DMD's push."""
+        x_leaf = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            with self.discriminator.capture() as logits:
+                self.fake_eval(noised(x_leaf, t, noise), t.float(), cond)
+            loss = generator_gan_loss(logits[0])
+            grad, = torch.autograd.grad(loss, x_leaf)
+        return float(loss.detach()), grad
 
     def _generator_update(self, update: int) -> dict:
         """One Adam step of the generator on the distribution-matching loss (and the anchor),
@@ -327,14 +410,23 @@ class DistillTrainer(StageLoop):
             # dmd_weight 0 (the regression-only control): the push is still measured, on
             # samples drawn without gradient, so the log shows what DMD would have done.
             matching = dc.dmd_weight > 0
+            gan = self.discriminator is not None
             with D.maybe_no_sync(self.generator_module, self.strategy, sync=last and not anchored):
                 with self.autocast():
-                    x = self._generate(draws, indices, cond, exit_step, grad=matching)
+                    x = self._generate(draws, indices, cond, exit_step, grad=matching or gan)
                     loss, info = dmd_generator_loss(
                         x, self.real, self.fake_eval, cond, t=t, noise=noise,
                         negative_cond=negative, guidance_scale=dc.guidance_scale)
-                if matching:
-                    (dc.dmd_weight * loss / self.accumulation).backward()
+                    objective = dc.dmd_weight * loss if matching else None
+                    if gan:
+                        # The GAN term at the same noised samples DMD compares the scores at.
+                        gan_loss, gan_grad = self._generator_gan_gradient(x, t, noise, cond)
+                        info["gan_generator_loss"] = gan_loss
+                        # gradient with respect to x: gan_weight · ∂L_G_gan/∂x
+                        surrogate = dc.gan_weight * (x.float() * gan_grad).sum()
+                        objective = surrogate if objective is None else objective + surrogate
+                if objective is not None:
+                    (objective / self.accumulation).backward()
             if anchored:
                 with D.maybe_no_sync(self.generator_module, self.strategy, sync=last):
                     with self.autocast():
@@ -351,15 +443,18 @@ class DistillTrainer(StageLoop):
         scale = self.lr_scale(self.step)
         for group, base in zip(self.optimizer.param_groups, self.generator_base_lrs):
             group["lr"] = base * scale
-        for group in self.fake_optimizer.param_groups:
-            group["lr"] = dc.fake_score_lr * scale
-        fake_losses, fake_norms = [], []
+        for group, base in zip(self.fake_optimizer.param_groups, self.fake_base_lrs):
+            group["lr"] = base * scale
+        fake_losses, fake_norms, gan_sums = [], [], {}
         for update in range(dc.fake_score_updates):
-            loss, norm = self._fake_score_update(update)
+            loss, norm, extras = self._fake_score_update(update)
             fake_losses.append(loss)
             if norm is not None:
                 fake_norms.append(norm)
+            for key, value in extras.items():
+                gan_sums[key] = gan_sums.get(key, 0.0) + value / dc.fake_score_updates
         stats = self._generator_update(dc.fake_score_updates)
+        stats.update(gan_sums)
         # Logged values are the global batch's: the ranks' means, averaged (norms are global).
         if fake_losses:
             stats["fake_score_loss"] = sum(fake_losses) / len(fake_losses)
@@ -379,6 +474,8 @@ class DistillTrainer(StageLoop):
                   "lr": dc.lr * scale, "fake_score_lr": dc.fake_score_lr * scale}
         if dc.feature_map_lr is not None:
             record["feature_map_lr"] = dc.feature_map_lr * scale
+        if self.discriminator is not None:
+            record["gan_head_lr"] = self.fake_base_lrs[-1] * scale
         if fake_norms:
             record["fake_score_grad_norm"] = sum(fake_norms) / len(fake_norms)
         record.update(step_time_s=elapsed, samples_per_s=dc.global_batch_size / elapsed,
@@ -393,6 +490,8 @@ class DistillTrainer(StageLoop):
             postfix["fake"] = f"{record['fake_score_loss']:.3g}"
         if "regression_loss" in record:
             postfix["reg"] = f"{record['regression_loss']:.3g}"
+        if "gan_discriminator_loss" in record:
+            postfix["D"] = f"{record['gan_discriminator_loss']:.3g}"
         return postfix
 
     # ------------------------------------------------------------------ evaluation
@@ -459,7 +558,12 @@ class DistillTrainer(StageLoop):
                 "ema_decay": dc.ema_decay, "ema_start_step": dc.ema_start_step,
                 # one optimiser group or two: a checkpoint of the other kind cannot load
                 # (None for checkpoints written before the setting, which had one group)
-                "feature_map_lr": dc.feature_map_lr}
+                "feature_map_lr": dc.feature_map_lr,
+                # the fake score's GAN head and the block it reads (None: no head, as in
+                # checkpoints written before it existed)
+                "gan_block": (self.discriminator.block_index
+                              if self.discriminator is not None else None),
+                "gan_head_lr": dc.gan_head_lr}
         if dc.lr_schedule == "constant":
             # Nothing a step does depends on the step count then (the draws are functions of
             # the step number, the learning rate is constant after warmup), so a run asked for
@@ -518,6 +622,18 @@ class DistillTrainer(StageLoop):
                              "or distill.trainable leaves them out); set it to null")
         rest = [p for n, p in named if not _is_feature_map(n)]
         return [{"params": rest, "lr": dc.lr}, {"params": maps, "lr": dc.feature_map_lr}]
+
+    def _fake_score_groups(self, fake: nn.Module) -> list:
+        """The fake score optimiser's parameter groups: one at distill.fake_score_lr, and with
+        the GAN head a second for the head at distill.gan_head_lr (default the same rate)."""
+        dc = self.cfg.distill
+        if self.discriminator is None:
+            return [{"params": list(self.fake_params), "lr": dc.fake_score_lr}]
+        head = {id(p) for p in self.discriminator.head.parameters()}
+        return [{"params": [p for p in self.fake_params if id(p) not in head],
+                 "lr": dc.fake_score_lr},
+                {"params": [p for p in self.fake_params if id(p) in head],
+                 "lr": dc.gan_head_lr if dc.gan_head_lr is not None else dc.fake_score_lr}]
 
     def _full_generator(self) -> Optional[nn.Module]:
         """The trained generator as one unsharded module on rank 0 (None elsewhere)."""
