@@ -89,7 +89,9 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
                     "gan_data": (args.gan_data or args.regression_data) if args.gan_weight
                     else None,
                     "gan_block": args.gan_block if args.gan_weight else None,
-                    "gan_head_lr": args.gan_head_lr if args.gan_weight else None},
+                    "gan_head_lr": args.gan_head_lr if args.gan_weight else None,
+                    "gan_t_max": args.gan_t_max if args.gan_weight else None,
+                    "gan_shift": args.gan_shift if args.gan_weight else None},
         "output": {"dir": out_dir, "checkpoint_every": args.checkpoint_every,
                    "eval_every": args.eval_every, "eval_num_samples": 24,
                    "eval_num_steps": SAMPLER.num_steps},
@@ -243,6 +245,12 @@ def main(argv=None) -> int:
     p.add_argument("--gan-head-lr", type=float, default=None,
                    help="the head's own learning rate (distill.gan_head_lr; default "
                         "--fake-score-lr)")
+    p.add_argument("--gan-t-max", type=float, default=None,
+                   help="the head's times are U(0.02, this) (distill.gan_t_max; default the "
+                        "score times' 0.98)")
+    p.add_argument("--gan-shift", type=float, default=None,
+                   help="the shift of the head's times (distill.gan_shift; default the "
+                        "score shift)")
     p.add_argument("--gan-block", type=int, default=None,
                    help="the block whose hidden states the head reads (default: the middle)")
     p.add_argument("--checkpoint-every", type=int, default=50)
@@ -342,7 +350,9 @@ def main(argv=None) -> int:
                     if args.ema_decay else "")
                  + (f", GAN head weight {args.gan_weight:g} (discriminator "
                     f"{args.gan_discriminator_weight:g}, head lr "
-                    f"{args.gan_head_lr if args.gan_head_lr else args.fake_score_lr:g}, block "
+                    f"{args.gan_head_lr if args.gan_head_lr else args.fake_score_lr:g}, "
+                    f"times U(0.02, {args.gan_t_max or 0.98:g}) shift "
+                    f"{args.gan_shift if args.gan_shift is not None else 'as the scores'}, block "
                     f"{'middle' if args.gan_block is None else args.gan_block})"
                     if args.gan_weight else "")
                  + f"; command: python {' '.join(sys.argv)}")

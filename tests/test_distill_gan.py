@@ -21,7 +21,8 @@ from test_distill_stage import TINY, checkpoint_state, flat, without_timing
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-GAN = dict(gan_weight=0.1, gan_discriminator_weight=1.0, gan_head_lr=3e-3, fake_score_updates=2)
+GAN = dict(gan_weight=0.1, gan_discriminator_weight=1.0, gan_head_lr=3e-3, gan_t_max=0.5,
+           gan_shift=1.0, fake_score_updates=2)
 
 
 def tiny_model(seed=1):
@@ -176,6 +177,8 @@ def test_the_gan_term_moves_the_generator(tmp_path, pairs_dir):  # noqa: F811
     (dict(gan_weight=0.1, gan_block=5), "distill.gan_block"),
     (dict(gan_weight=0.1, gan_head_lr=0.0), "distill.gan_head_lr"),
     (dict(gan_weight=0.0, gan_head_lr=1e-3), "distill.gan_weight"),
+    (dict(gan_weight=0.1, gan_t_max=0.01), "distill.gan_t_max"),
+    (dict(gan_weight=0.1, gan_shift=0.0), "distill.gan_shift"),
 ])
 def test_gan_settings_errors_name_the_field(tmp_path, pairs_dir, override, message):  # noqa: F811
     with pytest.raises(ValueError, match=message):

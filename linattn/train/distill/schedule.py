@@ -32,6 +32,8 @@ REGRESSION_NOISE = 4   # the fresh noise a pair's sample is carried to t_k with
 GAN_REAL_PAIR = 5      # which teacher sample a discriminator update's real row is
 GAN_REAL_TIME = 6      # the time it is noised to
 GAN_REAL_NOISE = 7     # and the noise
+GAN_FAKE_TIME = 8      # the time a generator sample is noised to for the GAN head
+GAN_FAKE_NOISE = 9     # and the noise
 GENERATOR_NOISE = 16   # + k: the noise the generator's step k starts from (k = 0: pure noise)
 REGRESSION_STEP_NOISE = 48   # + k: step k's fresh noise in a "generated" regression input
 

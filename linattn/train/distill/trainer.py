@@ -53,7 +53,8 @@ from .objectives import (dmd_generator_loss, flow_matching_error, flow_matching_
 from .regression import RegressionPairs, regression_loss
 from .sampler import (backward_simulation, clean_prediction, generator_input, generator_times,
                       seeded_sample)
-from .schedule import (GAN_REAL_NOISE, GAN_REAL_PAIR, GAN_REAL_TIME, GENERATOR_NOISE,
+from .schedule import (GAN_FAKE_NOISE, GAN_FAKE_TIME, GAN_REAL_NOISE, GAN_REAL_PAIR,
+                       GAN_REAL_TIME, GENERATOR_NOISE,
                        REGRESSION_NOISE, REGRESSION_PAIR, REGRESSION_STEP_NOISE, SCORE_NOISE,
                        SCORE_TIME, ConditioningOrder, StepDraws)
 
@@ -266,6 +267,15 @@ class DistillTrainer(StageLoop):
                         t_max=dc.score_t_max, shift=self.score_shift)
         return t, draws.normal(SCORE_NOISE, indices, dc.latent_shape)
 
+    def _gan_draws(self, draws: StepDraws, indices: list, time_purpose: int,
+                   noise_purpose: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times U(score_t_min, gan_t_max) shifted by gan_shift, and noise, for the GAN head."""
+        dc = self.cfg.distill
+        t = score_times(draws.uniform(time_purpose, indices), t_min=dc.score_t_min,
+                        t_max=dc.gan_t_max if dc.gan_t_max is not None else dc.score_t_max,
+                        shift=dc.gan_shift if dc.gan_shift is not None else self.score_shift)
+        return t, draws.normal(noise_purpose, indices, dc.latent_shape)
+
     def _regression_loss(self, draws: StepDraws, indices: list, exit_step: int) -> torch.Tensor:
         """DMD's regression anchor at the generator's step exit_step, for this micro-batch's
         samples: each draws a teacher pair, and step exit_step's x̂_0 from the pair's input
@@ -319,9 +329,10 @@ class DistillTrainer(StageLoop):
     def _fake_score_gan_losses(self, draws: StepDraws, indices: list, x: torch.Tensor,
                                cond: torch.Tensor, t: torch.Tensor, noise: torch.Tensor):
         """The fake score's flow-matching loss on the generator's samples and its GAN head's
-        loss on them against the teacher's samples, from one forward of both halves (one
-        forward per backward keeps DDP's and FSDP2's hooks simple): (flow loss, L_D, logged
-        mean logits)."""
+        loss on them against the teacher's samples, from one forward of three parts (one
+        forward per backward keeps DDP's and FSDP2's hooks simple): the generator's samples at
+        the score times (the flow loss), and the generator's and the teacher's at the GAN
+        times (the head): (flow loss, L_D, logged mean logits)."""
         dc = self.cfg.distill
         pairs = draws.integers(GAN_REAL_PAIR, indices, len(self.gan_real))
         _, real, real_cond = self.gan_real.batch(pairs, self.ctx.device)
@@ -334,27 +345,28 @@ class DistillTrainer(StageLoop):
                              f"{tuple(real_cond.shape[1:])}, the stage's conditioning "
                              f"{tuple(cond.shape[1:])}; the discriminator sees both in one "
                              f"batch")
-        real_t = score_times(draws.uniform(GAN_REAL_TIME, indices), t_min=dc.score_t_min,
-                             t_max=dc.score_t_max, shift=self.score_shift)
-        real_noise = draws.normal(GAN_REAL_NOISE, indices, dc.latent_shape)
+        real_t, real_noise = self._gan_draws(draws, indices, GAN_REAL_TIME, GAN_REAL_NOISE)
+        fake_t, fake_noise = self._gan_draws(draws, indices, GAN_FAKE_TIME, GAN_FAKE_NOISE)
         x = x.detach()
-        inputs = torch.cat([noised(x, t, noise), noised(real, real_t, real_noise)])
-        times = torch.cat([t, real_t]).float()
+        inputs = torch.cat([noised(x, t, noise), noised(x, fake_t, fake_noise),
+                            noised(real, real_t, real_noise)])
+        times = torch.cat([t, fake_t, real_t]).float()
         with self.discriminator.capture() as logits:
-            u = self.fake_fn(inputs, times, torch.cat([cond, real_cond.to(cond.dtype)]))
+            u = self.fake_fn(inputs, times, torch.cat([cond, cond, real_cond.to(cond.dtype)]))
         n = x.shape[0]
-        fake_logits, real_logits = logits[0][:n], logits[0][n:]
+        fake_logits, real_logits = logits[0][n:2 * n], logits[0][2 * n:]
         flow = flow_matching_error(u[:n], x, noise)
         info = {"gan_real_logit": float(real_logits.detach().float().mean()),
                 "gan_fake_logit": float(fake_logits.detach().float().mean())}
         return flow, discriminator_loss(real_logits, fake_logits), info
 
-    def _generator_gan_gradient(self, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+    def _generator_gan_gradient(self, draws: StepDraws, indices: list, x: torch.Tensor,
                                 cond: torch.Tensor) -> tuple[float, torch.Tensor]:
         """(L_G_gan, its gradient with respect to the generator's samples x): the fake score and
         its head run with gradient to their input only (torch.autograd.grad accumulates
         nothing into their parameters), so the generator's backward takes the gradient as it
         takes DMD's push."""
+        t, noise = self._gan_draws(draws, indices, GAN_FAKE_TIME, GAN_FAKE_NOISE)
         x_leaf = x.detach().requires_grad_(True)
         with torch.enable_grad():
             with self.discriminator.capture() as logits:
@@ -419,8 +431,8 @@ class DistillTrainer(StageLoop):
                         negative_cond=negative, guidance_scale=dc.guidance_scale)
                     objective = dc.dmd_weight * loss if matching else None
                     if gan:
-                        # The GAN term at the same noised samples DMD compares the scores at.
-                        gan_loss, gan_grad = self._generator_gan_gradient(x, t, noise, cond)
+                        gan_loss, gan_grad = self._generator_gan_gradient(draws, indices, x,
+                                                                          cond)
                         info["gan_generator_loss"] = gan_loss
                         # gradient with respect to x: gan_weight · ∂L_G_gan/∂x
                         surrogate = dc.gan_weight * (x.float() * gan_grad).sum()
@@ -562,8 +574,7 @@ class DistillTrainer(StageLoop):
                 # the fake score's GAN head and the block it reads (None: no head, as in
                 # checkpoints written before it existed)
                 "gan_block": (self.discriminator.block_index
-                              if self.discriminator is not None else None),
-                "gan_head_lr": dc.gan_head_lr}
+                              if self.discriminator is not None else None)}
         if dc.lr_schedule == "constant":
             # Nothing a step does depends on the step count then (the draws are functions of
             # the step number, the learning rate is constant after warmup), so a run asked for
