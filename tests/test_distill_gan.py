@@ -140,7 +140,8 @@ def test_stage_trains_the_head_logs_it_and_resumes_bit_exact(tmp_path, pairs_dir
                 "gan_fake_logit"):
         assert all(math.isfinite(r[key]) for r in records[1:]), key
     assert all(r["gan_head_lr"] == 3e-3 and r["fake_score_lr"] == 1e-3 for r in records[1:])
-    # The first update's head is the initial one: logit 0, L_D = log 4 exactly.
+    # By the first generator update the head has taken two steps (its zero start would give
+    # exactly log 2).
     assert records[1]["gan_generator_loss"] != pytest.approx(math.log(2), abs=1e-9)
     state = flat(checkpoint_state(os.path.join(root, "full"), 4))
     head = [k for k in state if ".gan_head." in k and k.endswith("out.weight")]

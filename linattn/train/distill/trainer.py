@@ -376,8 +376,8 @@ class DistillTrainer(StageLoop):
         return float(loss.detach()), grad
 
     def _generator_update(self, update: int) -> dict:
-        """One Adam step of the generator on the distribution-matching loss (and the anchor),
-        or on the anchor alone (distill.fake_score_updates 0)."""
+        """One Adam step of the generator on the distribution-matching loss (and the anchor,
+        and the GAN head's term), or on the anchor alone (distill.fake_score_updates 0)."""
         dc = self.cfg.distill
         draws = StepDraws(dc.seed, self.step, update, self.ctx.device)
         exit_step = draws.exit_step(dc.num_steps)
@@ -409,7 +409,8 @@ class DistillTrainer(StageLoop):
         return {"generator_loss": dc.regression_weight * total, "regression_loss": total}
 
     def _matching_update(self, draws: StepDraws, update: int, exit_step: int) -> dict:
-        """The generator's gradients from the distribution-matching loss (and the anchor)."""
+        """The generator's gradients from the distribution-matching loss (and the anchor, and
+        the GAN head's non-saturating loss)."""
         dc = self.cfg.distill
         sums: dict[str, float] = {}
         for i, (indices, cond, negative) in enumerate(self._micro_batches(update)):
