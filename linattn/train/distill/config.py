@@ -130,7 +130,7 @@ class DistillSection:
     # hidden states after block gan_block (null: the middle one), trained beside the fake
     # score's flow loss to tell the teacher's samples (the final samples of the teacher-data
     # folder gan_data, default regression_data, sampled at distill.guidance_scale and
-    # distill.latent_shape) from the generator's, both noised at the score times;
+    # distill.latent_shape) from the generator's, both noised at the head's times (below);
     # L_G = dmd_weight · L_DMD + regression_weight · L_reg + gan_weight · L_G_gan and the fake
     # score's loss + gan_discriminator_weight · L_D. DMD2's weights: 3e-3 and 1e-2. 0: no head
     # (the default, and the published Wan DMD recipes').
@@ -138,9 +138,9 @@ class DistillSection:
     gan_discriminator_weight: float = 1.0e-2
     gan_data: Optional[str] = None
     gan_block: Optional[int] = None
-    # The head's own learning rate (null: fake_score_lr). The head starts from scratch, where
-    # the fake score starts from the teacher: at a toy fake score's 1e-4 its logits stayed
-    # within 0.005 of 0 for 50 updates.
+    # The head's own learning rate (null: fake_score_lr). The head starts from scratch where
+    # the fake score starts from the teacher, so it may want a larger rate (the toy runs of
+    # docs/distill.md: 3e-3 beside the fake score's 1e-4).
     gan_head_lr: Optional[float] = None
     # The times at which the head compares real and generated samples: U(score_t_min,
     # gan_t_max) shifted by gan_shift (null: score_t_max and the score shift). Measured on the
