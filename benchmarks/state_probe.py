@@ -70,6 +70,17 @@ def _head_bases(k_ptr, v_ptr, bh, H, N, D: tl.constexpr):
 
 
 @triton.jit
+def _kv_block(k_base, v_base, n0, end, s_kn, s_vn, D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The k and v rows [n0, min(n0 + BLOCK_N, end)) of one head, zero past end."""
+    rows = tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    keep = (rows < end - n0)[:, None]
+    k = tl.load(k_base + (n0 + rows)[:, None] * s_kn + d[None, :], mask=keep, other=0.0)
+    v = tl.load(v_base + (n0 + rows)[:, None] * s_vn + d[None, :], mask=keep, other=0.0)
+    return k, v
+
+
+@triton.jit
 def _read_kernel(k_ptr, v_ptr, out_ptr, H, N, chunk, s_kn, s_vn,
                  D: tl.constexpr, BLOCK_N: tl.constexpr):
     """Streams the k and v blocks of one (batch, head, split) and sums them: the state
@@ -77,14 +88,11 @@ def _read_kernel(k_ptr, v_ptr, out_ptr, H, N, chunk, s_kn, s_vn,
     bh = tl.program_id(0)
     split = tl.program_id(1)
     k_base, v_base = _head_bases(k_ptr, v_ptr, bh, H, N, D)
-    rows = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     start, end = split_range(split, chunk, N)
     total = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        keep = (rows < end - n0)[:, None]
-        x = tl.load(k_base + (n0 + rows)[:, None] * s_kn + d[None, :], mask=keep, other=0.0)
-        y = tl.load(v_base + (n0 + rows)[:, None] * s_vn + d[None, :], mask=keep, other=0.0)
+        x, y = _kv_block(k_base, v_base, n0, end, s_kn, s_vn, D, BLOCK_N)
         total += x.to(tl.float32) + y.to(tl.float32)
     tl.store(out_ptr + (split * tl.num_programs(0) + bh) * D + d, tl.sum(total, axis=0))
 
@@ -97,16 +105,13 @@ def _stripped_state_kernel(k_ptr, v_ptr, s_ptr, z_ptr, H, N, chunk, s_kn, s_vn,
     bh = tl.program_id(0)
     split = tl.program_id(1)
     k_base, v_base = _head_bases(k_ptr, v_ptr, bh, H, N, D)
-    rows = tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     start, end = split_range(split, chunk, N)
     acc = tl.zeros((D, D), dtype=tl.float32)
     z = tl.zeros((D,), dtype=tl.float32)
     z_tile = tl.zeros((BLOCK_N, D), dtype=tl.float32)
     for n0 in range(start, end, BLOCK_N):
-        keep = (rows < end - n0)[:, None]
-        x = tl.load(k_base + (n0 + rows)[:, None] * s_kn + d[None, :], mask=keep, other=0.0)
-        vals = tl.load(v_base + (n0 + rows)[:, None] * s_vn + d[None, :], mask=keep, other=0.0)
+        x, vals = _kv_block(k_base, v_base, n0, end, s_kn, s_vn, D, BLOCK_N)
         phi = tl.maximum(x, 0.0).to(x.dtype)  # the 0.0 would make it fp32
         acc = tl.dot(tl.trans(phi), vals, acc)
         if VARIANT == 0:

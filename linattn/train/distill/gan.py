@@ -54,7 +54,7 @@ class DiscriminatorHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        h = F.silu(self.proj(self.norm(hidden_states.float())))
+        h = F.silu(self.proj(self.norm(hidden_states)))
         return self.out(h).squeeze(-1)
 
 

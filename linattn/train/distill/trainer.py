@@ -261,20 +261,26 @@ class DistillTrainer(StageLoop):
             self.sampler.times, lambda k: draws.normal(GENERATOR_NOISE + k, indices, shape),
             exit_step, grad=grad, step_rule=self.sampler.renoise)
 
-    def _score_draws(self, draws: StepDraws, indices: list) -> tuple[torch.Tensor, torch.Tensor]:
+    def _time_draws(self, draws: StepDraws, indices: list, time_purpose: int,
+                    noise_purpose: int, t_max: Optional[float] = None,
+                    shift: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Times U(score_t_min, t_max) shifted by shift (null: the score times' own), and
+        noise, one per sample."""
         dc = self.cfg.distill
-        t = score_times(draws.uniform(SCORE_TIME, indices), t_min=dc.score_t_min,
-                        t_max=dc.score_t_max, shift=self.score_shift)
-        return t, draws.normal(SCORE_NOISE, indices, dc.latent_shape)
+        t = score_times(draws.uniform(time_purpose, indices), t_min=dc.score_t_min,
+                        t_max=t_max if t_max is not None else dc.score_t_max,
+                        shift=shift if shift is not None else self.score_shift)
+        return t, draws.normal(noise_purpose, indices, dc.latent_shape)
+
+    def _score_draws(self, draws: StepDraws, indices: list) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._time_draws(draws, indices, SCORE_TIME, SCORE_NOISE)
 
     def _gan_draws(self, draws: StepDraws, indices: list, time_purpose: int,
                    noise_purpose: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Times U(score_t_min, gan_t_max) shifted by gan_shift, and noise, for the GAN head."""
+        """The GAN head's times, U(score_t_min, gan_t_max) shifted by gan_shift, and noise."""
         dc = self.cfg.distill
-        t = score_times(draws.uniform(time_purpose, indices), t_min=dc.score_t_min,
-                        t_max=dc.gan_t_max if dc.gan_t_max is not None else dc.score_t_max,
-                        shift=dc.gan_shift if dc.gan_shift is not None else self.score_shift)
-        return t, draws.normal(noise_purpose, indices, dc.latent_shape)
+        return self._time_draws(draws, indices, time_purpose, noise_purpose, dc.gan_t_max,
+                                dc.gan_shift)
 
     def _regression_loss(self, draws: StepDraws, indices: list, exit_step: int) -> torch.Tensor:
         """DMD's regression anchor at the generator's step exit_step, for this micro-batch's
