@@ -12,7 +12,8 @@ from linattn.train.distill import distill, load_distill_config, load_distilled
 from linattn.train.distill.ema import GeneratorEMA
 from linattn.train.metrics import read_metrics
 
-from test_distill_stage import checkpoint_state, config, flat, linear_generator, without_timing
+from checkpoints import checkpoint_state, flat, without_timing
+from test_distill_stage import config, linear_generator
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

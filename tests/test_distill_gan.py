@@ -16,8 +16,9 @@ from linattn.train.distill.gan import (DiscriminatorHead, FeatureDiscriminator, 
 from linattn.train.flow import FlowModel
 from linattn.train.metrics import read_metrics
 
+from checkpoints import checkpoint_state, flat, without_timing
 from test_distill_regression import config, pairs_dir  # noqa: F401 (a fixture)
-from test_distill_stage import TINY, checkpoint_state, flat, without_timing
+from test_distill_stage import TINY
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -21,7 +21,8 @@ from linattn.train.flow import FlowModel
 from linattn.train.metrics import read_metrics
 from linattn.train.teacher_data import DataSpec, conditioning_digest, generate_teacher_data
 
-from test_distill_stage import TINY, checkpoint_state, flat, without_timing
+from checkpoints import checkpoint_state, flat, without_timing
+from test_distill_stage import TINY
 
 LATENT = [4, 1, 4, 4]
 GUIDANCE = 3.0

@@ -17,6 +17,8 @@ from linattn.train.distill.sample import run_conditioning
 from linattn.train.flow import FlowModel
 from linattn.train.metrics import read_metrics
 
+from checkpoints import checkpoint_state, flat, without_timing
+
 TINY = dict(patch_size=[1, 2, 2], num_attention_heads=2, attention_head_dim=16, in_channels=4,
             out_channels=4, text_dim=32, freq_dim=16, ffn_dim=64, num_layers=2,
             cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
@@ -55,29 +57,6 @@ def config(root, name, **distill_kw):
     }
     cfg["distill"].update(distill_kw)
     return cfg
-
-
-def checkpoint_state(run_dir, step):
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = os.path.join(run_dir, f"gathered-{step}.pt")
-    dcp_to_torch_save(os.path.join(run_dir, "checkpoints", f"step-{step:08d}", "state"), out)
-    return torch.load(out, weights_only=False)
-
-
-def flat(state, prefix=""):
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        elif isinstance(v, torch.Tensor):
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def without_timing(records):
-    return [{k: v for k, v in r.items() if k not in ("step_time_s", "samples_per_s")}
-            for r in records]
 
 
 @pytest.fixture(scope="module")

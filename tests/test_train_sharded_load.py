@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from linattn.train import train
 
+from checkpoints import flat
 from test_distill_stage import config as distill_stage_config
 from test_distill_stage import linear_generator
 
@@ -136,16 +137,6 @@ def state(run_dir):
     out = os.path.join(run_dir, "gathered.pt")
     dcp_to_torch_save(os.path.join(run_dir, "checkpoints", "step-00000001", "state"), out)
     return torch.load(out, weights_only=False)
-
-
-def flat(tree, prefix=""):
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(flat(v, f"{prefix}{k}."))
-        elif isinstance(v, torch.Tensor):
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 @pytest.fixture(scope="module")
