@@ -2,6 +2,7 @@
 accumulation, bf16 autocast, the saved model, and configuration errors."""
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -73,7 +74,10 @@ def test_interrupted_run_resumes_bit_exact(root):
 
 
 def test_metrics_plot_and_saved_model(root):
-    result = train(config(root, "full"), progress=False)  # already done: finalize only
+    # Already done: finalize only. The gates end part-way (below), so finalize() says which
+    # layers it turns from the hybrid training ran into one branch.
+    with pytest.warns(RuntimeWarning, match=r"finalize\(\) moves 2 gate\(s\).*blocks.0.attn1"):
+        result = train(config(root, "full"), progress=False)
     records = read_metrics(result.metrics_path)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert records[0]["gates"] == [1.0, 1.0]
@@ -203,6 +207,19 @@ def test_final_selection_rules():
     assert [float(x) for x in g] == [0.0, 1.0, 0.0]
 
 
+def test_finalize_warns_by_name_when_it_moves_a_trained_gate():
+    from linattn.train.selection import warn_untrained_rounding
+
+    names = ["blocks.0.attn1", "blocks.1.attn1", "blocks.2.attn1"]
+    with pytest.warns(RuntimeWarning, match=r"moves 2 gate\(s\).*blocks.1.attn1 r = 0.120 -> "
+                      r"linear, blocks.2.attn1 r = 0.520 -> softmax.*train.select_steps"):
+        moved = warn_untrained_rounding([0.0, 0.12, 0.52], [0.0, 0.0, 1.0], names)
+    assert moved == ["blocks.1.attn1", "blocks.2.attn1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")       # within the tolerance: nothing to say
+        assert warn_untrained_rounding([0.04, 0.96, 1.0], [0.0, 1.0, 1.0], names) == []
+
+
 def test_guided_fake_score_run_evaluates_with_guidance_and_resumes_bit_exact(root):
     """Guided teacher data: the student trains its guided velocity with a trained fake score,
     the evaluation samples with the data's guidance and runs extra metric functions, and the
@@ -297,7 +314,11 @@ class ProbedTrainer:
 
 def test_select_steps_switch_fixes_the_gates_and_saves_the_trained_function(root):
     probe = ProbedTrainer(phased(root, "phased"))
-    result = probe.run()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = probe.run()
+    # Phase 2 trained the final selection: finalize() moves no gate.
+    assert not [w for w in caught if "finalize() moves" in str(w.message)]
     records = read_metrics(result.metrics_path)
     assert [r.get("phase") for r in records] == [None, "select", "select", "final", "final",
                                                  "final"]

@@ -48,7 +48,7 @@ from .models import (DTYPES, freeze, layer_names, dit_api, load_transformer, mak
                      set_trainable, student_gates)
 from .objectives import (adm_objective, fake_score_loss, student_samples,
                          velocity_mse_objective)
-from .selection import apply_final_selection_
+from .selection import apply_final_selection_, warn_untrained_rounding
 from .generate import ensure_teacher_data
 from .teacher_data import trajectory_noise
 
@@ -255,9 +255,12 @@ class Trainer(StageLoop):
         with torch.no_grad():
             for g in self.gates:        # "round" leaves them unrounded: fix them at 0 / 1
                 g.copy_(transfer.hard(g))
-        names = self.layer_names or [f"gate {i}" for i in range(len(self.gates))]
-        linear = [name for name, g in zip(names, self.gates) if float(g.detach()) == 0.0]
+        linear = [name for name, g in zip(self._gate_names(), self.gates)
+                  if float(g.detach()) == 0.0]
         return {"selected": {"step": self.step, "gates_before": before, "linear": linear}}
+
+    def _gate_names(self) -> list[str]:
+        return self.layer_names or [f"gate {i}" for i in range(len(self.gates))]
 
     def train_step(self) -> dict:
         """One optimiser step at self.step (not yet incremented); returns its log record."""
@@ -462,8 +465,12 @@ class Trainer(StageLoop):
         if self.ctx.is_main:
             if self.gates:
                 transfer = dit_api("transfer")
-                apply_final_selection_(transfer.gates(model), self.cfg.convert.n_linear,
+                gates = transfer.gates(model)
+                trained = [float(g.detach()) for g in gates]
+                apply_final_selection_(gates, self.cfg.convert.n_linear,
                                        self.cfg.train.final_selection)
+                warn_untrained_rounding(trained, [float(transfer.hard(g)) for g in gates],
+                                        self._gate_names())
                 selection = transfer.finalize(model)
             save_model(model, final_dir)
             if selection is not None:
