@@ -52,6 +52,7 @@ from linattn.toy.teacher import SAMPLER, Sampler, embed_labels, load_teacher
 from linattn.toy.videos import VIDEO_SHAPE, procedural_videos
 from linattn.train.distill import (distill, few_step_sample, load_distilled,
                                    sample_step_noise)
+from linattn.train.distill.config import DistillSection
 from linattn.train.distill.models import generator_folder, load_model_folder
 from linattn.train.flow import FlowModel
 
@@ -246,8 +247,8 @@ def main(argv=None) -> int:
                    help="the head's own learning rate (distill.gan_head_lr; default "
                         "--fake-score-lr)")
     p.add_argument("--gan-t-max", type=float, default=None,
-                   help="the head's times are U(0.02, this) (distill.gan_t_max; default the "
-                        "score times' 0.98)")
+                   help="the head's times are U(score_t_min, this) (distill.gan_t_max; "
+                        "default the score times' score_t_max)")
     p.add_argument("--gan-shift", type=float, default=None,
                    help="the shift of the head's times (distill.gan_shift; default the "
                         "score shift)")
@@ -351,7 +352,8 @@ def main(argv=None) -> int:
                  + (f", GAN head weight {args.gan_weight:g} (discriminator "
                     f"{args.gan_discriminator_weight:g}, head lr "
                     f"{args.gan_head_lr if args.gan_head_lr else args.fake_score_lr:g}, "
-                    f"times U(0.02, {args.gan_t_max or 0.98:g}) shift "
+                    f"times U({DistillSection.score_t_min:g}, "
+                    f"{args.gan_t_max or DistillSection.score_t_max:g}) shift "
                     f"{args.gan_shift if args.gan_shift is not None else 'as the scores'}, block "
                     f"{'middle' if args.gan_block is None else args.gan_block})"
                     if args.gan_weight else "")

@@ -54,9 +54,9 @@ from .regression import RegressionPairs, regression_loss
 from .sampler import (backward_simulation, clean_prediction, generator_input, generator_times,
                       seeded_sample)
 from .schedule import (GAN_FAKE_NOISE, GAN_FAKE_TIME, GAN_REAL_NOISE, GAN_REAL_PAIR,
-                       GAN_REAL_TIME, GENERATOR_NOISE,
-                       REGRESSION_NOISE, REGRESSION_PAIR, REGRESSION_STEP_NOISE, SCORE_NOISE,
-                       SCORE_TIME, ConditioningOrder, StepDraws)
+                       GAN_REAL_TIME, GENERATOR_NOISE, REGRESSION_NOISE, REGRESSION_PAIR,
+                       REGRESSION_STEP_NOISE, SCORE_NOISE, SCORE_TIME, ConditioningOrder,
+                       StepDraws)
 
 EVAL_SEED = 1_000_003           # sampling seed of the evaluation's held-out noise
 DEFAULT_TEACHER_STEPS = 50      # the reference teacher sampler's steps (output.eval_num_steps)
