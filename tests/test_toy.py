@@ -324,6 +324,8 @@ def test_toy_train_config_names_the_shipped_teacher_and_its_metrics(teacher):
     assert cfg.train.select_steps == 20 and cfg.train.steps == 200
     # The rate decays over the run (docs/toy_study.md §6e: it removes most of the seed swing).
     assert cfg.train.lr_schedule == "cosine"
+    # Every parameter trains (§6i: ahead of attn1. only on every figure, four paired runs).
+    assert cfg.train.trainable == "all"
     tiny = TOY_CONFIG.with_name("tiny_wan_cpu.yaml")
     assert default_eval_metrics(load_config(tiny)) == [rel_mse_metric]
     with pytest.raises(ValueError, match="class_name"):
