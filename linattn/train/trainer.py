@@ -469,7 +469,7 @@ class Trainer(StageLoop):
                 trained = [float(g.detach()) for g in gates]
                 apply_final_selection_(gates, self.cfg.convert.n_linear,
                                        self.cfg.train.final_selection)
-                warn_untrained_rounding(trained, [float(transfer.hard(g)) for g in gates],
+                warn_untrained_rounding(trained, [float(transfer.hard(g.detach())) for g in gates],
                                         self._gate_names())
                 selection = transfer.finalize(model)
             save_model(model, final_dir)
