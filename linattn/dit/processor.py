@@ -63,6 +63,8 @@ class LinAttnProcessor(nn.Module):
         # The processor this one replaced, restored by revert() and by finalize() for layers that
         # keep softmax. Kept out of _modules so that it is neither a child nor in the state dict.
         self.__dict__["original"] = original
+        # (sink, layer name) while linattn.dit.map_fitting.recording() runs, else None.
+        self.__dict__["map_fitting"] = None
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
@@ -88,11 +90,22 @@ class LinAttnProcessor(nn.Module):
                 image_rotary_emb: Any):
         p = self.selector.project(attn, hidden_states, encoder_hidden_states, attention_mask,
                                   image_rotary_emb)
+        if self.map_fitting is not None:
+            return self._fitting_forward(attn, p)
         o = self._linear(attn, p)
         if self.mode == "hybrid":
             r = self.gate
             o = r * self.selector.softmax(attn, p, self) + (1 - r) * o
         return self.selector.finish(attn, o, p)
+
+    def _fitting_forward(self, attn: nn.Module, p):
+        """Feature-map fitting (map_fitting.py): record the linear branch's error against the
+        softmax output and pass the softmax output on, so later layers see the original's inputs."""
+        sink, name = self.map_fitting
+        with torch.no_grad():
+            softmax = self.selector.softmax(attn, p, self)
+        sink.add(name, self._linear(attn, p), softmax)
+        return self.selector.finish(attn, softmax, p)
 
     def _linear(self, attn: nn.Module, p) -> Tensor:
         if p.pre is not None and self.fuse_pre_attention and not _learns_rope(p.pre):

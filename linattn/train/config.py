@@ -203,6 +203,12 @@ class TrainSection:
     fake_score_lr: Optional[float] = None   # its learning rate (default: lr)
     fake_score_updates: int = 1             # its optimiser steps per student step
     trainable: Union[str, list] = "all"     # "all" or parameter-name substrings
+    # Before step 0 of a fresh run: this many Adam steps (lr map_fit_lr) of the converted layers'
+    # feature maps alone, each fitted to its own layer's softmax output on the teacher's
+    # trajectory points (linattn.dit.map_fitting; LoLCATs' attention transfer). 0: start from
+    # the maps as converted (identity Hedgehog), as LinVideo does.
+    map_fit_steps: int = 0
+    map_fit_lr: float = 1e-2
     mixed_precision: str = "bf16"           # "bf16" autocast or "no"
     gradient_checkpointing: bool = True
     strategy: str = "auto"                  # "auto" (ddp when world > 1), "none", "ddp", "fsdp"
@@ -353,6 +359,16 @@ class TrainConfig:
             # Below 1, |2r − 1|^α has no derivative at r = 1/2 (L_reg's gradient is NaN there).
             raise ValueError(f"train.alpha_start and train.alpha_end must be >= 1, got "
                              f"{t.alpha_start} and {t.alpha_end}")
+        if isinstance(t.map_fit_steps, bool) or not isinstance(t.map_fit_steps, int) \
+                or t.map_fit_steps < 0:
+            raise ValueError(f"train.map_fit_steps: expected an int >= 0, got "
+                             f"{t.map_fit_steps!r}")
+        if not t.map_fit_lr > 0:
+            raise ValueError(f"train.map_fit_lr: must be > 0, got {t.map_fit_lr!r}")
+        if t.map_fit_steps and m.load == "sharded":
+            raise ValueError("train.map_fit_steps: fits the maps on a whole student before it "
+                             "is sharded; model.load 'sharded' builds it sharded (use model.load "
+                             "'full' or map_fit_steps 0)")
         if isinstance(t.trainable, str) and t.trainable != "all":
             raise ValueError(f"train.trainable: expected 'all' or a list of parameter-name "
                              f"substrings, got {t.trainable!r}")

@@ -133,6 +133,14 @@ class StageLoop(abc.ABC):
                     self.save_checkpoint()
         return self.finish()
 
+    def will_resume(self) -> bool:
+        """Whether resume_or_start() will resume (output.resume names a checkpoint, or is
+        "auto" and output.dir holds one): for set-up work a resumed run takes from it."""
+        resume = self.output.resume
+        if resume == "never":
+            return False
+        return resume != "auto" or ckpt.latest_checkpoint(self.ckpt_root) is not None
+
     def resume_or_start(self) -> None:
         """Resume from output.resume (auto: the latest checkpoint), or start: write
         config.yaml, reset the log and log step 0 (with an evaluation if eval_every)."""

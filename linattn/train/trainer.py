@@ -142,6 +142,16 @@ class Trainer(StageLoop):
         if not self.sharded_load:
             student = student.to(self.ctx.device)
         del student_source
+        num_t = self.dataset.spec.num_train_timesteps
+        # The family's forward call (linattn.train.families), the same for every model here.
+        call = model_call_for(self.teacher_module, config.model.call_options,
+                              config.model.pretrained)
+        # Fitted on the whole student, before it is wrapped or sharded; a resumed run takes its
+        # maps from the checkpoint instead.
+        self.map_fit = None
+        if tc.map_fit_steps and not self.will_resume():
+            self.map_fit = self._fit_feature_maps(student, FlowModel(
+                student, num_t, input_dtype=torch.float32, call=call))
         self.gates = student_gates(student, config.convert.mode)
         self.layer_names = layer_names(student, self.gates)
         set_trainable(student, tc.trainable, self.gates)
@@ -166,10 +176,6 @@ class Trainer(StageLoop):
         else:
             D.shard_frozen(self.teacher_module, self.strategy)
 
-        num_t = self.dataset.spec.num_train_timesteps
-        # The family's forward call (linattn.train.families), the same for every model here.
-        call = model_call_for(self.teacher_module, config.model.call_options,
-                              config.model.pretrained)
         self.teacher = FlowModel(self.teacher_module, num_t, call=call)
         self.student_fn = FlowModel(self.module, num_t, input_dtype=torch.float32, call=call)
         self.student_eval = FlowModel(D.unwrap(self.module), num_t, input_dtype=torch.float32,
@@ -218,13 +224,47 @@ class Trainer(StageLoop):
                             lockstep=self.sharded_load)
         return TeacherDataset(self.cfg.data.dir)
 
+    def _fit_feature_maps(self, student: nn.Module, student_fn: FlowModel) -> dict:
+        """train.map_fit_steps steps of feature-map fitting (linattn.dit.map_fitting) on
+        random stored teacher points (both guidance branches), micro-batch sized, seeded by
+        train.seed; every rank fits alike and rank 0's maps are broadcast. Returns the fit's
+        record (errors on a fixed batch of stored points before and after, loss per step)."""
+        tc = self.cfg.train
+        generator = torch.Generator().manual_seed(tc.seed)
+        size = min(self.micro_batch, len(self.dataset))
+        fixed = torch.randperm(len(self.dataset), generator=generator)[:size].tolist()
+
+        def forward(indices) -> None:
+            batch = self.to_device(self.dataset.batch(indices))
+            with self.autocast():
+                student_fn(batch["x_t"], batch["t"], batch["cond"])
+                if self.dataset.guided:
+                    student_fn(batch["x_t"], batch["t"], batch["negative_cond"])
+
+        def step(_: int) -> None:
+            forward(torch.randint(len(self.dataset), (size,), generator=generator).tolist())
+
+        fit = dit_api("fit_feature_maps")(
+            student, step, tc.map_fit_steps, lr=tc.map_fit_lr,
+            progress=self.progress and self.ctx.is_main, evaluate=lambda: forward(fixed))
+        if self.ctx.distributed:
+            with torch.no_grad():
+                for p in dit_api("map_fitting").map_parameters(student):
+                    torch.distributed.broadcast(p.data, src=0)
+        return {"steps": tc.map_fit_steps, "lr": tc.map_fit_lr, "before": fit["before"],
+                "after": fit["after"], "loss_first": fit["loss"][0],
+                "loss_last": fit["loss"][-1]}
+
     # ------------------------------------------------------------------ loop hooks
 
     def stopped(self) -> TrainResult:
         return TrainResult(self.step, self.out_dir, None, None, self.metrics.path, None)
 
     def start_record(self) -> dict:
-        return {"step": 0, **self._gate_record()}
+        record = {"step": 0, **self._gate_record()}
+        if self.map_fit is not None:
+            record["map_fit"] = self.map_fit
+        return record
 
     def resume_keys(self) -> dict:
         # Another select_steps would switch at another step: not the same run.
