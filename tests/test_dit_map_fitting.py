@@ -116,3 +116,18 @@ def test_trainer_fits_the_maps_on_a_fresh_run_and_resumes_bit_exact(root):  # no
 def test_map_fit_configuration_errors(root, edit, message):  # noqa: F811
     with pytest.raises(ValueError, match=message):
         train(config(root, "fit_errors", **edit), progress=False)
+
+
+def test_trainer_fit_over_micro_batches_matches_one_batch(root):  # noqa: F811
+    # The fit splits its batch as training does: micro-batches (or processes) of one global
+    # batch give the same steps, to rounding.
+    runs = {}
+    for name, micro in (("fit_whole", None), ("fit_micro", 2)):
+        cfg = config(root, name, steps=1, map_fit_steps=4, map_fit_lr=3e-2,
+                     micro_batch_size=micro)
+        runs[name] = read_metrics(train(cfg, progress=False).metrics_path)[0]["map_fit"]
+    whole, micro = runs["fit_whole"], runs["fit_micro"]
+    assert whole["loss_first"] > 0
+    for key in ("loss_first", "loss_last"):
+        assert micro[key] == pytest.approx(whole[key], rel=1e-5), key
+    assert whole["loss_last"] < whole["loss_first"]

@@ -141,6 +141,24 @@ def test_ddp_two_processes_match_one(single):
     assert all(r["gates"] == [0.0, 0.0] for r in records[3:])
 
 
+
+def test_ddp_fits_the_maps_alike_on_every_rank(single):
+    # train.map_fit_steps runs on each rank's whole student before DDP wraps it; rank 0's maps
+    # are broadcast, and the run matches one process fitted the same way.
+    root, plain = single
+    single_fit = train(base_config(root, "single_fit", map_fit_steps=3), progress=False)
+    assert "map_fit" in read_metrics(single_fit.metrics_path)[0]
+    reference = final_state(os.path.join(root, "single_fit"))
+    cfg = base_config(root, "ddp_fit", strategy="ddp", map_fit_steps=3)
+    path = os.path.join(root, "ddp_fit.json")
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    torchrun(["-m", "linattn.train", "train", path, "--no-progress"])
+    assert_states(final_state(os.path.join(root, "ddp_fit")), reference, exact=False)
+    fitted, unfitted = flat(reference["model"]), flat(plain["model"])
+    assert any(not torch.equal(fitted[k], unfitted[k]) for k in fitted if "_map." in k)
+
+
 CP_STEPS = 2
 CP_WORKER = """
 import json, sys

@@ -33,9 +33,12 @@ class ErrorSink:
         self.errors: dict[str, list[Tensor]] = {}
 
     def add(self, layer: str, linear: Tensor, softmax: Tensor) -> None:
-        softmax = softmax.float()
-        error = (linear.float() - softmax).pow(2).mean() / softmax.pow(2).mean().clamp_min(1e-12)
-        self.errors.setdefault(layer, []).append(error)
+        # Per sample, then averaged (dim 0 is the batch in both layouts): the mean over a batch
+        # split between processes or micro-batches is then the mean over the whole batch.
+        softmax = softmax.float().flatten(1)
+        error = ((linear.float().flatten(1) - softmax).pow(2).mean(1)
+                 / softmax.pow(2).mean(1).clamp_min(1e-12))
+        self.errors.setdefault(layer, []).append(error.mean())
 
     def per_layer(self) -> dict[str, Tensor]:
         """Each layer's mean error over the calls recorded since the last clear()."""
@@ -72,15 +75,20 @@ def map_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def fit_feature_maps(model: nn.Module, run_forward: Callable[[int], None], steps: int, *,
-                     lr: float = 1e-2, progress: bool = True,
+def fit_feature_maps(model: nn.Module, run_forward: Callable[..., None], steps: int, *,
+                     lr: float = 1e-2, progress: bool = True, accumulation: int = 1,
+                     reduce_gradients: Optional[Callable[[list], None]] = None,
                      evaluate: Optional[Callable[[], None]] = None) -> dict:
     """Train only the feature maps of ``model``'s converted layers for ``steps`` Adam steps.
 
     run_forward(step) runs the model's forward pass(es) on that step's inputs (the caller owns
     the data: the trainer passes its teacher trajectory points, both guidance branches); the
-    loss is the mean over layers of the errors recorded during it. evaluate() (optional) runs
-    forwards on held-out inputs, recorded without gradients before and after the fit.
+    loss is the mean over layers of the errors recorded during it. With accumulation = A > 1,
+    run_forward(step, a) is called for a = 0 .. A−1, each followed by its own backward (one
+    micro-batch's activations at a time), and the gradients are averaged. reduce_gradients
+    (optional) is called with the maps' parameters before each optimiser step (the trainer
+    averages their gradients over its processes there). evaluate() (optional) runs forwards on
+    held-out inputs, recorded without gradients before and after the fit.
 
     The other parameters' requires_grad is restored afterwards. Returns {"layers": names,
     "loss": [per-step loss], "before"/"after": {layer: held-out error}} (held-out figures only
@@ -90,6 +98,8 @@ def fit_feature_maps(model: nn.Module, run_forward: Callable[[int], None], steps
         raise ValueError(f"steps: expected an int >= 1, got {steps!r}")
     if not lr > 0:
         raise ValueError(f"lr: must be > 0, got {lr!r}")
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise ValueError(f"accumulation: expected an int >= 1, got {accumulation!r}")
     params = map_parameters(model)
     if not params:
         raise ValueError("model: the converted layers' feature maps have no parameters to fit "
@@ -108,17 +118,22 @@ def fit_feature_maps(model: nn.Module, run_forward: Callable[[int], None], steps
                 result["before"] = _held_out(sink, evaluate)
             for step in tqdm(range(steps), desc="fitting feature maps", unit="step",
                              disable=not progress):
-                sink.clear()
-                run_forward(step)
-                errors = sink.per_layer()
-                if not errors:
-                    raise RuntimeError("run_forward: recorded no converted layer; it must run "
-                                       "the model that was passed to fit_feature_maps")
-                loss = torch.stack(list(errors.values())).mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                total = 0.0
+                for a in range(accumulation):
+                    sink.clear()
+                    run_forward(step) if accumulation == 1 else run_forward(step, a)
+                    errors = sink.per_layer()
+                    if not errors:
+                        raise RuntimeError("run_forward: recorded no converted layer; it must "
+                                           "run the model that was passed to fit_feature_maps")
+                    loss = torch.stack(list(errors.values())).mean() / accumulation
+                    loss.backward()
+                    total += float(loss.detach())
+                if reduce_gradients is not None:
+                    reduce_gradients(params)
                 optimizer.step()
-                result["loss"].append(float(loss.detach()))
+                result["loss"].append(total)
             if evaluate is not None:
                 result["after"] = _held_out(sink, evaluate)
     finally:

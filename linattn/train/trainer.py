@@ -225,14 +225,17 @@ class Trainer(StageLoop):
         return TeacherDataset(self.cfg.data.dir)
 
     def _fit_feature_maps(self, student: nn.Module, student_fn: FlowModel) -> dict:
-        """train.map_fit_steps steps of feature-map fitting (linattn.dit.map_fitting) on
-        random stored teacher points (both guidance branches), micro-batch sized, seeded by
-        train.seed; every rank fits alike and rank 0's maps are broadcast. Returns the fit's
-        record (errors on a fixed batch of stored points before and after, loss per step)."""
+        """train.map_fit_steps steps of feature-map fitting (linattn.dit.map_fitting), each on
+        a global batch of random stored teacher points (both guidance branches), split over the
+        data replicas and micro-batches as training splits its batches, seeded by train.seed;
+        the maps' gradients are averaged over the processes, so every rank takes the same steps
+        whatever the world size. Returns the fit's record (errors on one fixed micro-batch of
+        stored points before and after, the loss of the first and last step)."""
         tc = self.cfg.train
         generator = torch.Generator().manual_seed(tc.seed)
-        size = min(self.micro_batch, len(self.dataset))
-        fixed = torch.randperm(len(self.dataset), generator=generator)[:size].tolist()
+        n = len(self.dataset)
+        fixed = torch.randperm(n, generator=generator)[:min(self.micro_batch, n)].tolist()
+        share = self.micro_batch * self.accumulation          # this replica's part of a batch
 
         def forward(indices) -> None:
             batch = self.to_device(self.dataset.batch(indices))
@@ -241,16 +244,23 @@ class Trainer(StageLoop):
                 if self.dataset.guided:
                     student_fn(batch["x_t"], batch["t"], batch["negative_cond"])
 
-        def step(_: int) -> None:
-            forward(torch.randint(len(self.dataset), (size,), generator=generator).tolist())
+        drawn = {}
+
+        def step(step: int, micro: int = 0) -> None:
+            if micro == 0:   # every rank draws the same global batch, then takes its share
+                indices = torch.randint(n, (tc.global_batch_size,), generator=generator)
+                drawn["mine"] = indices[self.mesh.data_rank * share:][:share].tolist()
+            forward(drawn["mine"][micro * self.micro_batch:(micro + 1) * self.micro_batch])
+
+        def average(params: list) -> None:
+            for p in params:
+                torch.distributed.all_reduce(p.grad)
+                p.grad /= self.ctx.world_size
 
         fit = dit_api("fit_feature_maps")(
-            student, step, tc.map_fit_steps, lr=tc.map_fit_lr,
+            student, step, tc.map_fit_steps, lr=tc.map_fit_lr, accumulation=self.accumulation,
+            reduce_gradients=average if self.ctx.distributed else None,
             progress=self.progress and self.ctx.is_main, evaluate=lambda: forward(fixed))
-        if self.ctx.distributed:
-            with torch.no_grad():
-                for p in dit_api("map_fitting").map_parameters(student):
-                    torch.distributed.broadcast(p.data, src=0)
         return {"steps": tc.map_fit_steps, "lr": tc.map_fit_lr, "before": fit["before"],
                 "after": fit["after"], "loss_first": fit["loss"][0],
                 "loss_last": fit["loss"][-1]}
