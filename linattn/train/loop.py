@@ -133,29 +133,28 @@ class StageLoop(abc.ABC):
                     self.save_checkpoint()
         return self.finish()
 
-    def will_resume(self) -> bool:
-        """Whether resume_or_start() will resume (output.resume names a checkpoint, or is
-        "auto" and output.dir holds one): for set-up work a resumed run takes from it."""
+    def resume_path(self) -> Optional[str]:
+        """The checkpoint resume_or_start() resumes from: output.resume's folder, or with
+        "auto" the latest in output.dir (None: none there, or "never"). Set-up work that a
+        resumed run takes from its checkpoint checks it first."""
         resume = self.output.resume
-        if resume == "never":
-            return False
-        return resume != "auto" or ckpt.latest_checkpoint(self.ckpt_root) is not None
+        if resume == "auto":
+            return ckpt.latest_checkpoint(self.ckpt_root)
+        return None if resume == "never" else resume
 
     def resume_or_start(self) -> None:
         """Resume from output.resume (auto: the latest checkpoint), or start: write
         config.yaml, reset the log and log step 0 (with an evaluation if eval_every)."""
         oc = self.output
-        path = None
-        latest = ckpt.latest_checkpoint(self.ckpt_root)
-        if oc.resume == "auto":
-            path = latest
-        elif oc.resume != "never":
-            path = oc.resume
-        elif latest is not None:
-            # Starting over here would interleave this run's checkpoints with the old ones.
-            raise ValueError(f"output.resume: 'never', but {self.ckpt_root!r} holds checkpoints "
-                             f"of an earlier run (latest {os.path.basename(latest)}); use "
-                             f"another output.dir or remove them")
+        path = self.resume_path()
+        if oc.resume == "never":
+            latest = ckpt.latest_checkpoint(self.ckpt_root)
+            if latest is not None:
+                # Starting over here would interleave this run's checkpoints with the old ones.
+                raise ValueError(f"output.resume: 'never', but {self.ckpt_root!r} holds "
+                                 f"checkpoints of an earlier run (latest "
+                                 f"{os.path.basename(latest)}); use another output.dir or "
+                                 f"remove them")
         path = D.broadcast_object(path, self.ctx)
         if path is not None:
             # Settings first: a checkpoint of another set-up may not even hold the same

@@ -149,7 +149,7 @@ class Trainer(StageLoop):
         # Fitted on the whole student, before it is wrapped or sharded; a resumed run takes its
         # maps from the checkpoint instead.
         self.map_fit = None
-        if tc.map_fit_steps and not self.will_resume():
+        if tc.map_fit_steps and self.resume_path() is None:
             self.map_fit = self._fit_feature_maps(student, FlowModel(
                 student, num_t, input_dtype=torch.float32, call=call))
         self.gates = student_gates(student, config.convert.mode)

@@ -35,7 +35,6 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .. import checkpoint as ckpt
 from .. import distributed as D
 from .. import sharded_load as SL
 from ..evaluate import EvalMetric, EvalSet, default_eval_metrics, run_metrics
@@ -145,7 +144,7 @@ class DistillTrainer(StageLoop):
 
         self.conditioning = conditioning_store.prepare(
             config.conditioning, dc.guidance_scale, self.out_dir, self.ctx,
-            resuming=self._will_resume())
+            resuming=self.resume_path() is not None)
 
         # Generator and fake score: float32, trained, checkpointed, wrapped.
         if self.sharded_load:
@@ -227,12 +226,6 @@ class DistillTrainer(StageLoop):
                                          field="distill.gan_data" if dc.gan_data
                                          else "distill.regression_data")
                          if self.discriminator is not None else None)
-
-    def _will_resume(self) -> bool:
-        resume = self.output.resume
-        if resume == "never":
-            return False
-        return resume != "auto" or ckpt.latest_checkpoint(self.ckpt_root) is not None
 
     # ------------------------------------------------------------------ one step
 
