@@ -68,7 +68,7 @@ def distill_config(out_dir: str, generator_path, args, steps: int) -> dict:
         "generator": {"path": generator_path},
         "conditioning": {"embeddings": "linattn:toy"},
         "distill": {"latent_shape": list(VIDEO_SHAPE), "num_steps": args.num_steps,
-                    "shift": SAMPLER.shift, "guidance_scale": SAMPLER.guidance_scale,
+                    "times": args.times, "shift": SAMPLER.shift, "guidance_scale": SAMPLER.guidance_scale,
                     "steps": steps, "fake_score_updates": args.fake_score_updates,
                     "global_batch_size": args.batch_size, "lr": args.lr,
                     "fake_score_lr": args.fake_score_lr, "mixed_precision": "no",
@@ -199,6 +199,11 @@ def main(argv=None) -> int:
     p.add_argument("--softmax-steps", type=int,
                    help="steps of the reference softmax run (default --steps)")
     p.add_argument("--num-steps", type=int, default=4)
+    p.add_argument("--times", type=float, nargs="+", default=None, metavar="T",
+                   help="the generator's --num-steps times before the toy's shift "
+                        f"({SAMPLER.shift:g}) (distill.times; default 1, 0.75, 0.5, 0.25 for "
+                        "4 steps); with --regression-inputs trajectory each must be on the "
+                        "teacher's grid (a multiple of 1/20)")
     p.add_argument("--fake-score-updates", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -346,6 +351,8 @@ def main(argv=None) -> int:
                     f"{args.regression_data} ({args.regression_inputs} inputs)"
                     if args.regression_data else "")
                  + (f", step rule {args.renoise}" if args.renoise != "fresh" else "")
+                 + (f", generator times {' '.join(f'{t:g}' for t in args.times)} before the "
+                    f"shift {SAMPLER.shift:g}" if args.times else "")
                  + (f", DMD weight {args.dmd_weight:g}" if args.dmd_weight != 1.0 else "")
                  + (f", generator EMA {args.ema_decay:g} from update {args.ema_start_step}"
                     if args.ema_decay else "")
