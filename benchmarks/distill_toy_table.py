@@ -203,7 +203,8 @@ def main(argv=None) -> int:
                    help="the generator's --num-steps times before the toy's shift "
                         f"({SAMPLER.shift:g}) (distill.times; default 1, 0.75, 0.5, 0.25 for "
                         "4 steps); with --regression-inputs trajectory each must be on the "
-                        "teacher's grid (a multiple of 1/20)")
+                        "teacher's grid (a multiple of 1/20); the not-distilled row keeps the "
+                        "pipeline's own grid")
     p.add_argument("--fake-score-updates", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-4)
