@@ -11,8 +11,8 @@ LinearAttn(q, k, v) match SoftmaxAttn(q, k, v) on the model's own activations:
 While it runs, every converted layer passes its *softmax* output on (recording()), so each layer
 sees exactly the original model's inputs and the layers' fits are independent of each other;
 the gradient reaches only the maps. LinVideo starts from identity maps and says nothing about
-this step; it is our addition (measured on the toy: docs/toy_study.md §6j), data-free like the rest: the activations come
-from the teacher's own trajectory points.
+this step; it is our addition (measured on the toy: docs/toy_study.md §6j-6k), data-free like
+the rest: the activations come from the teacher's own trajectory points.
 """
 from __future__ import annotations
 
