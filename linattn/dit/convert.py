@@ -1,24 +1,26 @@
 """linattn.convert and linattn.revert: swap a DiT's self-attention processors in place."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 from torch import nn
 
 from ..backends import BACKEND_NAMES
 from . import maps, record
+from .local_mixing import KernelArg, LocalMixing, kernel_size
 from .processor import MODES, LinAttnProcessor, converted_layers, restore_original, set_processor
 from .selectors import Selector, resolve_selector
 
 LayersArg = Union[str, Iterable[int], Callable[[int, str], bool]]
-#: (layer name, attention module, mode, q map, k map): one layer to install.
-Plan = list[tuple[str, nn.Module, str, nn.Module, nn.Module]]
+#: (layer name, attention module, mode, q map, k map, local mixing or None): one layer to install.
+Plan = list[tuple[str, nn.Module, str, nn.Module, nn.Module, Optional[LocalMixing]]]
 
 
 def convert(transformer: nn.Module, layers: LayersArg = "all",
             feature_map: maps.FeatureMapArg = "hedgehog", mode: str = "linear", *,
             selector: Union[None, str, Selector] = None, backend: str = "auto",
-            fuse_pre_attention: bool = True) -> nn.Module:
+            fuse_pre_attention: bool = True,
+            local_mixing: Optional[KernelArg] = None) -> nn.Module:
     """Convert the chosen self-attention layers of `transformer` to linear attention, in place.
 
     Args:
@@ -39,6 +41,11 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
             kernels, which apply them while loading q and k (True, the default, for selectors
             that describe them, as the built-in ones do), or runs them in PyTorch first (False;
             linattn.dit.set_fuse_pre_attention switches a converted model).
+        local_mixing: None (default: plain linear attention) or the kernel size (an odd int, or
+            three for frames, height, width) of a zero-initialised depthwise convolution of V
+            over the video token grid added to the linear branch (linattn/dit/local_mixing.py;
+            FLatten's DWC; not part of LinVideo). Needs a selector that gives the token grid
+            (Wan) and runs neither under context parallelism nor with padded keys.
 
     Returns the same model. Feature maps and gates become trainable parameters under it.
     """
@@ -46,12 +53,19 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
     check_backend(backend)
     sel = resolve_selector(transformer, selector)
+    kernel = None if local_mixing is None else kernel_size(local_mixing)
+    if kernel is not None and not sel.has_token_grid():
+        raise ValueError(f"local_mixing: selector {sel.name!r} does not give the video token grid "
+                         f"the convolution needs (built in for 'wan'); convert without it or "
+                         f"override Selector.token_grid")
     plan: Plan = []
     for name, attn in _choose(sel.layers(transformer), layers):
         check_convertible(name, attn, sel)
         heads, head_dim = sel.head_shape(attn)
         q_map, k_map = maps.build_pair(feature_map, heads, head_dim, name, device_of(attn))
-        plan.append((name, attn, mode, q_map, k_map))
+        mixing = (None if kernel is None
+                  else LocalMixing(heads * head_dim, kernel, device=device_of(attn)))
+        plan.append((name, attn, mode, q_map, k_map, mixing))
     install(transformer, sel, plan, backend, fuse_pre_attention)
     return transformer
 
@@ -94,9 +108,10 @@ def install(model: nn.Module, selector: Selector, plan: Plan, backend: str,
     if plan and others:
         raise ValueError(f"selector: the model already has layers converted with selector "
                          f"{sorted(others)}, not {selector.name!r}; one model uses one selector")
-    for _, attn, mode, q_map, k_map in plan:
+    for _, attn, mode, q_map, k_map, mixing in plan:
         set_processor(attn, LinAttnProcessor(selector, mode, q_map, k_map, attn.processor,
-                                             backend, device_of(attn), fuse_pre_attention))
+                                             backend, device_of(attn), fuse_pre_attention,
+                                             local_mixing=mixing))
     record.sync(model)
 
 

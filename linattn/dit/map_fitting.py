@@ -67,11 +67,14 @@ def recording(model: nn.Module) -> Iterator[ErrorSink]:
 
 
 def map_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The learnable parameters of the converted layers' feature maps, in model order."""
+    """The learnable parameters of the converted layers' feature maps, and of their local mixing
+    where they have it (it is part of the linear branch being fitted), in model order."""
     params = []
     for _, _, processor in converted_layers(model):
         for feature_map in (processor.q_map, processor.k_map):
             params.extend(feature_map.parameters())
+        if processor.local_mixing is not None:
+            params.extend(processor.local_mixing.parameters())
     return params
 
 

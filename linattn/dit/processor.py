@@ -10,6 +10,8 @@ mode "linear": o = LinearAttn(q, k, v) through linattn.linear_attention; under d
 mode "hybrid": o = r · SoftmaxAttn(q, k, v) + (1 − r) · LinearAttn(q, k, v)  (method.md §3), r a
     scalar parameter initialised to 1, so a freshly converted model equals the original exactly
     (r·x = x and (1 − r)·y = 0 in floating point for finite y).
+With local mixing (local_mixing.py, off by default) LinearAttn(q, k, v) + DWConv3d(v) is the
+linear branch, the convolution over the video token grid that the model's forward pre-hook sets.
 
 The family-specific parts (q/k/v path, the stock softmax call, the output path) come from the
 layer's selector; this module only chooses and mixes the branches.
@@ -33,6 +35,7 @@ from ..distributed import linear_attention as sharded_linear_attention
 from ..feature_maps import FeatureMap
 from ..ops import linear_attention
 from .context_parallel import context_parallel_group
+from .local_mixing import LocalMixing
 from .selectors import Selector
 
 MODES = ("linear", "hybrid")
@@ -46,7 +49,7 @@ class LinAttnProcessor(nn.Module):
 
     def __init__(self, selector: Selector, mode: str, q_map: FeatureMap, k_map: FeatureMap,
                  original: Any, backend: str = "auto", device: Optional[torch.device] = None,
-                 fuse_pre_attention: bool = True):
+                 fuse_pre_attention: bool = True, local_mixing: Optional[LocalMixing] = None):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -56,6 +59,7 @@ class LinAttnProcessor(nn.Module):
         self.fuse_pre_attention = bool(fuse_pre_attention)
         self.q_map = q_map
         self.k_map = k_map
+        self.local_mixing = local_mixing
         if mode == "hybrid":
             self.gate = nn.Parameter(torch.ones((), dtype=torch.float32, device=device))
         else:
@@ -65,13 +69,17 @@ class LinAttnProcessor(nn.Module):
         self.__dict__["original"] = original
         # (sink, layer name) while linattn.dit.map_fitting.recording() runs, else None.
         self.__dict__["map_fitting"] = None
+        # (frames, height, width) of the current call's tokens, set by the model's forward
+        # pre-hook when the layer has local mixing (local_mixing.set_token_grid).
+        self.__dict__["token_grid"] = None
         self._attention_backend = getattr(original, "_attention_backend", None)
         self._parallel_config = getattr(original, "_parallel_config", None)
 
     def as_linear(self) -> "LinAttnProcessor":
         """A linear-only processor sharing this one's maps (finalize() of a layer with r → 0)."""
         linear = LinAttnProcessor(self.selector, "linear", self.q_map, self.k_map, self.original,
-                                  self.backend, fuse_pre_attention=self.fuse_pre_attention)
+                                  self.backend, fuse_pre_attention=self.fuse_pre_attention,
+                                  local_mixing=self.local_mixing)
         linear._attention_backend = self._attention_backend
         linear._parallel_config = self._parallel_config
         return linear
@@ -113,6 +121,21 @@ class LinAttnProcessor(nn.Module):
         else:
             (q, k), pre = self.selector.attention_qk(attn, p), {}
         group = context_parallel_group(self._parallel_config)
+        if self.local_mixing is not None:
+            if group is not None:
+                raise ValueError("local mixing: a converted layer with local mixing cannot run "
+                                 "under context parallelism (its convolution needs the "
+                                 "neighbouring tokens other processes hold); convert without "
+                                 "local_mixing or run without a parallel config")
+            if p.key_padding_mask is not None:
+                raise ValueError("local mixing: this call pads its keys (an attention mask); the "
+                                 "convolution would mix padded tokens into real ones, so a "
+                                 "layer with local mixing takes unpadded inputs only")
+            if self.token_grid is None:
+                raise RuntimeError("local mixing: this layer has no token grid; it is set by the "
+                                   "converted transformer's forward pre-hook, so call the "
+                                   "transformer, not the attention layer alone")
+            mixed = self.local_mixing(p.v, p.layout, self.token_grid)
         if group is not None:
             # This process holds its own tokens' q, k, v: S and z are summed over the group.
             # The norms are per token and diffusers' plans shard the RoPE tables with the
@@ -122,9 +145,10 @@ class LinAttnProcessor(nn.Module):
                 q, k, p.v, group=group, feature_map=(self.q_map, self.k_map),
                 key_padding_mask=p.key_padding_mask, layout=p.layout, backend=self.backend,
                 **pre)
-        return linear_attention(q, k, p.v, feature_map=(self.q_map, self.k_map),
-                                key_padding_mask=p.key_padding_mask, layout=p.layout,
-                                backend=self.backend, **pre)
+        o = linear_attention(q, k, p.v, feature_map=(self.q_map, self.k_map),
+                             key_padding_mask=p.key_padding_mask, layout=p.layout,
+                             backend=self.backend, **pre)
+        return o if self.local_mixing is None else o + mixed.to(o.dtype)
 
     def extra_repr(self) -> str:
         gate = f", r={self.gate.item():.4f}" if self.gate is not None else ""

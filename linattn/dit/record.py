@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from torch import nn
 
-from . import maps
+from . import local_mixing, maps
 from .processor import MODES, converted_layers
 
 KEY = "_linattn"
@@ -26,6 +26,9 @@ def build(model: nn.Module) -> Optional[dict[str, Any]]:
     for name, _, processor in converted_layers(model):
         layers[name] = {"mode": processor.mode, "q_map": maps.spec(processor.q_map),
                         "k_map": maps.spec(processor.k_map)}
+        if processor.local_mixing is not None:
+            # Only when present, so records without local mixing stay as they were.
+            layers[name]["local_mixing"] = local_mixing.spec(processor.local_mixing)
         selector = processor.selector.name
     if not layers:
         return None
@@ -34,7 +37,10 @@ def build(model: nn.Module) -> Optional[dict[str, Any]]:
 
 def sync(model: nn.Module) -> None:
     """Rewrite the record in `model`'s config from its processors (diffusers models only: a
-    model without a diffusers config converts and runs, but has no save_pretrained to carry it)."""
+    model without a diffusers config converts and runs, but has no save_pretrained to carry it).
+    Every change of the converted layers ends here, so it also registers or removes the token
+    grid hook that local mixing needs (local_mixing.sync_hook), for any model."""
+    local_mixing.sync_hook(model)
     config = getattr(model, "_internal_dict", None)
     if config is None or not hasattr(model, "register_to_config"):
         return

@@ -180,6 +180,17 @@ class Selector(abc.ABC):
                             f"`inner_dim` attributes; override Selector.head_shape") from None
         return heads, inner // heads
 
+    def token_grid(self, model: nn.Module, args: tuple, kwargs: dict) -> tuple[int, int, int]:
+        """(frames, height, width) of the self-attention tokens of ``model(*args, **kwargs)``, in
+        the order the tokens are laid out (frame-major), for local mixing (local_mixing.py).
+        Families whose self-attention sees only the video tokens override it."""
+        raise ValueError(f"local_mixing: selector {self.name!r} does not give the video token "
+                         f"grid that the convolution needs; override Selector.token_grid")
+
+    @classmethod
+    def has_token_grid(cls) -> bool:
+        return cls.token_grid is not Selector.token_grid
+
     def check_layer(self, name: str, attn: nn.Module) -> None:
         """Raise when `attn` cannot be converted faithfully by this selector."""
         if not hasattr(attn, "processor"):

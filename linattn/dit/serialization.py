@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from . import maps, record
+from . import local_mixing, maps, record
 from .convert import Plan, check_backend, check_convertible, device_of, install
 from .processor import converted_layers
 from .selectors import Selector, builtin_selector
@@ -77,7 +77,12 @@ def load_converted(path: Union[str, Path], *, subfolder: Optional[str] = None,
         heads, head_dim = sel.head_shape(attn)
         q_map, k_map = (maps.from_spec(entry[role], heads, head_dim, name, feature_map,
                                        device_of(attn)) for role in ("q_map", "k_map"))
-        plan.append((name, attn, entry["mode"], q_map, k_map))
+        mixing = local_mixing.from_spec(entry.get("local_mixing"), heads * head_dim,
+                                        f"{directory}: layer {name!r}", device_of(attn))
+        if mixing is not None and not sel.has_token_grid():
+            raise ValueError(f"{directory}: layer {name!r} has local mixing, but selector "
+                             f"{sel.name!r} gives no token grid for it")
+        plan.append((name, attn, entry["mode"], q_map, k_map, mixing))
     install(model, sel, plan, backend)
     if not weights:
         return model.eval()

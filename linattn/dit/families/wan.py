@@ -58,6 +58,13 @@ class WanSelector(Selector):
                           softmax_mask=attention_mask, pre=pre,
                           context={"rotary_emb": rotary_emb})
 
+    def token_grid(self, model, args, kwargs):
+        """The latent (B, C, F, H, W) over config.patch_size: patch_embedding's Conv3d output
+        flattened frame-major, the order of attn1's tokens."""
+        latent = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        patch = model.config.patch_size
+        return tuple(int(n) // int(p) for n, p in zip(latent.shape[2:], patch))
+
     def attention_qk(self, attn, projection):
         """The stock processor's norm and RoPE (WanAttnProcessor), bit for bit."""
         p = projection
