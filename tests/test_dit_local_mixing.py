@@ -15,7 +15,8 @@ from linattn.dit.map_fitting import map_parameters
 from linattn.dit.processor import converted_layers
 from linattn.train import train
 from linattn.train.metrics import read_metrics
-from test_dit_families import ltx_model, perturbed, run, wan_inputs, wan_model
+from test_dit_families import (ltx_inputs, ltx_model, mochi_model, perturbed, run,
+                               wan_inputs, wan_model)
 from test_train_trainer import config, root  # noqa: F401  (root: the module's tiny-run fixture)
 
 pytestmark = [pytest.mark.filterwarnings(
@@ -170,9 +171,28 @@ def test_save_load_finalize_revert_and_copies_keep_the_mixing(tmp_path):
     assert torch.equal(run(loaded, inputs), run(model, inputs))
 
 
+def test_ltx_token_grid_is_its_rope_grid():
+    model = perturbed(ltx_model(), 6)
+    inputs = ltx_inputs(torch.Generator().manual_seed(6))
+    plain = dit.convert(copy.deepcopy(model))
+    mixed = dit.convert(copy.deepcopy(model), local_mixing=3)
+    assert torch.equal(run(mixed, inputs), run(plain, inputs))
+    selector = mixed.transformer_blocks[0].attn1.processor.selector
+    assert selector.token_grid(mixed, (), inputs) == (2, 4, 4)
+    positional = [inputs[k] for k in ("hidden_states", "encoder_hidden_states", "timestep",
+                                      "encoder_attention_mask", "num_frames", "height", "width")]
+    assert selector.token_grid(mixed, tuple(positional), {}) == (2, 4, 4)
+    with torch.no_grad():
+        for _, _, p in converted_layers(mixed):
+            p.local_mixing.weight.normal_(std=0.1)
+    assert not torch.allclose(run(mixed, inputs), run(plain, inputs))
+    with pytest.raises(ValueError, match="video_coords"):
+        selector.token_grid(mixed, (), dict(inputs, video_coords=torch.zeros(2, 3, 32)))
+
+
 def test_conversion_refuses_what_it_cannot_mix():
-    with pytest.raises(ValueError, match="local_mixing: selector 'ltx_video' does not give"):
-        dit.convert(ltx_model(), local_mixing=3)
+    with pytest.raises(ValueError, match="local_mixing: selector 'mochi' does not give"):
+        dit.convert(mochi_model(), local_mixing=3)
     with pytest.raises(ValueError, match="odd int"):
         dit.convert(wan_model(), local_mixing=4)
     model, inputs = wan_pair()

@@ -22,6 +22,10 @@ branch. The base class runs ``F.scaled_dot_product_attention`` honouring the key
 the built-in families override it with the exact call of their stock processor, so that a hybrid
 layer with r = 1 reproduces the original model bit for bit.
 
+``token_grid(model, args, kwargs)`` (optional) gives the (frames, height, width) grid of the
+self-attention tokens of one model call, which local mixing needs (local_mixing.py); Wan and
+LTX-Video give it, the joint video-text families do not.
+
 The modules a selector lists must follow diffusers' processor protocol: the module calls
 ``self.processor(self, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)``
 (positionally or by these names), and has ``set_processor(p)`` or a plain ``processor`` attribute.

@@ -10,6 +10,8 @@ is even).
 """
 from __future__ import annotations
 
+import inspect
+
 from diffusers.models.transformers.transformer_ltx import apply_rotary_emb
 
 from ...pre_attention import PreAttention, QKNorm, RoPE
@@ -39,6 +41,21 @@ class LTXVideoSelector(Selector):
         pre = PreAttention(QKNorm.from_module(attn.norm_q, over="heads"),
                            QKNorm.from_module(attn.norm_k, over="heads"), rope)
         return Projection(query, key, value, "bnhd", pre=pre, context={"rotary_emb": rotary_emb})
+
+    def token_grid(self, model, args, kwargs):
+        """(num_frames, height, width) of the call: the grid LTX's RoPE lays the tokens out on,
+        frame-major (LTXVideoRotaryPosEmbed). Explicit video_coords may place tokens elsewhere,
+        so a call that passes them is refused."""
+        bound = inspect.signature(type(model).forward).bind(model, *args, **kwargs).arguments
+        if bound.get("video_coords") is not None:
+            raise ValueError("local_mixing: this LTX-Video call passes video_coords, so its "
+                             "tokens need not lie on the num_frames × height × width grid the "
+                             "convolution assumes")
+        grid = tuple(bound.get(name) for name in ("num_frames", "height", "width"))
+        if any(n is None for n in grid):
+            raise ValueError("local_mixing: an LTX-Video call without num_frames, height and "
+                             "width gives no token grid")
+        return tuple(int(n) for n in grid)
 
     def attention_qk(self, attn, projection):
         """The stock processor's norm and RoPE (LTXVideoAttnProcessor), bit for bit."""
