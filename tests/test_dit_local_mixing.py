@@ -165,6 +165,10 @@ def test_save_load_finalize_revert_and_copies_keep_the_mixing(tmp_path):
     loaded = dit.load_converted(tmp_path)
     record = loaded.config["_linattn"]["layers"]["blocks.0.attn1"]
     assert record["local_mixing"] == {"kernel": [3, 3, 3]}
+    row = dit.layer_report(loaded)[0]
+    assert row.feature_map.endswith("+ local mixing 3x3x3")
+    # Two Hedgehog maps of 2 heads x 32 x 32 and one 3x3x3 filter per channel of 2 x 32.
+    assert row.params == 2 * (2 * 32 * 32) + (2 * 32) * 27
     assert torch.equal(run(loaded, inputs), expected)
     dit.revert(loaded)
     assert not loaded._forward_pre_hooks

@@ -18,8 +18,8 @@ class LayerReport:
     name: str
     kind: str                 # "softmax" | "linear" | "hybrid"
     gate: Optional[float]     # r of a hybrid layer
-    feature_map: str          # "-" for softmax layers
-    params: int               # parameters linattn added to the layer (maps and gate)
+    feature_map: str          # "-" for softmax layers; "+ local mixing KtxKhxKw" when it has one
+    params: int               # parameters linattn added to the layer (maps, gate, local mixing)
 
 
 def layer_report(model: nn.Module, selector: Union[None, str, Selector] = None) -> list[LayerReport]:
@@ -37,11 +37,13 @@ def layer_report(model: nn.Module, selector: Union[None, str, Selector] = None) 
             continue
         q, k = maps.describe(processor.q_map), maps.describe(processor.k_map)
         gate = processor.gate
+        fmap = q if q == k else f"q: {q} / k: {k}"
+        if processor.local_mixing is not None:
+            fmap += " + local mixing " + "x".join(map(str, processor.local_mixing.kernel))
         rows.append(LayerReport(
             index, name, processor.mode,
             # A model built on the meta device has no gate values to show.
-            float(gate.detach()) if gate is not None and not gate.is_meta else None,
-            q if q == k else f"q: {q} / k: {k}",
+            float(gate.detach()) if gate is not None and not gate.is_meta else None, fmap,
             sum(p.numel() for p in processor.parameters())))
     return rows
 
