@@ -11,16 +11,23 @@ those of the toy study's tables (docs/toy_study*.md); 16 gives those of the dist
 table (docs/distill.md). A model is a linattn.load_converted folder (a stage's final/, or its
 output.dir); a folder with a metrics.jsonl beside its final/ also prints that run's
 evaluations over steps (its learning curve), if it logged any. Writes markdown to --out.
+--teacher-cache FILE keeps the teacher's samples between calls (at 128 videos per seed they are
+about half of a call's time); the file is checked against the teacher's weights, seeds, count
+and sampler before it is used.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from linattn.toy import SAMPLER, load_teacher
 from linattn.toy.fidelity import evaluate, paired_class_gap, teacher_reference
 from linattn.train.distill.models import generator_folder, load_model_folder
 
@@ -43,6 +50,35 @@ def learning_curve(model_dir) -> list:
     return rows
 
 
+def cache_key(seeds, num_samples: int) -> dict[str, str]:
+    """What a cached teacher sample set must have been drawn with: the shipped teacher's
+    weights (a digest of its state dict), the seeds, the sample count and the sampler."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_teacher().state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return {"teacher_sha256": digest.hexdigest(), "seeds": json.dumps(list(seeds)),
+            "num_samples": str(num_samples), "sampler": repr(SAMPLER)}
+
+
+def read_teacher_cache(path: str, seeds, num_samples: int) -> dict:
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        expected = cache_key(seeds, num_samples)
+        differing = [k for k in expected if metadata.get(k) != expected[k]]
+        if differing:
+            raise SystemExit(f"--teacher-cache: {path} was written for another "
+                             f"{', '.join(differing)} (file: "
+                             f"{ {k: metadata.get(k) for k in differing} }); delete it or pass "
+                             f"another path")
+        return {int(key.split("_")[1]): f.get_tensor(key) for key in f.keys()}
+
+
+def write_teacher_cache(path: str, ref) -> None:
+    save_file({f"seed_{s}": v.contiguous() for s, v in ref.samples.items()}, path,
+              metadata=cache_key(ref.seeds, ref.num_samples))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", metavar="LABEL=DIR")
@@ -50,6 +86,11 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=8)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True, help="markdown file to write")
+    p.add_argument("--teacher-cache", metavar="FILE.safetensors",
+                   help="the teacher's samples: read when the file exists and was written for "
+                        "the same teacher weights, seeds, sample count and sampler (an error "
+                        "otherwise), else sampled and written there; sampling the teacher is "
+                        "most of a call's time")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     models = []
@@ -60,7 +101,14 @@ def main(argv=None) -> int:
         models.append((label, generator_folder(path)))
 
     print("sampling the teacher", flush=True)
-    ref = teacher_reference(seeds=args.seeds, num_samples=args.num_samples, progress=True)
+    cached = None
+    if args.teacher_cache and os.path.exists(args.teacher_cache):
+        cached = read_teacher_cache(args.teacher_cache, args.seeds, args.num_samples)
+        print(f"(the teacher's samples from {args.teacher_cache})", flush=True)
+    ref = teacher_reference(seeds=args.seeds, num_samples=args.num_samples, progress=True,
+                            samples=cached)
+    if args.teacher_cache and cached is None:
+        write_teacher_cache(args.teacher_cache, ref)
     lines = ["| model | " + " | ".join(SHOWN) + " | class accuracy - teacher's, paired |",
              "|" + "---|" * (len(SHOWN) + 2)]
     teacher = ref.teacher_figures

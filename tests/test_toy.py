@@ -129,6 +129,38 @@ def test_converted_model_moves_away_from_teacher(teacher, one_torch_thread):
     assert report.model["psnr"].mean < fidelity.PSNR_CAP
 
 
+def test_teacher_samples_given_again_give_the_same_reference(teacher, one_torch_thread,
+                                                             tmp_path):
+    """teacher_reference(samples=...) and toy_score.py's --teacher-cache, which feeds it."""
+    import importlib.util
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    reference = toy.teacher_reference(teacher, seeds=(0, 1), num_samples=2, sampler=FAST)
+    again = toy.teacher_reference(teacher, seeds=(0, 1), num_samples=2, sampler=FAST,
+                                  samples=reference.samples)
+    assert again.teacher_figures == reference.teacher_figures
+    with pytest.raises(ValueError, match=r"seeds \[0, 2\]"):
+        toy.teacher_reference(teacher, seeds=(0, 2), num_samples=2, sampler=FAST,
+                              samples=reference.samples)
+    with pytest.raises(ValueError, match="expected 3 videos per seed"):
+        toy.teacher_reference(teacher, seeds=(0, 1), num_samples=3, sampler=FAST,
+                              samples=reference.samples)
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "toy_score.py"
+    spec = importlib.util.spec_from_file_location("toy_score_under_test", script)
+    toy_score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(toy_score)
+    cache = str(tmp_path / "teacher.safetensors")
+    toy_score.write_teacher_cache(cache, SimpleNamespace(samples=reference.samples, seeds=(0, 1),
+                                                         num_samples=2))
+    read = toy_score.read_teacher_cache(cache, (0, 1), 2)
+    assert sorted(read) == [0, 1]
+    assert all(torch.equal(read[s], reference.samples[s]) for s in (0, 1))
+    with pytest.raises(SystemExit, match="another seeds, num_samples"):
+        toy_score.read_teacher_cache(cache, (0, 1, 2), 4)
+
+
 def test_evaluate_with_its_own_sampler(teacher, one_torch_thread):
     # A few-step student samples with its own sampler; the teacher's figures stay its own.
     reference = toy.teacher_reference(teacher, seeds=(0, 1, 2), num_samples=2, sampler=FAST)

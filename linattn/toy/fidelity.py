@@ -222,10 +222,13 @@ class TeacherReference:
 def teacher_reference(teacher: Optional[nn.Module] = None, *, seeds: Sequence[int] = (0, 1, 2),
                       num_samples: int = 16, sampler: Sampler = SAMPLER,
                       classifier: Optional[VideoClassifier] = None,
-                      progress: bool = False) -> TeacherReference:
+                      progress: bool = False,
+                      samples: Optional[Dict[int, Tensor]] = None) -> TeacherReference:
     """Sample the teacher (default: the shipped one) for every seed and score it, and score
     real procedural videos the same way. Seeds must be >= 3 for a spread worth the name; fewer
-    are accepted for quick checks."""
+    are accepted for quick checks. ``samples`` (optional): the teacher's samples per seed from
+    an earlier call with the same teacher, seeds, num_samples and sampler (a cache the caller
+    keys; benchmarks/toy_score.py --teacher-cache), used instead of sampling again."""
     seeds = tuple(int(s) for s in seeds)
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct sampling seeds, got {seeds}")
@@ -234,8 +237,18 @@ def teacher_reference(teacher: Optional[nn.Module] = None, *, seeds: Sequence[in
     teacher = teacher if teacher is not None else load_teacher()
     classifier = classifier if classifier is not None else load_classifier()
     labels = balanced_labels(num_samples)
-    samples = {s: sample(teacher, labels, seed=s, sampler=sampler, progress=progress)
-               for s in seeds}
+    if samples is None:
+        samples = {s: sample(teacher, labels, seed=s, sampler=sampler, progress=progress)
+                   for s in seeds}
+    else:
+        samples = dict(samples)
+        if sorted(samples) != sorted(seeds):
+            raise ValueError(f"samples: expected the teacher's samples for seeds {list(seeds)}, "
+                             f"got seeds {sorted(samples)}")
+        wrong = {s: tuple(v.shape) for s, v in samples.items() if v.shape[0] != num_samples}
+        if wrong:
+            raise ValueError(f"samples: expected {num_samples} videos per seed, got shapes "
+                             f"{wrong}")
     ref = TeacherReference(teacher, classifier, seeds, num_samples, sampler, labels, samples,
                            real_features(classifier))
     ref.teacher_figures = _figures(ref, samples, with_teacher_relative=False)
