@@ -114,3 +114,20 @@ def test_errors_name_the_field(edit, message):
 def test_file_type_is_checked(tmp_path):
     with pytest.raises(ValueError, match="must end in"):
         load_config(write(tmp_path, "c.ini", YAML))
+
+
+def test_teacher_level_config_converts_the_toy_teacher_with_local_mixing():
+    import os
+
+    import linattn.train
+    from linattn.dit.processor import converted_layers
+    from linattn.toy import load_teacher
+    from linattn.train.models import make_student
+
+    path = os.path.join(os.path.dirname(linattn.train.__file__), "configs",
+                        "toy_wan_cpu_teacher_level.yaml")
+    cfg = load_config(path)
+    assert cfg.train.map_fit_steps > 0 and cfg.train.select_steps is None
+    student = make_student(load_teacher(), cfg.convert)
+    layers = [(name, p.mode, p.local_mixing.kernel) for name, _, p in converted_layers(student)]
+    assert layers == [(f"blocks.{i}.attn1", "linear", (3, 3, 3)) for i in (0, 1, 2, 5, 6)]
