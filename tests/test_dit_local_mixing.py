@@ -114,7 +114,8 @@ def test_zero_initialised_mixing_leaves_the_conversion_unchanged_and_then_trains
     with torch.no_grad():
         weight.normal_(std=0.1)
     assert not torch.allclose(run(mixed, inputs), run(plain, inputs))
-    assert any(p is weight for p in map_parameters(mixed))  # map fitting fits the convolution with the maps
+    # Map fitting fits the convolution with the maps: it is part of the linear branch.
+    assert any(p is weight for p in map_parameters(mixed))
 
 
 def test_mixing_is_added_to_the_linear_branch_at_the_layer():

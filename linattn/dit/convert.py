@@ -45,7 +45,8 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
             three for frames, height, width) of a zero-initialised depthwise convolution of V
             over the video token grid added to the linear branch (linattn/dit/local_mixing.py;
             FLatten's DWC; not part of LinVideo). Needs a selector that gives the token grid
-            (Wan, LTX-Video: the families whose self-attention sees only video tokens) and runs neither under context parallelism nor with padded keys.
+            (Wan, LTX-Video: the families whose self-attention sees only video tokens) and
+            runs neither under context parallelism nor with padded keys.
 
     Returns the same model. Feature maps and gates become trainable parameters under it.
     """
@@ -55,9 +56,9 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
     sel = resolve_selector(transformer, selector)
     kernel = None if local_mixing is None else kernel_size(local_mixing)
     if kernel is not None and not sel.has_token_grid():
-        raise ValueError(f"local_mixing: selector {sel.name!r} does not give the video token grid "
-                         f"the convolution needs (built in for 'wan' and 'ltx_video'); convert without it or "
-                         f"override Selector.token_grid")
+        raise ValueError(f"local_mixing: selector {sel.name!r} does not give the video token "
+                         f"grid the convolution needs (built in for 'wan' and 'ltx_video'); "
+                         f"convert without it or override Selector.token_grid")
     plan: Plan = []
     for name, attn in _choose(sel.layers(transformer), layers):
         check_convertible(name, attn, sel)

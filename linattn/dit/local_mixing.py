@@ -14,8 +14,8 @@ layer the convolution is part of the linear branch (it is mixed by 1 − r). Lin
 term; it is our option (convert(local_mixing=3)), off by default.
 
 The grid is not in an attention call's arguments: a forward pre-hook on the transformer reads it
-from the model's own inputs (Selector.token_grid: the latent's frames, height and width over the
-patch size) and hands it to every converted layer before the blocks run. The hook is a module
+from the model's own inputs (Selector.token_grid: Wan's latent over its patch size, LTX-Video's
+RoPE grid) and hands it to every converted layer before the blocks run. The hook is a module
 function and finds the layers through the module it is called on, so a deepcopy of the model
 (the trainer's student) carries a working hook.
 """
