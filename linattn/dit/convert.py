@@ -55,10 +55,6 @@ def convert(transformer: nn.Module, layers: LayersArg = "all",
     check_backend(backend)
     sel = resolve_selector(transformer, selector)
     kernel = None if local_mixing is None else kernel_size(local_mixing)
-    if kernel is not None and not sel.has_token_grid():
-        raise ValueError(f"local_mixing: selector {sel.name!r} does not give the video token "
-                         f"grid the convolution needs (built in for 'wan' and 'ltx_video'); "
-                         f"convert without it or override Selector.token_grid")
     plan: Plan = []
     for name, attn in _choose(sel.layers(transformer), layers):
         check_convertible(name, attn, sel)
@@ -105,6 +101,11 @@ def device_of(attn: nn.Module):
 def install(model: nn.Module, selector: Selector, plan: Plan, backend: str,
             fuse_pre_attention: bool = True) -> None:
     """Set a LinAttnProcessor on every planned layer and rewrite the model's record."""
+    if any(mixing is not None for *_, mixing in plan) and not selector.has_token_grid():
+        # Here, not in convert(), so that load_converted refuses such a checkpoint the same way.
+        raise ValueError(f"local_mixing: selector {selector.name!r} does not give the video "
+                         f"token grid the convolution needs (built in for 'wan' and "
+                         f"'ltx_video'); convert without it or override Selector.token_grid")
     others = {p.selector.name for _, _, p in converted_layers(model)} - {selector.name}
     if plan and others:
         raise ValueError(f"selector: the model already has layers converted with selector "

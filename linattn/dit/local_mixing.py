@@ -74,10 +74,12 @@ class LocalMixing(nn.Module):
             raise ValueError(f"local mixing: the token grid {frames} × {height} × {width} = "
                              f"{frames * height * width} tokens does not match the {N} tokens of "
                              f"this attention call")
-        x = vb.reshape(B, N, H * D).transpose(1, 2).reshape(B, H * D, frames, height, width)
+        # (B, F, H, W, C) viewed as (B, C, F, H, W) is channels-last 3-D: the convolution reads
+        # v in place and writes its output in that format, so neither side copies V's size.
+        x = vb.reshape(B, frames, height, width, H * D).permute(0, 4, 1, 2, 3)
         padding = tuple(k // 2 for k in self.kernel)
         y = F.conv3d(x, self.weight.to(x.dtype), padding=padding, groups=self.channels)
-        y = y.reshape(B, H * D, N).transpose(1, 2).reshape(B, N, H, D)
+        y = y.permute(0, 2, 3, 4, 1).reshape(B, N, H, D)
         return y if layout == "bnhd" else y.transpose(1, 2)
 
     def extra_repr(self) -> str:

@@ -79,9 +79,6 @@ def load_converted(path: Union[str, Path], *, subfolder: Optional[str] = None,
                                        device_of(attn)) for role in ("q_map", "k_map"))
         mixing = local_mixing.from_spec(entry.get("local_mixing"), heads * head_dim,
                                         f"{directory}: layer {name!r}", device_of(attn))
-        if mixing is not None and not sel.has_token_grid():
-            raise ValueError(f"{directory}: layer {name!r} has local mixing, but selector "
-                             f"{sel.name!r} gives no token grid for it")
         plan.append((name, attn, entry["mode"], q_map, k_map, mixing))
     install(model, sel, plan, backend)
     if not weights:
