@@ -122,7 +122,7 @@ def model_step_table(rows: list[dict]) -> str:
             speedup = sdpa["seconds"] / r["seconds"] if sdpa else None
             ceiling = ceilings.get(r["layers"])
             share = "n/a"
-            if speedup and ceiling and r["how"] in ("fused", "unfused"):
+            if speedup and ceiling and r["how"] in ("fused", "fused-mixing", "unfused"):
                 share = f"{100 * speedup / (sdpa['seconds'] / ceiling['seconds']):.0f}%"
             lines.append(f"| {r['variant']} | {r['layers']} | {ms:.1f} | {per_block} | "
                          f"{'n/a' if speedup is None else f'{speedup:.2f}'} | {share} |")

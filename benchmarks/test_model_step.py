@@ -8,6 +8,9 @@ no gradients) and one forward + backward (training: gradients of every parameter
   k / all linear, fused   k or every self-attention layer converted (Hedgehog maps), the
                           layer's q/k norm and RoPE fused into the kernels
   k / all linear, unfused the same layers, the stock norm and RoPE run in PyTorch before the op
+  k / all linear, fused + local mixing   the fused layers with convert(local_mixing=3): a
+                          depthwise 3x3x3 convolution of V over the token grid added to each
+                          (linattn/dit/local_mixing.py), what that option costs a whole step
   k / all ceiling         the same layers' attention replaced by a free stand-in (o = v) after
                           the projections: what no attention kernel can beat
   k / all ceiling + stock norm/RoPE   the free stand-in after diffusers' unfused norm and RoPE:
@@ -28,6 +31,7 @@ import torch
 
 import linattn
 from linattn.dit import set_fuse_pre_attention
+from linattn.dit.selectors import resolve_selector
 
 from conftest import record_model_step
 from dit_models import CPU_SPECS, GPU_SPECS, install_zero_cost, self_attention_count
@@ -37,12 +41,14 @@ ON_CUDA = torch.cuda.is_available()
 SPECS = GPU_SPECS if ON_CUDA else CPU_SPECS
 DTYPE = torch.bfloat16 if ON_CUDA else torch.float32
 
-#: (variant name, which layers: "none" | "k" | "all", how: sdpa | fused | unfused | ceiling |
-#: ceiling-stock).
+#: (variant name, which layers: "none" | "k" | "all", how: sdpa | fused | fused-mixing | unfused |
+#: ceiling | ceiling-stock).
 VARIANTS = [("all-SDPA", "none", "sdpa")] + [
     (f"{which} {label}", which, how)
     for which in ("k", "all")
-    for label, how in (("linear, fused", "fused"), ("linear, unfused", "unfused"),
+    for label, how in (("linear, fused", "fused"),
+                       ("linear, fused + local mixing", "fused-mixing"),
+                       ("linear, unfused", "unfused"),
                        ("ceiling", "ceiling"), ("ceiling + stock norm/RoPE", "ceiling-stock"))]
 
 
@@ -83,8 +89,10 @@ def _set_up(model, layers: list[int], how: str):
         return lambda: None
     if how in ("ceiling", "ceiling-stock"):
         return install_zero_cost(model, layers, stock_pre=how == "ceiling-stock")
-    linattn.convert(model, layers=layers, feature_map="hedgehog", mode="linear")
-    set_fuse_pre_attention(model, how == "fused")
+    mixing = 3 if how == "fused-mixing" else None
+    linattn.convert(model, layers=layers, feature_map="hedgehog", mode="linear",
+                    local_mixing=mixing)
+    set_fuse_pre_attention(model, how in ("fused", "fused-mixing"))
     return lambda: linattn.revert(model)
 
 
@@ -119,6 +127,9 @@ def test_model_step(benchmark, device, spec_index, variant, step, mode):
     spec = SPECS[spec_index]
     name, which, how = variant
     model = _model(spec_index, device)
+    if how == "fused-mixing" and not resolve_selector(model, None).has_token_grid():
+        pytest.skip(f"local mixing needs the video token grid, which {spec.name.split(' (')[0]}'s "
+                    f"joint video-text attention does not have (built in for Wan and LTX-Video)")
     inputs = spec.inputs(model, device, DTYPE)
     layers = _layers(model, spec, which)
     undo = _set_up(model, layers, how)
