@@ -12,6 +12,11 @@ costs only its own results:
                sequences; tests of the diffusers integration skip where diffusers is missing
   benchmarks   the video shapes of docs/kernels.md beside the PyTorch peers (ms, GB/s, share of
                the floor, speed-ups), CFG small under CUDA-graph replay, and issue 11's targets
+  model        issue 13's latency projection: one Wan 2.1 1.3B transformer forward (480p x 81
+               frames, bf16, random weights) with softmax everywhere, LinVideo's 16 layers or all
+               30 linear (fused, fused + local mixing, unfused) and the zero-cost ceilings, then
+               T = K * c * t_fwd for the 50-step guided original and the 4-step distilled
+               generator; needs diffusers, which the image lacks: carry its wheel (below)
   tune         only with --tune: tune_triton.py --measure on the main classes, within a budget
 
 How a session runs it through the device tool (H200: Python 3.12, torch 2.11 + CUDA 13,
@@ -20,9 +25,19 @@ triton 3.6, pybind11, cmake, ninja; no diffusers, no network):
     run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT --commit <sha>",
         timeout_s=540)
 
-carry: nothing. The working tree travels; the install stage compiles linattn._C on the machine
+carry: .whl, for the model stage (diffusers and importlib_metadata; every other package it needs
+is in the image). Once per checkout, here:
+
+    echo /.whl/ >> .git/info/exclude
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+
+and begin the command with `python3 -m pip install -q --no-index --no-deps --no-compile
+--no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;`.
+Without them the model stage fails at once, saying so, and the tests of the diffusers
+integration skip. The working tree travels; the install stage compiles linattn._C on the machine
 (a module built here would not load there: other Python, other CPU). The default run fits in
-7 minutes (--budget 420); --quick takes about 5. --tune adds --tune-seconds (default 240) and
+8 minutes (--budget 480); --quick takes about 5. --tune adds --tune-seconds (default 240) and
 is meant for a call of its own: `--stages tune --tune` (add `install` when the machine is fresh).
 After a fix, rerun only what it touches, e.g. `--stages install,tests`.
 
@@ -32,7 +47,7 @@ What comes back under $OUT (the device tool returns at most 8 files):
                     and its results (rewritten after each stage)
   summary.md        the same as tables, with issue 11's targets met or missed
   install.log       pip's output              tests.log       pytest's output
-  benchmarks.log    one line per timed case   stages.log      environment and ceilings output
+  benchmarks.log    one line per timed case   stages.log      environment, ceilings and model
   tune.log, tuned_configs.py   with --tune: the sweep and the regenerated table
 
 --dry-run runs a tiny version of every stage on the CPU (Triton interpreted, tiny shapes, the
@@ -61,21 +76,21 @@ from typing import Callable, Optional
 BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 
-STAGES = ("environment", "install", "ceilings", "tests", "benchmarks", "tune")
-#: Seconds each stage may take, per mode. The default run sums to 420 s: 7 minutes with the
+STAGES = ("environment", "install", "ceilings", "tests", "benchmarks", "model", "tune")
+#: Seconds each stage may take, per mode. The default run sums to 480 s: 8 minutes with the
 #: start-up of each stage's process, whatever hangs. (The native module is ~3k lines of C++: 90 s
 #: is ample on 16 cores; the benchmarks compile a kernel family per dtype, head dim and map.)
 LIMITS = {
-    "full": dict(environment=20, install=90, ceilings=30, tests=150, benchmarks=130),
-    "quick": dict(environment=20, install=120, ceilings=20, tests=90, benchmarks=50),
+    "full": dict(environment=20, install=90, ceilings=30, tests=150, benchmarks=130, model=60),
+    "quick": dict(environment=20, install=120, ceilings=20, tests=90, benchmarks=50, model=50),
     # The dry run checks that every stage works, not how fast a CPU is: its limits only catch a
     # hang, so a loaded CI machine (a stage takes 4x longer there) does not fail it.
     "dry-run": dict(environment=120, install=240, ceilings=120, tests=300, benchmarks=300,
-                    tune=60),
+                    model=300, tune=60),
 }
 #: Where each stage's output goes (a file under --out).
 LOGS = dict(environment="stages.log", install="install.log", ceilings="stages.log",
-            tests="tests.log", benchmarks="benchmarks.log", tune="tune.log")
+            tests="tests.log", benchmarks="benchmarks.log", model="stages.log", tune="tune.log")
 #: Test files of --quick: the kernels against float64, nothing of the training stack.
 QUICK_TESTS = ("tests/test_backends.py", "tests/test_triton_specific.py",
                "tests/test_hedgehog.py", "tests/test_long_sequence_accuracy.py")
@@ -169,7 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run (a stage never outlasts it; default "
-                             "420 on the GPU, the sum of the stage limits for --dry-run)")
+                             "480 on the GPU, the sum of the stage limits for --dry-run)")
     parser.add_argument("--commit", default=None, help="the commit the tree is (no .git there)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)      # child: run this stage
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -180,7 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     mode = "dry-run" if options.dry_run else "quick" if options.quick else "full"
     limits = dict(LIMITS[mode])
     if options.budget is None:
-        options.budget = sum(limits.values()) if options.dry_run else 420.0
+        options.budget = sum(limits.values()) if options.dry_run else 480.0
     if options.tune and not options.dry_run:
         limits["tune"] = options.tune_seconds
     wanted = STAGES if options.stages is None else tuple(options.stages.split(","))
@@ -248,7 +263,7 @@ def run_stage_here(options) -> int:
     stage = options.stage
     functions: dict[str, Callable] = dict(
         environment=stage_environment, install=stage_install, ceilings=stage_ceilings,
-        tests=stage_tests, benchmarks=stage_benchmarks, tune=stage_tune)
+        tests=stage_tests, benchmarks=stage_benchmarks, model=stage_model, tune=stage_tune)
     result, ok = functions[stage](options)
     (options.work / f"{stage}.json").write_text(json.dumps(result, indent=1, default=str))
     return 0 if ok else 1
@@ -598,6 +613,97 @@ def stage_benchmarks(options) -> tuple[dict, bool]:
     return dict(bandwidth_TBps=bandwidth / 1e12, rows=all_rows), ok
 
 
+# --- model: issue 13's latency projection ------------------------------------------------------
+
+#: The projection's rows: (label, its {layers} from the timed row, variant of
+#: test_model_step.VARIANTS, K sampling steps, c transformer forwards per step). The original samples 50 guided steps (both branches); the
+#: distilled generator 4 steps with its guidance distilled in (docs/distill.md).
+PROJECTION = (("original, 50 steps, guided", "all-SDPA", 50, 2),
+              ("{layers} linear, 50 steps, guided", "k linear, fused", 50, 2),
+              ("{layers} linear, 4 steps distilled", "k linear, fused", 4, 1),
+              ("{layers} linear + local mixing, 4 steps distilled", "k linear, fused + local mixing",
+               4, 1),
+              ("{layers} linear, 4 steps distilled", "all linear, fused", 4, 1),
+              ("{layers} at the zero-cost ceiling, 4 steps distilled", "k ceiling", 4, 1))
+
+
+def stage_model(options) -> tuple[dict, bool]:
+    """One transformer forward of Wan 2.1 1.3B per variant of the whole-model benchmark
+    (benchmarks/test_model_step.py: its model, inputs, variants and set-up, timed here as in the
+    benchmarks stage); the projection is drawn from these rows in summary.md."""
+    import importlib.util
+    if importlib.util.find_spec("diffusers") is None:
+        why = ("diffusers is not installed: carry its wheel (.whl, see this script's docstring); "
+               "nothing timed")
+        print(why)
+        return dict(error=why), False
+    import torch
+    sys.path[:0] = [str(BENCH_DIR), str(ROOT)]
+    os.chdir(ROOT)
+    import test_model_step as bench
+    device = device_of(options)
+    spec_index = next(i for i, s in enumerate(bench.SPECS) if s.name.startswith("Wan"))
+    spec = bench.SPECS[spec_index]
+    model = bench._model(spec_index, device)
+    inputs = spec.inputs(model, device, bench.DTYPE)
+    wanted = {variant for _, variant, _, _ in PROJECTION} | {"k linear, unfused",
+                                                             "all ceiling"}
+    rows, ok = [], True
+    for name, which, how in bench.VARIANTS:
+        if name not in wanted:
+            continue
+        layers = bench._layers(model, spec, which)
+        row = dict(model=spec.name, variant=name, layers=f"{len(layers)}/"
+                   f"{bench.self_attention_count(model)}", dtype=str(bench.DTYPE))
+        undo = bench._set_up(model, layers, how)
+        try:
+            row["seconds"] = time_call(bench._step_fn(model, inputs, "inference"), device,
+                                       options)
+        except Exception as error:  # noqa: BLE001 - recorded; the other variants still run
+            row["error"] = f"{type(error).__name__}: {error}"
+            ok = False
+        finally:
+            undo()
+        record(options, "model", row)
+        timed = row.get("error") or f"{row['seconds'] * 1e3:.1f} ms"
+        print(f"{name} ({row['layers']}): {timed}", flush=True)
+        rows.append(row)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return dict(model=spec.name, rows=rows), ok
+
+
+def projection_lines(model: dict) -> list[str]:
+    """The forwards of the model stage as a table, then T = K · c · t_fwd per PROJECTION row
+    (the transformer's share: the text encoder and the VAE decode are not in it)."""
+    rows = model.get("rows") or model.get("records") or []
+    if not rows:
+        return [model.get("error", "no forward timed")]
+    times = {r["variant"]: r["seconds"] for r in rows if r.get("seconds")}
+    layers = {r["variant"]: r["layers"] for r in rows}
+    sdpa = times.get("all-SDPA")
+    lines = [f"{rows[0]['model']}, one transformer forward, batch 1, {rows[0]['dtype']}, "
+             "random weights, eager", "", "| variant | layers | ms | × vs all-SDPA |",
+             "|---|---|---|---|"]
+    for r in rows:
+        ms = f"{r['seconds'] * 1e3:.1f}" if r.get("seconds") else r.get("error", "-")
+        ratio = f"{sdpa / r['seconds']:.2f}" if sdpa and r.get("seconds") else "-"
+        lines.append(f"| {r['variant']} | {r['layers']} | {ms} | {ratio} |")
+    original = sdpa and 100 * sdpa
+    lines += ["", "T = K · c · t_fwd (transformer only; text encode and VAE decode not "
+              "included)", "", "| sampling | K · c | seconds | × vs original |", "|---|---|---|---|"]
+    for label, variant, steps, forwards in PROJECTION:
+        label = label.format(layers=layers.get(variant, "?"))
+        t = times.get(variant)
+        if t is None:
+            lines.append(f"| {label} | {steps * forwards} | not timed | - |")
+            continue
+        total = steps * forwards * t
+        lines.append(f"| {label} | {steps * forwards} | {total:.2f} | "
+                     f"{f'{original / total:.1f}' if original else '-'} |")
+    return lines
+
+
 def stage_tune(options) -> tuple[dict, bool]:
     script = [sys.executable, str(BENCH_DIR / "tune_triton.py")]
     if options.dry_run:
@@ -659,6 +765,9 @@ def render_summary(results: dict) -> str:
     if rows:
         lines += ["", "## Benchmarks", "", *benchmark_tables(rows), "", "## Issue 11 targets",
                   "", *target_lines(rows)]
+    if "model" in stages:
+        lines += ["", "## Issue 13 latency projection", "",
+                  *projection_lines(stages["model"].get("result") or {})]
     tune = stages.get("tune", {}).get("result", {})
     if tune.get("entries"):
         lines += ["", "## Tuner", "", *[f"    {e}" for e in tune["entries"]]]

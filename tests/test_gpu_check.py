@@ -39,12 +39,32 @@ def test_dry_run_runs_every_stage(tmp_path):
             "relu"), ("linattn-triton", "forward", "hedgehog")} <= timed
     assert any(r.get("error") == "needs CUDA" for r in rows)  # the graph case says why not
     assert stages["tune"]["result"]["entries"], "the tuner compiled no class for sm_90"
+    forwards = {r["variant"]: r for r in stages["model"]["result"]["rows"]}
+    assert {"all-SDPA", "k linear, fused", "k linear, fused + local mixing",
+            "k ceiling"} <= set(forwards)
+    assert all(r["seconds"] > 0 for r in forwards.values())
     summary = (tmp_path / "summary.md").read_text()
-    for heading in ("## Tests", "## Benchmarks", "## Issue 11 targets", "## Tuner"):
+    for heading in ("## Tests", "## Benchmarks", "## Issue 11 targets",
+                    "## Issue 13 latency projection", "## Tuner"):
         assert heading in summary
     # The device tool returns at most 8 files from $OUT, named in letters, digits, . _ -.
     files = [p.name for p in tmp_path.iterdir()]
     assert len(files) <= 8 and all(p.is_file() for p in tmp_path.iterdir()), files
+
+
+def test_projection_multiplies_one_forward_by_the_steps_and_forwards():
+    gpu_check = load_gpu_check()
+    rows = [dict(model="Wan", variant="all-SDPA", layers="0/30", dtype="bf16", seconds=0.5),
+            dict(model="Wan", variant="k linear, fused", layers="16/30", dtype="bf16",
+                 seconds=0.25)]
+    lines = gpu_check.projection_lines(dict(rows=rows))
+    assert "| original, 50 steps, guided | 100 | 50.00 | 1.0 |" in lines
+    assert "| 16/30 linear, 50 steps, guided | 100 | 25.00 | 2.0 |" in lines
+    assert "| 16/30 linear, 4 steps distilled | 4 | 1.00 | 50.0 |" in lines
+    assert any("at the zero-cost ceiling" in line and "| not timed |" in line
+               for line in lines)
+    assert gpu_check.projection_lines(dict(error="diffusers is not installed")) == [
+        "diffusers is not installed"]
 
 
 def test_a_hanging_stage_is_stopped_with_its_children(tmp_path):
