@@ -22,22 +22,23 @@ costs only its own results:
 How a session runs it through the device tool (H200: Python 3.12, torch 2.11 + CUDA 13,
 triton 3.6, pybind11, cmake, ninja; no diffusers, no network):
 
-    run(command="PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT --commit <sha>",
-        timeout_s=540)
+    run(command="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir "
+                "--upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; "
+                "PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py --out $OUT --commit <sha>",
+        carry=[".whl"], timeout_s=570)
 
-carry: .whl, for the model stage (diffusers and importlib_metadata; every other package it needs
-is in the image). Once per checkout, here:
+.whl holds the model stage's wheels (diffusers and importlib_metadata; every other package it
+needs is in the image). Once per checkout, here:
 
     echo /.whl/ >> .git/info/exclude
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-        --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+        --implementation cp --platform manylinux2014_x86_64 -d .whl \
+        diffusers==0.42.1 importlib_metadata
 
-and begin the command with `python3 -m pip install -q --no-index --no-deps --no-compile
---no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit;`.
 Without them the model stage fails at once, saying so, and the tests of the diffusers
 integration skip. The working tree travels; the install stage compiles linattn._C on the machine
 (a module built here would not load there: other Python, other CPU). The default run fits in
-8 minutes (--budget 480); --quick takes about 5. --tune adds --tune-seconds (default 240) and
+8.5 minutes (--budget 510); --quick takes about 5. --tune adds --tune-seconds (default 240) and
 is meant for a call of its own: `--stages tune --tune` (add `install` when the machine is fresh).
 After a fix, rerun only what it touches, e.g. `--stages install,tests`.
 
@@ -77,11 +78,11 @@ BENCH_DIR = Path(__file__).resolve().parent
 ROOT = BENCH_DIR.parent
 
 STAGES = ("environment", "install", "ceilings", "tests", "benchmarks", "model", "tune")
-#: Seconds each stage may take, per mode. The default run sums to 480 s: 8 minutes with the
+#: Seconds each stage may take, per mode. The default run sums to 510 s: 8.5 minutes with the
 #: start-up of each stage's process, whatever hangs. (The native module is ~3k lines of C++: 90 s
 #: is ample on 16 cores; the benchmarks compile a kernel family per dtype, head dim and map.)
 LIMITS = {
-    "full": dict(environment=20, install=90, ceilings=30, tests=150, benchmarks=130, model=60),
+    "full": dict(environment=20, install=90, ceilings=30, tests=150, benchmarks=130, model=90),
     "quick": dict(environment=20, install=120, ceilings=20, tests=90, benchmarks=50, model=50),
     # The dry run checks that every stage works, not how fast a CPU is: its limits only catch a
     # hang, so a loaded CI machine (a stage takes 4x longer there) does not fail it.
@@ -184,7 +185,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help=f"comma-separated subset of {','.join(STAGES)}")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run (a stage never outlasts it; default "
-                             "480 on the GPU, the sum of the stage limits for --dry-run)")
+                             "510 on the GPU, the sum of the stage limits for --dry-run)")
     parser.add_argument("--commit", default=None, help="the commit the tree is (no .git there)")
     parser.add_argument("--stage", help=argparse.SUPPRESS)      # child: run this stage
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -195,7 +196,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     mode = "dry-run" if options.dry_run else "quick" if options.quick else "full"
     limits = dict(LIMITS[mode])
     if options.budget is None:
-        options.budget = sum(limits.values()) if options.dry_run else 480.0
+        options.budget = sum(limits.values()) if options.dry_run else 510.0
     if options.tune and not options.dry_run:
         limits["tune"] = options.tune_seconds
     wanted = STAGES if options.stages is None else tuple(options.stages.split(","))
@@ -616,13 +617,14 @@ def stage_benchmarks(options) -> tuple[dict, bool]:
 # --- model: issue 13's latency projection ------------------------------------------------------
 
 #: The projection's rows: (label, its {layers} from the timed row, variant of
-#: test_model_step.VARIANTS, K sampling steps, c transformer forwards per step). The original samples 50 guided steps (both branches); the
-#: distilled generator 4 steps with its guidance distilled in (docs/distill.md).
+#: test_model_step.VARIANTS, K sampling steps, c transformer forwards per step). The original
+#: samples 50 guided steps (both branches); the distilled generator 4 steps with its guidance
+#: distilled in (docs/distill.md).
 PROJECTION = (("original, 50 steps, guided", "all-SDPA", 50, 2),
               ("{layers} linear, 50 steps, guided", "k linear, fused", 50, 2),
               ("{layers} linear, 4 steps distilled", "k linear, fused", 4, 1),
-              ("{layers} linear + local mixing, 4 steps distilled", "k linear, fused + local mixing",
-               4, 1),
+              ("{layers} linear + local mixing, 4 steps distilled",
+               "k linear, fused + local mixing", 4, 1),
               ("{layers} linear, 4 steps distilled", "all linear, fused", 4, 1),
               ("{layers} at the zero-cost ceiling, 4 steps distilled", "k ceiling", 4, 1))
 
@@ -691,7 +693,8 @@ def projection_lines(model: dict) -> list[str]:
         lines.append(f"| {r['variant']} | {r['layers']} | {ms} | {ratio} |")
     original = sdpa and 100 * sdpa
     lines += ["", "T = K · c · t_fwd (transformer only; text encode and VAE decode not "
-              "included)", "", "| sampling | K · c | seconds | × vs original |", "|---|---|---|---|"]
+              "included)", "", "| sampling | K · c | seconds | × vs original |",
+              "|---|---|---|---|"]
     for label, variant, steps, forwards in PROJECTION:
         label = label.format(layers=layers.get(variant, "?"))
         t = times.get(variant)
