@@ -130,3 +130,14 @@ def test_gpu_faults_dry_run_reaches_every_diagnosis():
     assert sum(line.startswith("pre ") for line in lines) == 2
     assert sum(line.startswith("fp16 ") for line in lines) == 2
     assert "NaN False" in done.stdout
+
+
+def test_model_stage_without_diffusers_says_so(tmp_path, monkeypatch):
+    import importlib.util
+    gpu_check = load_gpu_check()
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "diffusers" else real(name, *a))
+    options = type("Options", (), dict(dry_run=True, quick=False, work=tmp_path))()
+    result, ok = gpu_check.stage_model(options)
+    assert not ok and "diffusers is not installed" in result["error"]
