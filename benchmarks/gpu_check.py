@@ -685,7 +685,8 @@ def projection_lines(model: dict) -> list[str]:
     layers = {r["variant"]: r["layers"] for r in rows}
     sdpa = times.get("all-SDPA")
     lines = [f"{rows[0]['model']}, one transformer forward, batch 1, {rows[0]['dtype']}, "
-             "random weights, eager", "", "| variant | layers | ms | × vs all-SDPA |",
+             "random weights, eager; linear layers: Hedgehog maps (test_model_step.py)", "",
+             "| variant | layers | ms | × vs all-SDPA |",
              "|---|---|---|---|"]
     for r in rows:
         ms = f"{r['seconds'] * 1e3:.1f}" if r.get("seconds") else r.get("error", "-")
